@@ -1,0 +1,61 @@
+"""Emulated device limits: bandwidth shaping, compute pacing, availability, hard memory cap."""
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from edge_runtime.emulation import AvailabilityModel, ComputePacer, TokenBucket, remove_empty_cgroups
+
+
+def test_token_bucket_rate_is_enforced():
+    bucket = TokenBucket(rate_bytes_per_s=2_000_000, burst_bytes=100_000)
+    t0 = time.monotonic()
+    for _ in range(20):
+        bucket.consume(50_000)  # 1 MB in total
+    elapsed = time.monotonic() - t0
+    # 1 MB at 2 MB/s minus the 100 kB burst -> ~0.45 s
+    assert 0.35 < elapsed < 0.9, elapsed
+    assert bucket.bytes_total == 1_000_000
+
+
+def test_token_bucket_rejects_bad_rate():
+    with pytest.raises(ValueError, match="rate"):
+        TokenBucket(0)
+
+
+def test_compute_pacer_slows_to_device_speed():
+    pacer = ComputePacer(device_gflops=10.0, host_gflops=40.0)
+    assert pacer.factor == 4.0
+    t0 = time.monotonic()
+    extra = pacer.pace(0.05)
+    assert abs(extra - 0.15) < 1e-9
+    assert time.monotonic() - t0 >= 0.15
+    assert ComputePacer(device_gflops=400.0, host_gflops=40.0).factor == 1.0
+
+
+def test_availability_is_seeded_and_matches_rates():
+    m = AvailabilityModel(availability=0.7, dropout=0.2, seed=3)
+    assert [m.decide(r) for r in range(50)] == [m.decide(r) for r in range(50)]
+    decisions = [m.decide(r) for r in range(4000)]
+    online = sum(o for o, _ in decisions) / len(decisions)
+    drops = sum(d for _, d in decisions) / max(1, sum(o for o, _ in decisions))
+    assert abs(online - 0.7) < 0.03 and abs(drops - 0.2) < 0.03
+
+
+def test_hard_memory_cap_stops_a_runaway_process():
+    code = textwrap.dedent("""
+        import sys
+        from edge_runtime.emulation import apply_memory_cap
+        print(apply_memory_cap(300 * 2**20, "test"), flush=True)
+        blocks = []
+        for _ in range(40):
+            blocks.append(bytearray(50 * 2**20))  # touches the pages
+        print("not stopped", flush=True)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    remove_empty_cgroups("edgefed-test-")
+    assert "not stopped" not in proc.stdout, proc.stdout
+    assert proc.returncode != 0
+    print("cap:", proc.stdout.strip().splitlines()[0], "rc:", proc.returncode)
