@@ -45,6 +45,9 @@ class DeviceProfile:
     precisions: base precisions this device can run (e.g. nf4 needs bitsandbytes or quanto).
     availability: probability the device is online for a round; dropout: probability it
     drops out mid-round.
+    budget_excludes_runtime: the budget is on top of the runtime overhead (RSS of the
+    imported torch/transformers/peft, shared by every emulated device on one host); the
+    process may use memory_budget_bytes + that overhead. Emulated profiles set it.
     """
 
     name: str
@@ -62,6 +65,7 @@ class DeviceProfile:
     availability: float = 1.0
     dropout: float = 0.0
     round_deadline_s: float = 600.0
+    budget_excludes_runtime: bool = False
     source: str = ""
     notes: str = ""
 
@@ -95,6 +99,13 @@ class DeviceProfile:
             v = getattr(self, f)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
                 raise err(f, "a positive number")
+        if not isinstance(self.budget_excludes_runtime, bool):
+            raise err("budget_excludes_runtime", "true or false")
+        for f in ("name", "accelerator_name", "source", "notes"):
+            if not isinstance(getattr(self, f), str):
+                raise err(f, "a string")
+        if not isinstance(self.unified_memory, bool):
+            raise err("unified_memory", "true or false")
         if not isinstance(self.latency_ms, (int, float)) or self.latency_ms < 0:
             raise err("latency_ms", "a non-negative number of milliseconds")
         for f in ("availability", "dropout"):

@@ -199,10 +199,7 @@ class RDPAccountant:
 
 
 def epsilon_per_round(config: DPConfig, rounds: int) -> list[float]:
-    """Cumulative eps after each of `rounds` rounds for config.delta."""
-    acc = RDPAccountant()
-    out = []
-    for _ in range(rounds):
-        acc.step(config.noise_multiplier, config.sample_rate)
-        out.append(acc.epsilon(config.delta))
-    return out
+    """Cumulative eps after each of `rounds` rounds (one sampled Gaussian release each) at config.delta."""
+    orders = DEFAULT_ORDERS
+    one = [rdp_sampled_gaussian(config.sample_rate, config.noise_multiplier, a) for a in orders]
+    return [rdp_to_epsilon([t * r for r in one], orders, config.delta)[0] for t in range(1, rounds + 1)]

@@ -1,0 +1,147 @@
+"""`edge-coordinator` command line: `serve` runs a federation, `status` reads a store."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .strategy import STRATEGIES
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="run the coordinator")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--model", required=True, help="Hugging Face model directory (base model)")
+    p.add_argument("--strategy", choices=STRATEGIES, default="zero_pad")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--store", required=True, help="directory for SQLite + safetensors state (resumed if present)")
+    p.add_argument("--min-devices", type=int, default=1)
+    p.add_argument("--fraction", type=float, default=1.0, help="fraction of available devices selected per round")
+    p.add_argument("--quorum", type=float, default=1.0, help="fraction of selected uploads needed to aggregate")
+    p.add_argument("--round-timeout", type=float, default=600.0, help="seconds before a round's deadline")
+    p.add_argument("--heartbeat-timeout", type=float, default=120.0)
+    p.add_argument("--local-steps", type=int, default=20)
+    p.add_argument("--lr", type=float, default=0.0, help="LoRA learning rate (0: each device's plan)")
+    p.add_argument("--zo-lr", type=float, default=0.0, help="zeroth-order learning rate (0: each device's plan)")
+    p.add_argument("--max-rank", type=int, default=8)
+    p.add_argument("--cap-rank", type=int, default=64, help="stack/svd: global factors kept at most at this rank")
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--rslora", action="store_true")
+    p.add_argument("--task", choices=("classification", "causal_lm"), default="classification")
+    p.add_argument("--num-labels", type=int, default=2)
+    p.add_argument("--target-modules", default="", help="comma-separated; default: the model's attention q/v")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-data", default=None, help="held-out data evaluated after every round")
+    p.add_argument("--eval-limit", type=int, default=512)
+    p.add_argument("--enrolment-token", default="")
+    p.add_argument("--norm-bound", type=float, default=1e4)
+    p.add_argument("--tls-cert", default=None)
+    p.add_argument("--tls-key", default=None)
+    p.add_argument("--client-ca", default=None, help="require client certificates signed by this CA (mTLS)")
+    p.add_argument("--keep-serving", action="store_true", help="do not exit after the last round")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_serve)
+
+
+def _credentials(args):
+    if not (args.tls_cert or args.tls_key):
+        return None
+    import grpc
+
+    if not (args.tls_cert and args.tls_key):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    pair = (Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes())
+    ca = Path(args.client_ca).read_bytes() if args.client_ca else None
+    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=bool(ca))
+
+
+def cmd_serve(args) -> int:
+    from .server import serve
+    from .service import Coordinator, CoordinatorConfig
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = CoordinatorConfig(
+        model=args.model, store=args.store, strategy=args.strategy, rounds=args.rounds, min_devices=args.min_devices,
+        fraction=args.fraction, quorum=args.quorum, round_timeout_s=args.round_timeout,
+        heartbeat_timeout_s=args.heartbeat_timeout, local_steps=args.local_steps, lr=args.lr, zo_lr=args.zo_lr,
+        max_rank=args.max_rank, cap_rank=args.cap_rank, lora_alpha=args.lora_alpha, use_rslora=args.rslora,
+        task=args.task, num_labels=args.num_labels,
+        target_modules=[t for t in args.target_modules.split(",") if t], seed=args.seed, eval_data=args.eval_data,
+        eval_limit=args.eval_limit, enrolment_token=args.enrolment_token, norm_bound=args.norm_bound)
+    creds = _credentials(args)
+    serve(f"{args.host}:{args.port}", Coordinator(cfg), credentials=creds, until_done=not args.keep_serving)
+    return 0
+
+
+def cmd_status(args) -> int:
+    from .store import Store
+
+    if not (Path(args.store) / "coordinator.sqlite").exists():
+        raise FileNotFoundError(f"{args.store} is not a coordinator store (no coordinator.sqlite)")
+    store = Store(args.store)
+    s = store.summary()
+    s["initial_metrics"] = store.get_meta("initial_metrics", {})
+    store.close()
+    if args.json:
+        print(json.dumps(s, indent=2, default=str))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    cfg = s["config"]
+    con.print(f"strategy [bold]{cfg.get('strategy')}[/], {cfg.get('rounds')} rounds, model {cfg.get('model')}")
+    t = Table(title="rounds")
+    for col in ("round", "state", "selected", "accepted", "dropped", "late", "eval loss", "eval acc"):
+        t.add_column(col)
+    per_round: dict[int, int] = {}
+    for u in s["updates"]:
+        per_round[u["round_id"]] = per_round.get(u["round_id"], 0) + 1
+    if s["initial_metrics"]:
+        m = s["initial_metrics"]
+        t.add_row("0", "initial", "", "", "", "", f"{m.get('loss', 0):.4f}", f"{m.get('accuracy', float('nan')):.3f}")
+    for r in s["rounds"]:
+        m = r["metrics"]
+        t.add_row(str(r["round_id"]), r["state"], str(len(r["selected"])), str(per_round.get(r["round_id"], 0)),
+                  str(len(r["dropped"])), str(r["late"]), f"{m['loss']:.4f}" if "loss" in m else "-",
+                  f"{m['accuracy']:.3f}" if "accuracy" in m else "-")
+    con.print(t)
+    d = Table(title="devices")
+    for col in ("id", "name", "mode", "plan rank", "assigned rank"):
+        d.add_column(col)
+    for dev in s["devices"]:
+        d.add_row(dev["device_id"], dev["name"], dev["mode"], str(dev["plan_rank"]), str(dev["assigned_rank"]))
+    con.print(d)
+    con.print(f"accepted updates: {len(s['updates'])}, bytes uploaded: {s['bytes_uploaded']}, "
+              f"late uploads: {s['late_uploads']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-coordinator", description="Federated LoRA coordinator")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    st = sub.add_parser("status", help="summarise a coordinator store")
+    st.add_argument("--store", required=True)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"edge-coordinator {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

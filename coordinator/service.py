@@ -1,0 +1,467 @@
+"""The coordinator: rounds (coordinator.rounds) + durable store + strategy, behind one lock.
+
+Transport-free: the gRPC servicer (coordinator.server) calls these methods and maps the
+domain errors (coordinator.rounds.RoundError subclasses, UploadRejected) to status codes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from protos import wire
+
+from . import rounds as R
+from . import strategy as S
+from .aggregation import GlobalState
+from .store import Store, round_dir
+
+log = logging.getLogger("coordinator")
+
+
+class UploadRejected(ValueError):
+    """An upload is malformed: wrong shapes, non-finite values, bad checksum, norm too large."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class UploadTooLarge(UploadRejected):
+    code = "RESOURCE_EXHAUSTED"
+
+
+@dataclass
+class CoordinatorConfig:
+    """Everything `edge-coordinator serve` configures. lr/zo_lr 0 = each device's plan value."""
+
+    model: str
+    store: str
+    strategy: str = "zero_pad"
+    rounds: int = 3
+    min_devices: int = 1
+    fraction: float = 1.0
+    quorum: float = 1.0
+    round_timeout_s: float = 600.0
+    heartbeat_timeout_s: float = 120.0
+    local_steps: int = 20
+    lr: float = 0.0
+    zo_lr: float = 0.0
+    max_rank: int = 8
+    cap_rank: int = 64
+    lora_alpha: float = 16.0
+    use_rslora: bool = False
+    task: str = "classification"
+    num_labels: int = 2
+    target_modules: list[str] = field(default_factory=list)
+    seed: int = 0
+    eval_data: str | None = None
+    eval_limit: int = 512
+    enrolment_token: str = ""
+    norm_bound: float = 1e4
+    max_upload_bytes: int = wire.MAX_BLOB_BYTES
+    poll_interval_s: float = 1.0
+
+    def round_config(self) -> R.RoundConfig:
+        return R.RoundConfig(total_rounds=self.rounds, min_devices=self.min_devices, fraction=self.fraction,
+                             quorum=self.quorum, round_timeout_s=self.round_timeout_s,
+                             heartbeat_timeout_s=self.heartbeat_timeout_s, max_rank=self.max_rank,
+                             strategy=self.strategy, seed=self.seed)
+
+    def strategy_config(self) -> S.StrategyConfig:
+        return S.StrategyConfig(name=self.strategy, max_rank=self.max_rank, lora_alpha=self.lora_alpha,
+                                use_rslora=self.use_rslora, cap_rank=max(self.cap_rank, self.max_rank))
+
+
+def _hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Coordinator:
+    """Owns the federation state; every public method is thread-safe."""
+
+    def __init__(self, cfg: CoordinatorConfig, clock=time.time):
+        self.cfg = cfg
+        self.clock = clock
+        self.scfg = cfg.strategy_config()
+        self.fed = R.Federation(cfg.round_config())
+        self.store = Store(cfg.store)
+        self._lock = threading.RLock()
+        self._tokens: dict[str, str] = {}  # token sha256 -> device id
+        self._evaluator = None
+        self._model = None
+        self._resume_or_init()
+
+    # -- start-up ---------------------------------------------------------------------------
+    def _load_model(self):
+        if self._model is None:
+            from .model import load_base_model
+            self._model = load_base_model(self.cfg.model, self.cfg.task, self.cfg.num_labels, self.cfg.seed)
+        return self._model
+
+    def _resume_or_init(self) -> None:
+        saved = self.store.get_meta("config")
+        if saved is not None:
+            for key in ("strategy", "max_rank", "task", "lora_alpha", "use_rslora"):
+                if saved.get(key) != asdict(self.cfg).get(key):
+                    raise ValueError(f"store {self.cfg.store} was created with {key}={saved.get(key)!r}, not "
+                                     f"{asdict(self.cfg).get(key)!r}; use a new --store or the same settings")
+            self.target_modules = saved["target_modules"]
+            ptr = self.store.get_meta("global")
+            self.global_state = S.global_from_bytes(self.store.read_blob(ptr["path"], ptr["sha256"]))
+            self.global_round = int(ptr["round_id"])
+            self._restore_rounds()
+            log.info("resumed store %s at round %d (%d aggregated)", self.cfg.store, self.fed.last_round_id,
+                     self.fed.completed)
+            self.store.event("resume", self.fed.last_round_id)
+        else:
+            from .model import initial_adapter_state, resolve_target_modules
+            model, _ = self._load_model()
+            self.target_modules = resolve_target_modules(model, self.cfg.target_modules or None)
+            init = initial_adapter_state(model, self.target_modules, self.cfg.max_rank, self.cfg.lora_alpha,
+                                         self.cfg.use_rslora, self.cfg.seed)
+            self.global_state = S.initial_global(init, self.scfg)
+            self.global_round = 0
+            self._write_global(0, {})
+            meta = asdict(self.cfg)
+            meta["target_modules"] = self.target_modules
+            self.store.set_meta("config", meta)
+            self.store.event("init", 0, strategy=self.cfg.strategy, target_modules=self.target_modules)
+        if self.cfg.eval_data and self.global_round == 0 and not self.store.get_meta("initial_metrics"):
+            self.store.set_meta("initial_metrics", self.evaluate(self.global_state))
+
+    def _restore_rounds(self) -> None:
+        for dev, token_sha in self.store.devices().values():
+            self.fed.devices[dev.device_id] = dev
+            self._tokens[token_sha] = dev.device_id
+        rows = self.store.rounds()
+        self.fed.completed = sum(r["state"] == R.AGGREGATED for r in rows)
+        self.fed.last_round_id = rows[-1]["round_id"] if rows else 0
+        if rows:
+            last = rows[-1]
+            accepted = [u["device_id"] for u in self.store.updates(last["round_id"])]
+            rnd = self.store.load_round(last, accepted)
+            if rnd.state == R.OPEN:  # resume the open round with its accepted updates; fresh deadline
+                now = self.clock()
+                rnd = replace(rnd, deadline=now + self.cfg.round_timeout_s)
+                for d in rnd.selected:  # devices get a grace period to come back
+                    if d in self.fed.devices:
+                        self.fed.devices[d] = replace(self.fed.devices[d], last_seen=now)
+                self.store.put_round(rnd)
+            self.fed.current = rnd
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _write_global(self, round_id: int, metrics: dict[str, Any]) -> None:
+        from .model import peft_export_files
+
+        d = round_dir(self.store.root, round_id)
+        rel = self.store.rel(d / "global.safetensors")
+        sha = self.store.write_blob(rel, S.global_to_bytes(self.global_state))
+        cfg_json, tensors = peft_export_files(S.effective_deltas(self.global_state), self.global_state.extra,
+                                              self.target_modules, self.cfg.model, self.cfg.task)
+        self.store.write_blob(self.store.rel(d / "peft" / "adapter_model.safetensors"),
+                              wire.encode_tensors(tensors, {"format": "pt"}))
+        self.store.write_blob(self.store.rel(d / "peft" / "adapter_config.json"), cfg_json.encode())
+        if round_id > 0:
+            self.store.set_round_global(round_id, rel, sha, metrics)
+        self.store.set_meta("global", {"round_id": round_id, "path": rel, "sha256": sha})
+
+    def evaluate(self, g: GlobalState) -> dict[str, float]:
+        """Held-out metrics of base + g on --eval-data ({} when no eval data is configured)."""
+        if not self.cfg.eval_data:
+            return {}
+        if self._evaluator is None:
+            from .model import Evaluator, load_eval_records
+            model, tok = self._load_model()
+            self._evaluator = Evaluator(model, tok, load_eval_records(self.cfg.eval_data, self.cfg.eval_limit),
+                                        task=self.cfg.task)
+        return self._evaluator.evaluate(S.effective_deltas(g), g.extra)
+
+    def authenticate(self, token: str) -> str:
+        with self._lock:
+            dev = self._tokens.get(_hash_token(token or ""))
+            if dev is None:
+                raise R.UnknownDevice("unknown or missing device token; send 'authorization: Bearer <token>' "
+                                      "from Register (re-register if the coordinator's store was reset)")
+            now = self.clock()
+            self.fed.devices[dev] = replace(self.fed.devices[dev], last_seen=now)
+            return dev
+
+    def _download_id(self, rnd: R.Round, device_id: str) -> str:
+        dev = self.fed.devices[device_id]
+        mode = self.scfg.device_mode(dev.mode)
+        if self.cfg.strategy == "fedsa" and mode == "zo":
+            return f"r{rnd.round_id:04d}-{device_id}"
+        return f"r{rnd.round_id:04d}-{mode}-rank{dev.assigned_rank}"
+
+    def _fedsa_b(self, device_id: str) -> dict[str, torch.Tensor]:
+        """A ZO device's B after its last accepted upload (fedsa keeps B per device)."""
+        for u in reversed(self.store.updates()):
+            if u["device_id"] == device_id and u["kind"] == "ZO":
+                final = self._replayed(u)
+                return {k: v for k, v in final.items() if k.endswith(S.B_SUFFIX)}
+        return {}
+
+    def _ensure_downloads(self, rnd: R.Round) -> None:
+        for d in rnd.selected:
+            did = self._download_id(rnd, d)
+            if self.store.download(did):
+                continue
+            dev = self.fed.devices[d]
+            mode = self.scfg.device_mode(dev.mode)
+            tensors = S.download_tensors(self.global_state, self.scfg, dev.assigned_rank, mode,
+                                         seed=self.cfg.seed + rnd.round_id,
+                                         device_b=self._fedsa_b(d) if self.cfg.strategy == "fedsa" else None)
+            self.store.put_download(did, rnd.round_id, S.download_blob(tensors, self.scfg, dev.assigned_rank,
+                                                                       rnd.round_id))
+
+    def _download_tensors(self, download_id: str) -> dict[str, torch.Tensor]:
+        row = self.store.download(download_id)
+        if row is None:
+            raise R.WrongRound(f"download {download_id!r} does not exist")
+        return wire.decode_tensors(self.store.read_blob(row["path"], row["sha256"]))[0]
+
+    def _replayed(self, u: dict[str, Any]) -> dict[str, torch.Tensor]:
+        z = json.loads(self.store.read_blob(u["path"], u["sha256"]))
+        return S.replay_zo(self._download_tensors(u["download_id"]), list(zip(z["seeds"], z["grads"])), z["lr"])
+
+    # -- rounds -----------------------------------------------------------------------------
+    def tick(self) -> None:
+        """Advance time: dropouts, deadlines, aggregation, opening the next round."""
+        with self._lock:
+            now = self.clock()
+            rnd = self.fed.current
+            if rnd is not None and rnd.state == R.OPEN:
+                rnd2 = R.mark_dropouts(rnd, self.fed.devices, self.fed.cfg, now)
+                if rnd2 is not rnd:
+                    for d in set(rnd2.dropped) - set(rnd.dropped):
+                        self.store.event("dropout", rnd.round_id, d)
+                        log.info("round %d: device %s dropped out (no heartbeat)", rnd.round_id, d)
+                    self.store.put_round(rnd2)
+                    self.fed.current = rnd = rnd2
+                if R.should_close(rnd, now):
+                    self._close(rnd, now)
+            if self.fed.done:
+                return
+            rnd = self.fed.current
+            if rnd is None or rnd.state != R.OPEN:
+                self._open(now)
+
+    def _open(self, now: float) -> None:
+        rid = self.fed.last_round_id + 1
+        nonces = {d: secrets.token_hex(16) for d in self.fed.devices}
+        rnd = R.open_round(self.fed.devices, self.fed.cfg, rid, now, nonces)
+        if rnd is None:
+            return
+        self.fed.current, self.fed.last_round_id = rnd, rid
+        self._ensure_downloads(rnd)
+        self.store.put_round(rnd)
+        self.store.event("round_open", rid, selected=list(rnd.selected))
+        log.info("round %d open: %d devices selected, deadline in %.0fs", rid, len(rnd.selected),
+                 rnd.deadline - now)
+
+    def _close(self, rnd: R.Round, now: float) -> None:
+        rnd = R.close(rnd, self.fed.cfg, now)
+        if rnd.state == R.AGGREGATED:
+            try:
+                self._aggregate(rnd)
+            except (ValueError, RuntimeError) as e:  # keep serving; the round fails visibly
+                log.exception("round %d: aggregation failed", rnd.round_id)
+                self.store.event("aggregation_failed", rnd.round_id, error=str(e))
+                rnd = replace(rnd, state=R.FAILED)
+        self.fed.current = rnd
+        self.store.put_round(rnd)
+        if rnd.state == R.AGGREGATED:
+            self.fed.completed += 1
+        else:
+            log.warning("round %d failed: %d/%d uploads (quorum %d)", rnd.round_id, len(rnd.accepted),
+                        len(rnd.selected), R.quorum_size(rnd, self.fed.cfg))
+        self.store.event("round_close", rnd.round_id, state=rnd.state, accepted=list(rnd.accepted),
+                         dropped=list(rnd.dropped))
+
+    def _aggregate(self, rnd: R.Round) -> None:
+        t0 = time.perf_counter()
+        uploads = []
+        for u in self.store.updates(rnd.round_id):
+            if u["kind"] == "ZO":
+                state = self._replayed(u)
+            else:
+                state = wire.decode_tensors(self.store.read_blob(u["path"], u["sha256"]))[0]
+            uploads.append(S.RoundUpload(u["device_id"], state, float(max(u["num_examples"], 1))))
+        self.global_state = S.aggregate_round(self.global_state, uploads, self.scfg)
+        self.global_round = rnd.round_id
+        metrics: dict[str, Any] = {"aggregate_s": time.perf_counter() - t0, "uploads": len(uploads)}
+        metrics.update(self.evaluate(self.global_state))
+        self._write_global(rnd.round_id, metrics)
+        log.info("round %d aggregated (%s, %d uploads)%s", rnd.round_id, self.cfg.strategy, len(uploads),
+                 f": eval loss {metrics['loss']:.4f}" if "loss" in metrics else "")
+
+    # -- RPC-level operations ---------------------------------------------------------------
+    def register(self, profile_json: str, plan_json: str, enrolment_token: str, device_name: str) -> dict[str, Any]:
+        if self.cfg.enrolment_token and not secrets.compare_digest(enrolment_token, self.cfg.enrolment_token):
+            raise R.UnknownDevice("enrolment token is missing or wrong; ask the operator for --enrolment-token")
+        try:
+            plan = json.loads(plan_json)
+            rank, mode = int(plan["rank"]), str(plan.get("mode", "lora"))
+        except (ValueError, KeyError, TypeError) as e:
+            raise UploadRejected(f"plan_json is not a plan with 'rank' and 'mode': {e}") from None
+        if mode not in ("lora", "zo"):
+            raise UploadRejected(f"plan mode {mode!r} is invalid: expected 'lora' or 'zo'")
+        name = device_name or f"device-{secrets.token_hex(4)}"
+        with self._lock:
+            dev = R.enrol(self.fed.devices, "d-" + secrets.token_hex(6), name, rank, mode, self.fed.cfg, self.clock())
+            token = secrets.token_urlsafe(32)
+            self._tokens = {k: v for k, v in self._tokens.items() if v != dev.device_id}
+            self._tokens[_hash_token(token)] = dev.device_id
+            self.fed.devices[dev.device_id] = dev
+            self.store.put_device(dev, _hash_token(token), profile_json, plan_json)
+            self.store.event("register", None, dev.device_id, name=name, plan_rank=rank, assigned=dev.assigned_rank)
+            log.info("device %s (%s) registered: plan rank %d -> assigned rank %d, mode %s", dev.device_id, name,
+                     rank, dev.assigned_rank, self.scfg.device_mode(mode))
+        self.tick()
+        return {"device_id": dev.device_id, "device_token": token, "assigned_rank": dev.assigned_rank,
+                "mode": self.scfg.device_mode(mode)}
+
+    def get_task(self, device_id: str) -> dict[str, Any]:
+        self.tick()
+        with self._lock:
+            dev = self.fed.devices[device_id]
+            base = {"assigned_rank": dev.assigned_rank, "retry_after_s": self.cfg.poll_interval_s}
+            if self.fed.done:
+                return {**base, "state": "DONE", "round_id": self.fed.last_round_id, "message": "federation finished"}
+            rnd = self.fed.current
+            if rnd is None or rnd.state != R.OPEN:
+                return {**base, "state": "WAIT", "round_id": self.fed.last_round_id,
+                        "message": "waiting for enough devices to open a round"}
+            if device_id not in rnd.selected or device_id in rnd.accepted:
+                why = "update accepted; waiting for the round to close" if device_id in rnd.accepted else \
+                    "not selected for this round"
+                return {**base, "state": "WAIT", "round_id": rnd.round_id, "message": why}
+            did = self._download_id(rnd, device_id)
+            row = self.store.download(did)
+            mode = self.scfg.device_mode(dev.mode)
+            return {**base, "state": "TRAIN", "round_id": rnd.round_id, "local_steps": self.cfg.local_steps,
+                    "lr": self.cfg.zo_lr if mode == "zo" else self.cfg.lr, "seed": self.cfg.seed + rnd.round_id,
+                    "deadline_unix": rnd.deadline, "download_id": did, "download_size": row["size"],
+                    "download_sha256": row["sha256"], "nonce": rnd.nonces[device_id], "mode": mode}
+
+    def download(self, device_id: str, round_id: int, download_id: str) -> bytes:
+        with self._lock:
+            row = self.store.download(download_id)
+            if row is None or row["round_id"] != round_id:
+                raise R.WrongRound(f"download {download_id!r} is not part of round {round_id}; call GetTask again")
+            if "-d-" in download_id and not download_id.endswith(device_id):
+                raise R.NotSelected(f"download {download_id!r} belongs to another device")
+            return self.store.read_blob(row["path"], row["sha256"])
+
+    def heartbeat(self, device_id: str) -> dict[str, Any]:
+        with self._lock:
+            return {"current_round": self.fed.last_round_id, "server_time_unix": self.clock()}
+
+    def upload_status(self, device_id: str, upload_id: str) -> int:
+        return self.store.partial_size(self._upload_key(device_id, upload_id))
+
+    @staticmethod
+    def _upload_key(device_id: str, upload_id: str) -> str:
+        return f"{device_id}_{upload_id}"
+
+    def upload_append(self, device_id: str, upload_id: str, offset: int, data: bytes, total_size: int) -> int:
+        if total_size > self.cfg.max_upload_bytes:
+            raise UploadTooLarge(f"upload of {total_size} bytes exceeds the {self.cfg.max_upload_bytes}-byte cap; "
+                                 "lower the rank or use a lower upload precision")
+        if offset + len(data) > total_size:
+            raise UploadRejected(f"chunk at offset {offset} (+{len(data)} bytes) runs past the declared total "
+                                 f"size {total_size}")
+        try:
+            return self.store.append_partial(self._upload_key(device_id, upload_id), offset, data)
+        except ValueError as e:
+            raise UploadRejected(str(e)) from None
+
+    def _precheck(self, device_id: str, round_id: int, nonce: str) -> R.Round:
+        rnd = self.fed.current
+        try:
+            R.check_upload(rnd, round_id, device_id, nonce)
+        except R.LateUpload:
+            if rnd is not None and round_id <= rnd.round_id:
+                if rnd.round_id == round_id:
+                    self.fed.current = R.count_late(rnd)
+                    self.store.put_round(self.fed.current)
+                self.store.event("late_upload", round_id, device_id)
+                log.info("round %d: late upload from %s rejected", round_id, device_id)
+            raise
+        return rnd
+
+    def finish_upload(self, device_id: str, header: dict[str, Any], wire_bytes: int) -> int:
+        """Validate the assembled upload and accept it; returns its size. Raises domain errors."""
+        key = self._upload_key(device_id, header["upload_id"])
+        with self._lock:
+            rnd = self._precheck(device_id, header["round_id"], header["nonce"])
+            data = self.store.take_partial(key)
+            try:
+                if len(data) != header["total_size"]:
+                    raise UploadRejected(f"received {len(data)} bytes but the header declared {header['total_size']}; "
+                                         "resume from UploadStatus")
+                if wire.sha256_hex(data) != header["sha256"]:
+                    raise UploadRejected("upload sha256 does not match the header's checksum (corrupted transfer); "
+                                         "upload again")
+                try:
+                    state, _ = wire.decode_tensors(data)
+                except wire.WireError as e:
+                    raise UploadRejected(str(e)) from None
+                did = self._download_id(rnd, device_id)
+                mode = self.scfg.device_mode(self.fed.devices[device_id].mode)
+                expected = S.expected_upload_shapes(self._download_tensors(did), self.scfg, mode)
+                try:
+                    S.validate_upload(state, expected, self.cfg.norm_bound)
+                except ValueError as e:
+                    raise UploadRejected(str(e)) from None
+            except UploadRejected:
+                self.store.drop_partial(key)
+                self.store.event("upload_rejected", rnd.round_id, device_id)
+                raise
+            stats = header.get("stats", {})
+            self.store.put_update(rnd.round_id, device_id, header["nonce"], "LORA", data, ".safetensors", wire_bytes,
+                                  int(stats.get("num_examples", 1)), did, stats)
+            self.store.drop_partial(key)
+            self._accepted(rnd, device_id, len(data))
+        self.tick()
+        return len(data)
+
+    def submit_zo(self, device_id: str, round_id: int, nonce: str, seeds: list[int], grads: list[float], lr: float,
+                  num_examples: int, stats: dict[str, Any], wire_bytes: int) -> int:
+        with self._lock:
+            rnd = self._precheck(device_id, round_id, nonce)
+            if len(seeds) != len(grads) or not seeds:
+                raise UploadRejected(f"ZO update needs as many seeds as grads (>= 1); got {len(seeds)} and {len(grads)}")
+            if not all(map(lambda g: g == g and abs(g) != float("inf"), grads)) or not (lr == lr and 0 < abs(lr) < 1e6):
+                raise UploadRejected("ZO update has a non-finite projected gradient or learning rate")
+            did = self._download_id(rnd, device_id)
+            final = S.replay_zo(self._download_tensors(did), list(zip(seeds, grads)), lr)
+            mode = self.scfg.device_mode(self.fed.devices[device_id].mode)
+            try:
+                S.validate_upload(final, S.expected_upload_shapes(self._download_tensors(did), self.scfg, "zo"),
+                                  self.cfg.norm_bound)
+            except ValueError as e:
+                raise UploadRejected(f"replayed ZO update is invalid: {e}") from None
+            data = json.dumps({"seeds": list(seeds), "grads": list(grads), "lr": lr, "mode": mode}).encode()
+            self.store.put_update(round_id, device_id, nonce, "ZO", data, ".zo.json", wire_bytes, int(num_examples),
+                                  did, stats)
+            self._accepted(rnd, device_id, len(data))
+        self.tick()
+        return len(data)
+
+    def _accepted(self, rnd: R.Round, device_id: str, size: int) -> None:
+        self.fed.current = R.accept(rnd, device_id)
+        self.store.put_round(self.fed.current)
+        self.store.event("upload_accepted", rnd.round_id, device_id, size=size)
+        log.info("round %d: update from %s accepted (%d bytes, %d/%d)", rnd.round_id, device_id, size,
+                 len(self.fed.current.accepted), len(rnd.selected))
+
+    def close(self) -> None:
+        self.store.close()

@@ -1,0 +1,88 @@
+"""`edge-runtime join HOST:PORT --profile P.yaml --model M --data D`: federated participation."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("join", help="join a federation: train rounds for a coordinator")
+    p.add_argument("target", metavar="HOST:PORT", help="coordinator address")
+    p.add_argument("--profile", required=True, help="device profile YAML (profiles/*.yaml or from `profile`)")
+    p.add_argument("--model", required=True, help="local Hugging Face model directory")
+    p.add_argument("--data", required=True, help="this device's private data (JSONL/CSV/TSV)")
+    p.add_argument("--plan", default=None, help="plan JSON (default: plan under the profile)")
+    p.add_argument("--task", choices=("classification", "causal_lm"), default="classification",
+                   help="task used for planning (the coordinator's task wins for training)")
+    p.add_argument("--state-dir", default=None, help="keeps the device name and a per-round log")
+    p.add_argument("--name", default="", help="device name (default: profile name + random suffix)")
+    p.add_argument("--insecure", action="store_true", help="plaintext gRPC (loopback / trusted networks only)")
+    p.add_argument("--root-ca", default=None, help="CA certificate to verify the coordinator (TLS)")
+    p.add_argument("--client-cert", default=None)
+    p.add_argument("--client-key", default=None)
+    p.add_argument("--enrolment-token", default="")
+    p.add_argument("--max-rounds", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None, help="use at most this many local records")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--uplink-mbps", type=float, default=None, help="shape uploads to this rate (emulation)")
+    p.add_argument("--downlink-mbps", type=float, default=None, help="shape downloads to this rate (emulation)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=cmd_join)
+
+
+def _credentials(args):
+    if args.insecure:
+        return None
+    import grpc
+
+    if not args.root_ca:
+        raise ValueError("join needs --root-ca CA.pem for TLS, or --insecure for plaintext on a trusted network")
+    chain = key = None
+    if args.client_cert or args.client_key:
+        if not (args.client_cert and args.client_key):
+            raise ValueError("mutual TLS needs both --client-cert and --client-key")
+        chain, key = Path(args.client_cert).read_bytes(), Path(args.client_key).read_bytes()
+    return grpc.ssl_channel_credentials(Path(args.root_ca).read_bytes(), key, chain)
+
+
+def _plan(args, profile):
+    from edge_runtime.plan import Plan
+
+    if args.plan:
+        return Plan.load(args.plan)
+    from edge_runtime.modelspec import load_model_spec
+    from edge_runtime.planner import plan
+
+    return plan(profile, load_model_spec(args.model), args.task)
+
+
+def cmd_join(args) -> int:
+    from edge_runtime.client import JoinConfig, run_join
+    from edge_runtime.data import load_records
+    from edge_runtime.profile import load_profile
+    from protos.wire import TokenBucket
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    profile = load_profile(args.profile)
+    plan = _plan(args, profile)
+    records = load_records(args.data)[: args.limit] if args.limit else load_records(args.data)
+    up = TokenBucket(args.uplink_mbps * 1e6 / 8) if args.uplink_mbps else None
+    down = TokenBucket(args.downlink_mbps * 1e6 / 8) if args.downlink_mbps else None
+    cfg = JoinConfig(target=args.target, model=args.model, plan=plan, profile=profile, records=records,
+                     name=args.name, state_dir=args.state_dir, max_rounds=args.max_rounds,
+                     enrolment_token=args.enrolment_token, credentials=_credentials(args), throttle_up=up,
+                     throttle_down=down, threads=args.threads)
+    summary = run_join(cfg)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for r in summary["rounds"]:
+            print(f"round {r['round_id']}: rank {r['rank']} {r['mode']}, train {r['train_s']:.1f}s "
+                  f"loss {r['train_loss']:.4f}, up {r['upload_bytes']} B in {r['upload_s']:.2f}s, "
+                  f"{'accepted' if r['accepted'] else 'rejected'}")
+    return 0

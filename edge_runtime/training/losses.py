@@ -1,0 +1,98 @@
+"""Losses: classification cross-entropy and chunked causal-LM cross-entropy.
+
+Causal LM (memory model for the estimator): the decoder body runs once to hidden states
+(B, T, H); only positions whose next token is a target (the response) go through `lm_head`,
+in chunks of `chunk_tokens` rows. Each chunk's logits (chunk_tokens, V) are recomputed in
+backward (activation checkpointing), so logits memory is bounded by about
+`3 * chunk_tokens * V * 4` bytes (fp32 logits, softmax, grad) instead of `B * T * V * 4 * 3`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from edge_runtime.training.batching import IGNORE
+
+CHUNK_TOKENS = 256
+
+
+def classification_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, num_labels) float32 logits."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+
+
+def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return F.cross_entropy(classification_logits(model, batch), batch["labels"])
+
+
+def causal_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(decoder body, lm_head) of a (peft-wrapped) causal LM."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
+    return body, lm.get_output_embeddings()
+
+
+def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, nn.Module]:
+    """(B, T, H) last hidden states and the lm_head."""
+    body, head = causal_parts(model)
+    out = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return out.last_hidden_state, head
+
+
+def _chunk_ce_sum(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), y, reduction="sum")
+
+
+def chunked_ce(head: nn.Module, h: torch.Tensor, y: torch.Tensor, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+    """Mean cross-entropy of head(h) (N, V) vs targets y (N,), `chunk_tokens` rows at a time."""
+    total = h.new_zeros((), dtype=torch.float32)
+    for s in range(0, h.shape[0], chunk_tokens):
+        hc, yc = h[s:s + chunk_tokens], y[s:s + chunk_tokens]
+        if torch.is_grad_enabled() and h.requires_grad:
+            total = total + checkpoint(_chunk_ce_sum, head, hc, yc, use_reentrant=False)
+        else:
+            total = total + _chunk_ce_sum(head, hc, yc)
+    return total / max(1, h.shape[0])
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+    """Mean next-token cross-entropy over response tokens only (labels != -100)."""
+    hs, head = hidden_states(model, batch)
+    return _masked_ce(hs, head, batch["labels"], chunk_tokens)
+
+
+def _masked_ce(hs: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    target = labels[:, 1:]                      # (B, T-1)
+    keep = target != IGNORE
+    if not bool(keep.any()):
+        raise ValueError("batch has no response tokens to learn from (all labels are -100); "
+                         "increase seq_len or shorten prompts")
+    h = hs[:, :-1][keep]                        # (N, H)
+    return chunked_ce(head, h, target[keep], chunk_tokens)
+
+
+def causal_eval(model: nn.Module, batch: dict[str, torch.Tensor], candidates: dict[int, int] | None,
+                chunk_tokens: int = CHUNK_TOKENS) -> tuple[float, int, Any]:
+    """(summed response loss over examples, number of examples, predicted labels or None).
+
+    With `candidates` {label: first response token id}, the prediction is the label whose
+    token has the largest next-token logit right after the prompt.
+    """
+    hs, head = hidden_states(model, batch)
+    B = hs.shape[0]
+    loss_sum = 0.0
+    for i in range(B):
+        loss_sum += float(_masked_ce(hs[i:i + 1], head, batch["labels"][i:i + 1], chunk_tokens))
+    preds = None
+    if candidates:
+        pos = batch["prompt_len"] - 1                            # (B,)
+        h_last = hs[torch.arange(B, device=hs.device), pos]      # (B, H)
+        labels_sorted = sorted(candidates)
+        tok_ids = torch.tensor([candidates[c] for c in labels_sorted], device=hs.device)
+        cand_logits = head(h_last).float()[:, tok_ids]           # (B, C)
+        preds = torch.tensor(labels_sorted)[cand_logits.argmax(-1).cpu()]
+    return loss_sum, B, preds

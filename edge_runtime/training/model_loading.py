@@ -1,0 +1,211 @@
+"""Load a base model at the plan's precision and wrap it with a peft LoRA adapter.
+
+Precision routes (CPU unless CUDA is present):
+- fp32 / bf16 / fp16: `from_pretrained(dtype=...)`.
+- int8 / nf4: bitsandbytes through `BitsAndBytesConfig` (works on CPU with device_map="cpu").
+- int4: optimum-quanto `qint4` weights (the CPU route); `quant_backend="quanto"` also gives
+  int8 as quanto `qint8`.
+GGUF files are dequantized by transformers (`gguf_file=`) and then follow the same routes
+(bitsandbytes levels are applied by quanto for GGUF sources: int8 -> qint8, nf4 -> qint4).
+The task head (classifier / score) and `lm_head` are never quantized.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edge_runtime.plan import Plan
+
+log = logging.getLogger(__name__)
+
+TASK_KINDS = ("classification", "causal_lm")
+HEAD_NAMES = ("classifier", "score")
+_SKIP_QUANT = ("classifier", "score", "lm_head", "pooler")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """The model source or the requested precision cannot be used on this device."""
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    """What is trained: 'classification' (new head with `num_labels`) or 'causal_lm'."""
+
+    kind: str = "classification"
+    num_labels: int = 2
+
+    def __post_init__(self) -> None:
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"task kind {self.kind!r} unknown; use one of {TASK_KINDS}")
+        if self.num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1, got {self.num_labels}")
+
+
+def resolve_task(task: Any) -> TrainTask:
+    """Accept a TrainTask, a TaskSpec-like object (`.kind`, optional `.num_labels`), a dict or a str."""
+    if isinstance(task, TrainTask):
+        return task
+    if task is None:
+        return TrainTask()
+    if isinstance(task, str):
+        return TrainTask(kind=_kind_alias(task))
+    if isinstance(task, dict):
+        return TrainTask(kind=_kind_alias(task.get("kind", "classification")), num_labels=int(task.get("num_labels", 2)))
+    kind = getattr(task, "kind", None) or getattr(task, "task", None) or getattr(task, "name", None)
+    if kind is None:
+        raise ValueError(f"cannot read a task kind from {task!r}; pass 'classification' or 'causal_lm'")
+    return TrainTask(kind=_kind_alias(str(kind)), num_labels=int(getattr(task, "num_labels", 2) or 2))
+
+
+def _kind_alias(kind: str) -> str:
+    k = kind.lower().replace("-", "_")
+    aliases = {"cls": "classification", "seq_cls": "classification", "sequence_classification": "classification",
+               "causal": "causal_lm", "lm": "causal_lm", "instruction": "causal_lm", "generation": "causal_lm"}
+    k = aliases.get(k, k)
+    if k not in TASK_KINDS:
+        raise ValueError(f"task kind {kind!r} unknown; use one of {TASK_KINDS}")
+    return k
+
+
+def malloc_trim() -> None:
+    """Give freed heap pages back to the OS (glibc); freed fp32 weights otherwise stay resident."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def resolve_source(model_src: str | Path) -> tuple[Path, str | None]:
+    """(directory, gguf file name or None) for an HF dir, a .gguf file or a dir holding one."""
+    p = Path(model_src)
+    if p.is_file() and p.suffix == ".gguf":
+        return p.parent, p.name
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return p, None
+        ggufs = sorted(p.glob("*.gguf"))
+        if ggufs:
+            return p, ggufs[0].name
+        raise ModelLoadError(f"model directory {p} has neither config.json nor a .gguf file")
+    raise FileNotFoundError(f"model {p} does not exist (expected a Hugging Face model directory or a .gguf file)")
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _bnb_config(precision: str, compute: torch.dtype) -> Any:
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as e:
+        raise ModelLoadError(f"base_precision {precision!r} needs bitsandbytes, which is not usable here ({e}); "
+                             "install the 'quant' extra or re-plan with base_precision int4 (quanto) or fp32") from None
+    if precision == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(_SKIP_QUANT))
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+                              llm_int8_skip_modules=list(_SKIP_QUANT))
+
+
+def quantize_quanto(model: nn.Module, precision: str) -> None:
+    """In place: quanto qint4 / qint8 weights for every Linear except heads; then malloc_trim."""
+    try:
+        from optimum.quanto import freeze, qint4, qint8, quantize
+    except ImportError as e:
+        raise ModelLoadError(f"base_precision {precision!r} on this route needs optimum-quanto ({e}); "
+                             "install the 'quant' extra or re-plan with base_precision fp32") from None
+    weights = qint4 if precision in ("int4", "nf4") else qint8
+    exclude = [f"*{n}*" for n in _SKIP_QUANT]
+    quantize(model, weights=weights, exclude=exclude)
+    freeze(model)
+    malloc_trim()
+
+
+def load_base(model_src: str | Path, plan: Plan, task: Any, seed: int = 0,
+              quant_backend: str = "auto") -> tuple[nn.Module, Any]:
+    """(model, tokenizer) at `plan.base_precision`, frozen, with the task head (seeded) and
+    gradient checkpointing per plan. `quant_backend`: 'auto' | 'bnb' | 'quanto'."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    t = resolve_task(task)
+    directory, gguf = resolve_source(model_src)
+    prec = plan.base_precision
+    compute = _DTYPES[plan.compute_dtype]
+    kwargs: dict[str, Any] = {}
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    use_bnb = prec in ("int8", "nf4") and quant_backend in ("auto", "bnb") and not gguf
+    use_quanto = prec == "int4" or (prec in ("int8", "nf4") and not use_bnb)
+    if use_bnb:
+        kwargs["quantization_config"] = _bnb_config(prec, compute)
+        kwargs["device_map"] = _device()
+        kwargs["dtype"] = compute
+    elif use_quanto:
+        kwargs["dtype"] = compute
+    else:
+        kwargs["dtype"] = _DTYPES[prec]
+    try:
+        tok = AutoTokenizer.from_pretrained(directory, **({"gguf_file": gguf} if gguf else {}))
+    except Exception as e:  # noqa: BLE001 - third-party loaders raise many kinds
+        raise ModelLoadError(f"cannot load a tokenizer from {directory}{'/' + gguf if gguf else ''}: {e}") from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    torch.manual_seed(seed)  # the new head is initialised inside from_pretrained
+    try:
+        if t.kind == "classification":
+            model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=t.num_labels, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    except (OSError, ValueError, ImportError, RuntimeError) as e:
+        raise ModelLoadError(f"cannot load {directory}{'/' + gguf if gguf else ''} as {t.kind} at "
+                             f"{prec}: {e}") from e
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tok.pad_token_id
+    if use_quanto:
+        quantize_quanto(model, prec)
+    elif use_bnb:
+        malloc_trim()
+    elif _device() == "cuda":
+        model.to("cuda")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if plan.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model, tok
+
+
+def head_names(model: nn.Module) -> list[str]:
+    """Top-level names of a sequence-classification head present in `model` ('classifier' / 'score')."""
+    return [n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
+
+
+def lora_config(plan: Plan, rank: int, lora_alpha: float, use_rslora: bool, heads: list[str]) -> Any:
+    """peft LoraConfig at `rank` (rank_pattern entries capped at `rank`)."""
+    from peft import LoraConfig
+
+    if not 1 <= rank <= plan.rank:
+        raise ValueError(f"assigned rank {rank} must be within 1..{plan.rank} (the plan's rank)")
+    pattern = {k: min(int(v), rank) for k, v in plan.rank_pattern.items()}
+    return LoraConfig(r=rank, lora_alpha=lora_alpha, use_rslora=use_rslora, target_modules=list(plan.target_modules),
+                      rank_pattern=pattern, lora_dropout=0.0, bias="none", modules_to_save=heads or None)
+
+
+def apply_lora(base: nn.Module, plan: Plan, rank: int, lora_alpha: float, use_rslora: bool, seed: int) -> nn.Module:
+    """Wrap `base` with a fresh LoRA adapter (seeded init); the head goes into modules_to_save."""
+    from peft import get_peft_model
+
+    cfg = lora_config(plan, rank, lora_alpha, use_rslora, head_names(base))
+    torch.manual_seed(seed)
+    try:
+        model = get_peft_model(base, cfg)
+    except ValueError as e:
+        raise ValueError(f"cannot apply LoRA to target_modules {plan.target_modules}: {e}") from e
+    return model

@@ -1,0 +1,119 @@
+"""What a device feeds to secure aggregation for each linear strategy, and how the sum is read back.
+
+A payload is a flat float64 vector `[w * t_1.ravel(), ..., w * t_m.ravel(), w]` over a public
+`PayloadLayout` (sorted keys, each at its GLOBAL shape). The coordinator only learns the sum over
+survivors: sum_k w_k x_k and sum_k w_k, so the weighted average is their ratio.
+
+- fedavg: every adapter tensor (A, B, head) at the common rank.
+- zero_pad: A (r, in) padded with zero rows and B (out, r) with zero columns to the global rank R.
+- fedsa: layout holds only lora_A keys (+ head); the device keeps its B (`ignore_extra=True`).
+- Scales differ between devices: fold them into B on the device (`b_scale = s_k`), as the plain
+  strategies do, and the average has scale 1.0.
+- zo: `zo_pack` puts w * g at the position of each seed in the shared seed pool; replaying the
+  averaged (seed, g) pairs from the common start equals the weighted average of the devices'
+  replays, because each ZO step is additive: p <- p - lr * g * z(seed).
+
+Weights must lie in (0, 1] (e.g. num_examples / a cap the coordinator announces) so that the
+weighted values stay inside the fixed-point clip range.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+B_SUFFIX = ".lora_B.weight"
+
+
+@dataclass(frozen=True)
+class PayloadLayout:
+    """Public order and global shape of every tensor in the payload; the last entry is the weight."""
+
+    entries: tuple[tuple[str, tuple[int, ...]], ...]
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, torch.Tensor], only: Sequence[str] | None = None) -> "PayloadLayout":
+        """Layout of a (global, largest-rank) state dict; `only`: key suffixes to keep (fedsa: ['.lora_A.weight'])."""
+        keys = sorted(k for k in state if only is None or any(k.endswith(s) for s in only) or "lora_" not in k)
+        if not keys:
+            raise ValueError("payload layout is empty: the state dict has no tensors to aggregate")
+        return cls(tuple((k, tuple(int(d) for d in state[k].shape)) for k in keys))
+
+    @property
+    def vector_len(self) -> int:
+        return sum(math.prod(shape) for _, shape in self.entries) + 1
+
+
+def _check_weight(weight: float) -> float:
+    w = float(weight)
+    if not (math.isfinite(w) and 0 < w <= 1):
+        raise ValueError(f"payload weight must be in (0, 1], got {weight!r}: divide num_examples by the cap the "
+                         f"coordinator announced so weighted values stay inside the clip range")
+    return w
+
+
+def _pad_to(t: torch.Tensor, shape: tuple[int, ...], key: str) -> np.ndarray:
+    a = t.detach().to(torch.float64).cpu().numpy()
+    if a.ndim != len(shape) or any(s > g for s, g in zip(a.shape, shape)):
+        raise ValueError(f"tensor {key!r} has shape {tuple(a.shape)}, which does not fit the global shape {shape}")
+    out = np.zeros(shape, dtype=np.float64)
+    out[tuple(slice(0, s) for s in a.shape)] = a
+    return out
+
+
+def pack_state(state: Mapping[str, torch.Tensor], layout: PayloadLayout, *, weight: float, b_scale: float = 1.0,
+               ignore_extra: bool = False) -> np.ndarray:
+    """Adapter state -> (layout.vector_len,) float64: weight * zero-padded tensors (B times b_scale), then weight."""
+    w = _check_weight(weight)
+    names = {k for k, _ in layout.entries}
+    missing, extra = sorted(names - set(state)), sorted(set(state) - names)
+    if missing:
+        raise ValueError(f"adapter state lacks {len(missing)} payload tensors, e.g. {missing[:3]}")
+    if extra and not ignore_extra:
+        raise ValueError(f"adapter state has {len(extra)} tensors outside the payload layout, e.g. {extra[:3]}")
+    parts = [w * (b_scale if k.endswith(B_SUFFIX) else 1.0) * _pad_to(state[k], shape, k).ravel()
+             for k, shape in layout.entries]
+    return np.concatenate(parts + [np.array([w])])
+
+
+def unpack_average(total: np.ndarray, layout: PayloadLayout) -> tuple[dict[str, torch.Tensor], float]:
+    """Summed payload (vector_len,) -> (weighted-average state dict, float32 tensors at global shapes; sum of weights)."""
+    total = np.asarray(total, dtype=np.float64).reshape(-1)
+    if total.shape[0] != layout.vector_len:
+        raise ValueError(f"summed payload has {total.shape[0]} entries, layout expects {layout.vector_len}")
+    weight = float(total[-1])
+    if not weight > 0:
+        raise ValueError(f"summed weight is {weight}; no device contributed")
+    out, pos = {}, 0
+    for key, shape in layout.entries:
+        n = math.prod(shape)
+        out[key] = torch.from_numpy(total[pos:pos + n] / weight).reshape(shape).to(torch.float32)
+        pos += n
+    return out, weight
+
+
+def zo_pack(pairs: Sequence[tuple[int, float]], pool: Sequence[int], *, weight: float) -> np.ndarray:
+    """ZO (seed, g) pairs -> (len(pool) + 1,) float64: w * sum of g per pool seed, then w."""
+    w = _check_weight(weight)
+    where = {int(s): i for i, s in enumerate(pool)}
+    vec = np.zeros(len(pool) + 1, dtype=np.float64)
+    for seed, g in pairs:
+        if int(seed) not in where:
+            raise ValueError(f"seed {seed} is not in the round's seed pool; secure ZO aggregation needs a shared pool")
+        vec[where[int(seed)]] += w * float(g)
+    vec[-1] = w
+    return vec
+
+
+def zo_unpack(total: np.ndarray, pool: Sequence[int]) -> tuple[list[tuple[int, float]], float]:
+    """Summed ZO payload -> (averaged (seed, g) pairs for `protos.zo.replay`, sum of weights)."""
+    total = np.asarray(total, dtype=np.float64).reshape(-1)
+    if total.shape[0] != len(pool) + 1:
+        raise ValueError(f"summed ZO payload has {total.shape[0]} entries, expected {len(pool) + 1}")
+    weight = float(total[-1])
+    if not weight > 0:
+        raise ValueError(f"summed weight is {weight}; no device contributed")
+    return [(int(s), float(g) / weight) for s, g in zip(pool, total[:-1]) if g != 0.0], weight

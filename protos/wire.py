@@ -1,0 +1,222 @@
+"""Wire helpers shared by device and coordinator: tensors <-> safetensors bytes, upload
+precision (fp32/fp16/bf16/int8 with per-row scales), chunking, checksums, size caps and a
+bandwidth-shaping hook.
+
+A blob is a safetensors file. Its string metadata always has `format=edgefed`, `precision`
+and whatever the caller adds (lora_alpha, use_rslora, rank, ...). In int8 blobs every
+floating tensor `k` of shape (rows, ...) is stored as int8 `k` plus a float32 `k.__scale`
+of shape (rows,): x ~= q * scale[row] (symmetric, scale = max|row| / 127).
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from . import federation_pb2 as pb
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+CHUNK_SIZE = 1 << 20  # 1 MiB
+MAX_BLOB_BYTES = 512 << 20  # default cap on one upload / download
+SCALE_SUFFIX = ".__scale"
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+Throttle = Callable[[int], None]  # called with the byte count before each chunk is sent / after it is received
+
+
+class WireError(ValueError):
+    """A blob or stream is malformed (bad checksum, bad metadata, oversize, ...)."""
+
+
+class BlobTooLarge(WireError):
+    """The blob exceeds the size cap."""
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_size(n: int, cap: int = MAX_BLOB_BYTES, what: str = "blob") -> None:
+    if n > cap:
+        raise BlobTooLarge(f"{what} is {n} bytes, over the {cap}-byte cap; lower the rank or upload precision")
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8. x (rows, ...) or (n,) -> q int8 same shape, scale float32 (rows,) (1 for 1-D/0-D: (1,))."""
+    x = x.detach().to(torch.float32)
+    flat = x.reshape(x.shape[0], -1) if x.dim() >= 2 else x.reshape(1, -1)
+    amax = flat.abs().amax(dim=1) if flat.numel() else torch.zeros(flat.shape[0])
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.clamp(torch.round(flat / scale[:, None]), -127, 127).to(torch.int8)
+    return q.reshape(x.shape), scale.contiguous()
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Inverse of quantize_int8: float32 tensor of q's shape."""
+    flat = q.reshape(q.shape[0], -1) if q.dim() >= 2 else q.reshape(1, -1)
+    return (flat.to(torch.float32) * scale.to(torch.float32)[:, None]).reshape(q.shape)
+
+
+def encode_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, object] | None = None,
+                   precision: str = "fp32") -> bytes:
+    """name -> tensor to safetensors bytes at `precision`; metadata values are stringified."""
+    if precision not in PRECISIONS:
+        raise WireError(f"upload precision {precision!r} is unknown; choose one of {PRECISIONS}")
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if name.endswith(SCALE_SUFFIX):
+            raise WireError(f"tensor name {name!r} ends with the reserved suffix {SCALE_SUFFIX!r}")
+        t = t.detach().cpu()
+        if not t.is_floating_point():
+            out[name] = t.contiguous()
+        elif precision == "int8":
+            out[name], out[name + SCALE_SUFFIX] = quantize_int8(t)
+        else:
+            out[name] = t.to(_DTYPES[precision]).contiguous()
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    meta.update(format="edgefed", precision=precision)
+    return st_save(out, metadata=meta)
+
+
+def decode_tensors(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """safetensors bytes -> (name -> float32 tensor, metadata). int8 blobs are dequantized."""
+    try:
+        raw = st_load(bytes(data))
+        meta = read_metadata(data)
+    except WireError:
+        raise
+    except Exception as e:  # safetensors raises its own error types
+        raise WireError(f"blob is not a valid safetensors file: {e}") from None
+    precision = meta.get("precision", "fp32")
+    if precision not in PRECISIONS:
+        raise WireError(f"blob metadata precision={precision!r} is unknown; expected one of {PRECISIONS}")
+    out: dict[str, torch.Tensor] = {}
+    for name, t in raw.items():
+        if name.endswith(SCALE_SUFFIX):
+            continue
+        if precision == "int8" and t.dtype == torch.int8:
+            scale = raw.get(name + SCALE_SUFFIX)
+            if scale is None:
+                raise WireError(f"int8 tensor {name!r} has no {name + SCALE_SUFFIX!r} scale tensor")
+            out[name] = dequantize_int8(t, scale)
+        elif t.is_floating_point():
+            out[name] = t.to(torch.float32)
+        else:
+            out[name] = t
+    return out, meta
+
+
+def read_metadata(data: bytes) -> dict[str, str]:
+    """The safetensors header's __metadata__ without decoding tensors."""
+    import json
+    import struct
+
+    if len(data) < 8:
+        raise WireError(f"blob is {len(data)} bytes; too short for a safetensors header")
+    (n,) = struct.unpack("<Q", bytes(data[:8]))
+    if n > len(data) - 8:
+        raise WireError("blob header length exceeds the blob size (truncated upload?)")
+    try:
+        header = json.loads(bytes(data[8:8 + n]))
+    except ValueError as e:
+        raise WireError(f"blob header is not JSON: {e}") from None
+    return dict(header.get("__metadata__") or {})
+
+
+def tensor_bytes(tensors: Mapping[str, torch.Tensor], precision: str = "fp32") -> int:
+    """Payload bytes of `tensors` at `precision` (int8 includes the per-row scales)."""
+    n = 0
+    for t in tensors.values():
+        if precision == "int8" and t.is_floating_point():
+            rows = t.shape[0] if t.dim() >= 2 else 1
+            n += t.numel() + 4 * rows
+        elif t.is_floating_point():
+            n += t.numel() * (4 if precision == "fp32" else 2)
+        else:
+            n += t.numel() * t.element_size()
+    return n
+
+
+def chunks(data: bytes, chunk_size: int = CHUNK_SIZE, start: int = 0) -> Iterator[tuple[int, bytes]]:
+    """(offset, piece) pairs covering data[start:] in pieces of at most chunk_size bytes."""
+    if chunk_size < 1:
+        raise WireError(f"chunk_size must be >= 1, got {chunk_size}")
+    view = memoryview(data)
+    for off in range(start, len(data), chunk_size):
+        yield off, bytes(view[off:off + chunk_size])
+
+
+def download_chunks(data: bytes, start: int = 0, chunk_size: int = CHUNK_SIZE,
+                    throttle: Throttle | None = None) -> Iterator[pb.Chunk]:
+    """Server side of DownloadGlobal: Chunk messages from byte `start`; the first carries sha256."""
+    digest, total = sha256_hex(data), len(data)
+    if start > total:
+        raise WireError(f"download offset {start} is past the end of the {total}-byte blob")
+    first = True
+    for off, piece in chunks(data, chunk_size, start):
+        if throttle:
+            throttle(len(piece))
+        yield pb.Chunk(offset=off, data=piece, total_size=total, sha256=digest if first else "")
+        first = False
+    if first:  # empty remainder: still tell the client the size and digest
+        yield pb.Chunk(offset=total, data=b"", total_size=total, sha256=digest)
+
+
+def upload_chunks(header: pb.UploadHeader, data: bytes, start: int = 0, chunk_size: int = CHUNK_SIZE,
+                  throttle: Throttle | None = None) -> Iterator[pb.UploadChunk]:
+    """Client side of UploadUpdate: the header rides on the first message with the first piece."""
+    first = True
+    for off, piece in chunks(data, chunk_size, start):
+        if throttle:
+            throttle(len(piece))
+        yield pb.UploadChunk(header=header if first else None, offset=off, data=piece)
+        first = False
+    if first:
+        yield pb.UploadChunk(header=header, offset=len(data), data=b"")
+
+
+def wire_bytes(messages: Iterable[object]) -> int:
+    """Total serialized size of protobuf messages (what goes on the wire, minus HTTP/2 framing)."""
+    return sum(m.ByteSize() for m in messages)
+
+
+@dataclass
+class TokenBucket:
+    """Bandwidth shaping: `bucket(n)` blocks until n bytes may pass at `rate_bytes_per_s`.
+
+    burst_bytes: how many bytes may pass at once after idling (default: one chunk).
+    Thread-safe; pass it as the `throttle` of a client to emulate a slow link.
+    """
+
+    rate_bytes_per_s: float
+    burst_bytes: int = CHUNK_SIZE
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+
+    def __post_init__(self) -> None:
+        if not self.rate_bytes_per_s > 0:
+            raise ValueError(f"rate_bytes_per_s must be positive, got {self.rate_bytes_per_s}")
+        self._tokens = float(self.burst_bytes)
+        self._last = self.clock()
+        self._lock = threading.Lock()
+        self.total_bytes = 0
+        self.waited_s = 0.0
+
+    def __call__(self, nbytes: int) -> None:
+        with self._lock:
+            now = self.clock()
+            self._tokens = min(float(max(self.burst_bytes, nbytes)),
+                               self._tokens + (now - self._last) * self.rate_bytes_per_s)
+            self._last = now
+            self._tokens -= nbytes
+            wait = -self._tokens / self.rate_bytes_per_s if self._tokens < 0 else 0.0
+            self.total_bytes += nbytes
+            self.waited_s += wait
+        if wait > 0:
+            self.sleep(wait)
