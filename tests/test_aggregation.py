@@ -190,3 +190,28 @@ def test_bad_requested_ranks():
         svd_redistribute([make(4, 0)], [4, 0])
     with pytest.raises(ValueError, match="rank must be"):
         zero_pad([make(4, 0)], 0)
+
+
+def test_bench_routes_agree_in_process(tmp_path):
+    """tools/bench_aggregation.py: both routes' workers on a tiny case agree (smoke test)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench_aggregation.py"
+    spec = importlib.util.spec_from_file_location("bench_aggregation", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ranks = [3, 5, 8, 4]
+    saved = {}
+    for route in ("factor", "dense"):
+        spec_ = {"route": route, "out": 40, "in": 56, "ranks": ranks, "seed": 1, "threads": 1,
+                 "save": str(tmp_path / f"{route}.pt")}
+        res = bench.worker(spec_)
+        assert res["seconds"] > 0 and res["peak_extra_bytes"] >= 0
+        saved[route] = torch.load(spec_["save"])
+    torch.set_num_threads(1)
+    assert set(saved["factor"]) == {3, 5, 8}
+    assert bench.rel_error(saved["factor"], saved["dense"]) < 1e-5
+    # the error measure is not blind: a different rank-3 answer is far off
+    wrong = {r: (saved["factor"][r][0] * 1.5, saved["factor"][r][1]) for r in saved["factor"]}
+    assert bench.rel_error(wrong, saved["dense"]) > 0.4

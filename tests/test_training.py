@@ -7,7 +7,7 @@ from edge_runtime.plan import Plan
 from edge_runtime.training.session import LocalTrainer
 from edge_runtime.training.tiny import make_tiny_bert, make_tiny_llama
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # 2 shared cores: 1 thread avoids oversubscription stalls
 QV = ["q_proj", "v_proj"]
 
 

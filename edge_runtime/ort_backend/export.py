@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,8 @@ def export_onnx(peft_model, path: Path, task: str, example_batch: int = 2, examp
     onnx = require_onnx()
     wrapper = _LossInputs(peft_model, task).eval()
     ids, mask = _example_inputs(task, int(peft_model.config.vocab_size), example_batch, example_seq)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings about shape branches + exporter deprecation notes
         torch.onnx.export(
             wrapper, (ids, mask), str(path), input_names=["input_ids", "attention_mask"],
             output_names=["logits"], opset_version=opset, do_constant_folding=False, dynamo=False,
@@ -149,11 +151,23 @@ def export_onnx(peft_model, path: Path, task: str, example_batch: int = 2, examp
             dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
                           "logits": {0: "rows"}})
     proto = onnx.load(str(path))
+    _add_layernorm_stats_outputs(proto)
     inits = {t.name for t in proto.graph.initializer}
     keep = [i for i in proto.graph.input if i.name not in inits]
     del proto.graph.input[:]
     proto.graph.input.extend(keep)
     onnx.save(proto, str(path))
+
+
+def _add_layernorm_stats_outputs(proto) -> None:
+    """Give every LayerNormalization node its optional Mean/InvStdDev outputs.
+
+    The opset-17 exporter emits LayerNormalization with only Y; ORT's gradient builder for it
+    reads the saved statistics (outputs 1 and 2) and fails with `i < node_->OutputDefs().size()`.
+    """
+    for i, node in enumerate(proto.graph.node):
+        if node.op_type == "LayerNormalization" and len(node.output) == 1:
+            node.output.extend([f"{node.output[0]}__ln_mean_{i}", f"{node.output[0]}__ln_inv_std_{i}"])
 
 
 class _TorchAdamWOptimizer:
@@ -178,7 +192,7 @@ class _TorchAdamWOptimizer:
 
 
 def export_artifacts(peft_model, out_dir: str | Path, task: str, optim: AdamWConfig = AdamWConfig(),
-                     example_batch: int = 2, example_seq: int = 16, keep_onnx: bool = True) -> Path:
+                     example_batch: int = 2, example_seq: int = 16, keep_onnx: bool = False) -> Path:
     """Export `peft_model` (a peft LoRA model on a transformers model) to ORT training artifacts.
 
     Returns the artifacts directory. The adapter's current values become the initial values
@@ -189,6 +203,9 @@ def export_artifacts(peft_model, out_dir: str | Path, task: str, optim: AdamWCon
     onnx = require_onnx()
     from onnxruntime.training import onnxblock
 
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)  # generate_artifacts logs every graph pass at INFO
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -225,7 +242,7 @@ def export_artifacts(peft_model, out_dir: str | Path, task: str, optim: AdamWCon
         "export_seconds": round(time.perf_counter() - t0, 3),
         "versions": _versions(),
     }
-    (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    (out / META_FILE).write_text(json.dumps(meta, indent=2))
     return out
 
 

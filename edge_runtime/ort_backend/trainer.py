@@ -177,15 +177,13 @@ class OrtTrainer:
         arrays = {k: _as_float32(k, v, spec[k]["shape"]) for k, v in state.items()}
         if reset_optimizer:
             del self.optimizer, self.module
-            fresh = self._api.CheckpointState.load_checkpoint(str(self.dir / "checkpoint"))
-            for k, a in arrays.items():
-                fresh.parameters[spec[k]["onnx_name"]] = a
             self.state = None
-            self._open(fresh)
+            self._open(self._api.CheckpointState.load_checkpoint(str(self.dir / "checkpoint")))
             self.steps = 0
-        else:
-            for k, a in arrays.items():
-                self.state.parameters[spec[k]["onnx_name"]] = a
+        # parameters are written once the state is bound to a session (writing into an unbound
+        # state crashes ORT 1.19); the copy is in place, so the optimizer sees the new values.
+        for k, a in arrays.items():
+            self.state.parameters[spec[k]["onnx_name"]] = a
 
     def save_checkpoint(self, path: str | Path, include_optimizer: bool = True) -> Path:
         """Save the ORT checkpoint (all parameters, optionally the AdamW state)."""
