@@ -5,8 +5,10 @@ seq_len x batch x gradient checkpointing. Every candidate is costed by
 `edge_runtime.memory.estimate`; a plan over budget is never returned. Utility is
 lexicographic: backprop (LoRA) before zeroth-order, then rank, then base precision, then
 throughput within the round deadline (fits the deadline, sequence length, batch, no
-recomputation, more target modules). Upload precision is the most precise one whose
-upload fits the uplink within a share of the deadline.
+recomputation, more target modules); upload precision is the most precise one whose
+upload fits the uplink within a share of the deadline. A workload floor (tokens per
+micro-batch, relaxed step by step when nothing fits) comes before rank, so a high rank is
+not bought with a useless batch.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ PRECISION_QUALITY = ("fp32", "bf16", "fp16", "int8", "nf4", "int4")  # best firs
 UPLOAD_ORDER = ("fp32", "fp16", "bf16", "int8")
 UPLOAD_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 BATCHES = (16, 8, 4, 2, 1)
+MIN_TOKENS = {"classification": 512, "causal_lm": 1024}  # workload floor (batch x seq) before rank trades off
 UPLOAD_SHARE = 0.25          # the upload may take at most this share of the round deadline
 TRAIN_EFFICIENCY = 0.35      # fraction of the GEMM rate a training step sustains
 EXTENDED_TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj"], "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -134,22 +137,28 @@ def plan(profile: DeviceProfile, spec: ModelSpec, task: str, *, round_deadline_s
                + (f" + runtime overhead {_gib(overhead)}" if profile.budget_excludes_runtime else
                   f", runtime overhead {_gib(overhead)} counted inside it") + ")"]
     smallest: dict[str, int] = {}
+    floor0 = MIN_TOKENS[task]
     for mode in ("lora", "zo"):
-        for rank in RANKS:
-            for prec in precisions:
-                feas = []
-                for targets in target_sets(spec):
-                    for seq in seqs:
-                        for batch in batches:
-                            for ckpt in ((False,) if mode == "zo" else (False, True)):
-                                c = _Cand(mode, rank, prec, targets, seq, batch, ckpt)
-                                p, est = _estimate(spec, c, task, profile, overhead, budget, local_steps)
-                                key = f"{mode}:{prec}"
-                                smallest[key] = min(smallest.get(key, est.total_bytes), est.total_bytes)
-                                if est.fits:
-                                    feas.append((c, p, est))
-                if feas:
-                    return _finish(feas, spec, profile, task, deadline, local_steps, reasons, smallest, budget, overhead)
+        for floor in (floor0, floor0 // 2, floor0 // 4, 1):
+            for rank in RANKS:
+                for prec in precisions:
+                    feas = []
+                    for targets in target_sets(spec):
+                        for seq in seqs:
+                            for batch in batches:
+                                if batch * seq < floor:
+                                    continue
+                                for ckpt in ((False,) if mode == "zo" else (False, True)):
+                                    c = _Cand(mode, rank, prec, targets, seq, batch, ckpt)
+                                    p, est = _estimate(spec, c, task, profile, overhead, budget, local_steps)
+                                    key = f"{mode}:{prec}"
+                                    smallest[key] = min(smallest.get(key, est.total_bytes), est.total_bytes)
+                                    if est.fits:
+                                        feas.append((c, p, est))
+                    if feas:
+                        if floor < floor0:
+                            reasons.append(f"tokens per micro-batch relaxed to >= {floor} (no plan fits with >= {floor0})")
+                        return _finish(feas, spec, profile, task, deadline, local_steps, reasons, smallest, budget, overhead)
     raise PlanningError(_nothing_fits(spec, task, profile, budget, smallest, overhead, alternatives))
 
 
@@ -239,11 +248,12 @@ def _nothing_fits(spec, task, profile, budget, smallest, overhead, alternatives)
         alternatives = _repo_profiles()
     ok = []
     for prof in alternatives:
-        try:
-            plan(prof, spec, task, overhead_bytes=overhead, alternatives=[])
+        ov = _overhead(prof, overhead)
+        b = effective_budget(prof, ov)
+        lowest = [q for q in PRECISION_QUALITY if q in prof.precisions][-1]
+        c = _Cand("zo", 1, lowest, tuple(spec.default_targets), seq_lens(spec, task)[-1], 1, False)
+        if _estimate(spec, c, task, prof, ov, b, 1)[1].fits:
             ok.append(prof.name)
-        except PlanningError:
-            continue
     if ok:
         msg.append(f"Devices whose profile fits: {', '.join(ok[:6])}.")
     return " ".join(msg)

@@ -215,3 +215,51 @@ def test_bench_routes_agree_in_process(tmp_path):
     # the error measure is not blind: a different rank-3 answer is far off
     wrong = {r: (saved["factor"][r][0] * 1.5, saved["factor"][r][1]) for r in saved["factor"]}
     assert bench.rel_error(wrong, saved["dense"]) > 0.4
+
+
+def test_bad_requested_scales():
+    with pytest.raises(ValueError, match="requested scale 0"):
+        svd_redistribute([make(4, 0)], [4], scales=[-1.0])
+    with pytest.raises(ValueError, match="one scale per rank"):
+        svd_redistribute([make(4, 0)], [4, 2], scales=[1.0])
+
+
+@pytest.mark.parametrize("case", ["duplicate devices", "zero-padded columns", "collinear", "all zero"])
+def test_svd_redistribute_degenerate_stacks(case):
+    """Rank-deficient stacks take the Householder QR fallback and stay exact."""
+    u = make(4, 1)
+    if case == "duplicate devices":
+        ups = [u, u, make(2, 2)]
+    elif case == "zero-padded columns":
+        padded = truncate(u, 8)  # 4 zero columns in B, zero rows in A
+        ups = [padded, make(4, 3)]
+    elif case == "collinear":
+        B = u.B.clone()
+        B[:, 1] = B[:, 0] * (1 + 1e-9)
+        ups = [LoraUpdate(A=u.A, B=B, scale=u.scale), make(2, 4)]
+    else:
+        ups = [LoraUpdate(A=torch.zeros(4, IN), B=torch.zeros(OUT, 4), scale=1.0)]
+    ref = dense_sum(ups)
+    out = svd_redistribute(ups, [2, 16])
+    if case == "all zero":
+        assert torch.count_nonzero(out[1].A) == 0 and out[1].A.shape == (16, IN)
+        return
+    U, S, Vh = torch.linalg.svd(ref, full_matrices=False)
+    assert rel(effective(out[0]), (U[:, :2] * S[:2]) @ Vh[:2]) < TOL
+    assert rel(effective(out[1]), ref) < TOL
+
+
+def test_factor_svd_gram_and_qr_routes_agree():
+    from coordinator.aggregation import svd as svd_mod
+    ups = hetero(True)
+    Bs, As = svd_mod.stacked_factors(ups)
+    U1, S1, V1 = factor_svd(Bs, As, k=6)
+    old = svd_mod.CHOLESKY_MIN_PIVOT
+    try:
+        svd_mod.CHOLESKY_MIN_PIVOT = 2.0  # force the QR route
+        U2, S2, V2 = factor_svd(Bs, As, k=6)
+    finally:
+        svd_mod.CHOLESKY_MIN_PIVOT = old
+    assert torch.allclose(S1, S2, rtol=1e-9)
+    assert torch.allclose((U1 * S1) @ V1, (U2 * S2) @ V2, atol=1e-9 * float(S1[0]))
+    assert torch.allclose(U1.T @ U1, torch.eye(6, dtype=torch.float64), atol=1e-9)

@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import BertConfig, BertForSequenceClassification
 
-from coordinator.aggregation import (DeviceState, aggregate_state, effective, lora_scale, module_updates,
+from coordinator.aggregation import (DeviceState, aggregate_state, effective, module_updates,
                                      slice_for_device)
 
 torch.set_num_threads(1)

@@ -58,16 +58,31 @@ CONFIGS = [
 QUICK = ["minilm-r8-b8-s128", "minilm-zo-b8-s128", "llama8m-r8-b4-s128", "llama30m-r4-b8-s128-ckpt"]
 
 
-def model_dir(model: str, workdir: Path) -> Path:
-    """A loadable model path for `model`: MiniLM / SmolLM2 as shipped, random Llamas as
-    config-only dirs (the trainer initialises missing weights randomly)."""
+def model_dir(model: str, workdir: Path, harness: str) -> Path:
+    """A loadable model path: MiniLM / SmolLM2 as shipped; random Llamas saved (in a separate
+    process, so their construction does not count) as HF dirs with a word-level tokenizer."""
     if model == "minilm":
         return MINILM
     if model == "smollm2":
         return SMOLLM2
-    from edge_runtime.modelspec import write_config_dir
-    cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], max_position_embeddings=2048, **LLAMAS[model])
-    return write_config_dir(cfg, workdir / model)
+    out = workdir / model
+    if not (out / "config.json").exists():
+        subprocess.run([sys.executable, __file__, "--make-model", model, str(out)], check=True,
+                       env=dict(os.environ, PYTHONWARNINGS="ignore"), capture_output=True)
+    return out
+
+
+def make_model(model: str, out: str) -> None:
+    """Save a random-initialised Llama of size `model` (see LLAMAS) + tokenizer to `out`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from edge_runtime.training.tiny import make_tokenizer
+    tok = make_tokenizer(2000)
+    cfg = LlamaConfig(max_position_embeddings=2048, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, **LLAMAS[model])
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
 
 
 # ----------------------------------------------------------------------------- worker
@@ -89,10 +104,10 @@ def worker(cfg: dict) -> dict:
     t0 = time.time()
     if cfg["harness"] == "trainer":
         from edge_runtime.training.session import LocalTrainer
-        trainer = LocalTrainer(cfg["model_path"], plan, cfg["task"], seed=0)
+        trainer = LocalTrainer(cfg["model_path"], plan, cfg["task"], seed=0, threads=2)
         after_model = _rss()
         records = _records(cfg["task"], plan.batch_size * cfg["steps"], plan.seq_len)
-        trainer.train(records, steps=cfg["steps"], seed=0)
+        trainer.train(records, steps=cfg["steps"], seed=0, progress=False)
     else:
         after_model = _peft_harness(cfg["model_path"], plan, cfg["task"], cfg["steps"])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -100,7 +115,7 @@ def worker(cfg: dict) -> dict:
 
 
 def _records(task: str, n: int, seq_len: int) -> list[dict]:
-    words = " ".join(["word"] * (seq_len * 2))
+    words = " ".join(["the movie is good"] * seq_len)
     if task == "classification":
         return [{"text": words, "label": i % 2} for i in range(n)]
     return [{"instruction": words, "input": "", "output": words} for _ in range(n)]
@@ -182,7 +197,7 @@ def run_config(name: str, model: str, task: str, overrides: dict, harness: str, 
     from edge_runtime.memory import estimate
     from edge_runtime.modelspec import load_model_spec
     from edge_runtime.plan import Plan
-    path = model_dir(model, workdir)
+    path = model_dir(model, workdir, harness)
     spec = load_model_spec(path)
     plan = Plan(**{"target_modules": spec.default_targets, **overrides})
     cfg = {"model_path": str(path), "task": task, "plan": plan.to_dict(), "harness": harness, "steps": steps}
@@ -207,7 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "docs/bench_memory.json"))
     ap.add_argument("--md", default=str(ROOT / "docs/memory.md"), help="markdown file whose table is replaced ('' to skip)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--make-model", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", help="keep generated random models here (default: a temporary dir)")
     args = ap.parse_args(argv)
+    if args.make_model:
+        make_model(*args.make_model)
+        return 0
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
@@ -216,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         harness = "trainer" if (ROOT / "edge_runtime/training/session.py").exists() else "peft"
     chosen = [c for c in CONFIGS if (c[0] in QUICK if args.quick else True) and (not args.only or c[0] in args.only)]
     results = []
-    with tempfile.TemporaryDirectory() as wd:
+    with tempfile.TemporaryDirectory() as tmp:
+        wd = args.workdir or tmp
         for name, model, task, overrides in chosen:
             r = run_config(name, model, task, overrides, harness, Path(wd))
             print(f"{name:28s} measured {r['peak_rss'] / 2**20:8.1f} MiB  predicted {r['predicted'] / 2**20:8.1f} MiB  "

@@ -34,6 +34,7 @@ class Case:
     rank: int = 8
     steps: int = 8
     warmup: int = 2
+    threads: int = 1
 
 
 DEFAULT_CASES = [
@@ -51,6 +52,11 @@ def _rss_mib() -> float:
 
 
 def _peak_mib() -> float:
+    """Peak RSS of this process image (VmHWM; ru_maxrss would include the parent's RSS at fork)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -94,7 +100,13 @@ def prepare(case: Case, work: Path) -> dict:
     save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(pm).items()}, str(work / "adapter.safetensors"))
     t0 = time.perf_counter()
     export_artifacts(pm, work / "ort", task, AdamWConfig(lr=1e-3))
+    c = model.config
+    shape = {"hidden": c.hidden_size, "layers": c.num_hidden_layers, "heads": c.num_attention_heads,
+             "intermediate": c.intermediate_size, "vocab": c.vocab_size, "n_params": n_params,
+             "n_trainable": sum(p.numel() for p in pm.parameters() if p.requires_grad),
+             "task_kind": "causal_lm" if task == "causal_lm" else "encoder"}
     return {"task": task, "base": str(base), "vocab": int(model.config.vocab_size), "n_params": n_params,
+            "shape": shape,
             "targets": list(targets), "export_s": round(time.perf_counter() - t0, 2)}
 
 
@@ -105,7 +117,7 @@ def run_ort(case: Case, work: Path, info: dict) -> dict:
 
     require_ort_training()
     rss_import = _rss_mib()
-    tr = OrtTrainer(work / "ort", learning_rate=1e-3, threads=2)
+    tr = OrtTrainer(work / "ort", learning_rate=1e-3, threads=case.threads)
     rss_model = _rss_mib()
     losses, times = [], []
     for i, b in enumerate(_batches(info["task"], info["vocab"], case.warmup + case.steps, case.batch, case.seq)):
@@ -115,7 +127,14 @@ def run_ort(case: Case, work: Path, info: dict) -> dict:
             times.append(time.perf_counter() - t)
     assert "torch" not in sys.modules, "the ORT worker imported torch"
     return {"rss_import_mib": rss_import, "rss_model_mib": rss_model, "peak_mib": _peak_mib(),
-            "step_s": sorted(times)[len(times) // 2], "losses": losses}
+            "step_s": sorted(times)[len(times) // 2], "losses": losses,
+            "estimate_mib": _estimate_mib(case, info)}
+
+
+def _estimate_mib(case: Case, info: dict) -> float:
+    from edge_runtime.ort_backend.memory import ort_memory_bytes
+
+    return ort_memory_bytes(info["shape"], {"batch_size": case.batch, "seq_len": case.seq}) / MiB
 
 
 def run_torch(case: Case, work: Path, info: dict) -> dict:
@@ -126,7 +145,7 @@ def run_torch(case: Case, work: Path, info: dict) -> dict:
 
     from edge_runtime.ort_backend import LoraSpec, add_lora
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(case.threads)
     rss_import = _rss_mib()
     if info["task"] == "causal_lm":
         model = AutoModelForCausalLM.from_pretrained(info["base"])
@@ -165,7 +184,7 @@ def _worker(argv: list[str]) -> None:
 
 
 def _spawn(role: str, case: Case, work: Path) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS=str(case.threads), PYTHONPATH=str(ROOT))
     p = subprocess.run([sys.executable, __file__, "--worker", role, json.dumps(asdict(case)), str(work)],
                        capture_output=True, text=True, env=env, cwd=ROOT)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -193,18 +212,18 @@ def _table(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title="ORT-training vs torch+peft (2 threads, fresh process each, median step)")
+    t = Table(title="ORT-training vs torch+peft (fresh process each, median step)")
     for col in ("case", "params", "B x S", "torch s/step", "ort s/step", "torch peak MiB", "ort peak MiB",
-                "torch base MiB", "ort base MiB", "max |dloss|"):
+                "ort est. MiB", "torch base MiB", "ort base MiB", "max |dloss|"):
         t.add_column(col, justify="right")
     for r in rows:
         c = r["case"]
         t.add_row(c["name"], f"{r['n_params'] / 1e6:.1f}M", f"{c['batch']}x{c['seq']}",
                   f"{r['torch']['step_s']:.3f}", f"{r['ort']['step_s']:.3f}",
-                  f"{r['torch']['peak_mib']:.0f}", f"{r['ort']['peak_mib']:.0f}",
+                  f"{r['torch']['peak_mib']:.0f}", f"{r['ort']['peak_mib']:.0f}", f"{r['ort']['estimate_mib']:.0f}",
                   f"{r['torch']['rss_import_mib']:.0f}", f"{r['ort']['rss_import_mib']:.0f}",
                   f"{r['max_loss_diff']:.1e}")
-    Console().print(t)
+    Console(width=170).print(t)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,13 +234,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "docs/bench_ort.json"))
     ap.add_argument("--quick", action="store_true", help="one tiny case (CI smoke run)")
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads for both backends (default 1)")
     args = ap.parse_args(argv)
     cases = QUICK_CASES if args.quick else [c for c in DEFAULT_CASES if c.model.startswith("llama:") or Path(c.model).exists()]
+    cases = [Case(**{**asdict(c), "threads": args.threads}) for c in cases]
     rows = bench(cases)
     _table(rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "threads": 2}, "rows": rows}, indent=2))
+    out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "threads": args.threads, "load_avg_1m": os.getloadavg()[0]}, "rows": rows}, indent=2))
     print(f"wrote {out}")
     return 0
 

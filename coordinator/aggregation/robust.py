@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .svd import factor_svd, factors_from_svd
+from .svd import factors_from_svd
 from .types import LoraUpdate, effective
 from .validation import validate_rank, validate_updates
 

@@ -110,6 +110,6 @@ class StreamingAggregator:
             raise ValueError("svd streaming result needs the requested ranks: result(ranks=[...])")
         if scales is not None and len(scales) != len(ranks):
             raise ValueError(f"got {len(scales)} scales for {len(ranks)} ranks")
-        U, S, Vh = factor_svd(self._B / W, self._A)
+        U, S, Vh = factor_svd(self._B / W, self._A, k=max(int(r) for r in ranks))
         return [factors_from_svd(U, S, Vh, validate_rank(r), 1.0 if scales is None else float(scales[j]), W)
                 for j, r in enumerate(ranks)]

@@ -8,7 +8,10 @@ onnx must write IR <= 10 (onnx==1.17.0); newer onnx makes ORT 1.19 reject the ar
 """
 from __future__ import annotations
 
+import importlib
+import sys
 from importlib import metadata
+from pathlib import Path
 from types import ModuleType
 
 ORT_TRAINING_PIN = "onnxruntime-training==1.19.2"
@@ -37,20 +40,73 @@ def _shadow_message(detail: str) -> str:
             f"({detail})")
 
 
-def require_ort_training() -> ModuleType:
-    """Import and return `onnxruntime.training.api`, or raise OrtBackendError with the fix."""
+def _import_onnxruntime_without_torch() -> ModuleType:
+    """`import onnxruntime` without letting it pull in torch.
+
+    onnxruntime's import-time validation tries `onnxruntime.training.ortmodule` (which imports
+    torch) and `onnxruntime.tools` imports torch whenever it is installed: ~0.3 GiB of RSS on a
+    device that trains without torch. A `None` entry in sys.modules makes those imports fail
+    fast (both paths tolerate ImportError); it is removed again right after.
+    """
+    if "torch" in sys.modules:  # loaded already (or blocked by the caller): nothing to avoid
+        import onnxruntime
+        return onnxruntime
+    sys.modules["torch"] = None  # type: ignore[assignment]
     try:
-        import onnxruntime  # noqa: F401
+        import onnxruntime
+    finally:
+        if "torch" in sys.modules and sys.modules["torch"] is None:
+            del sys.modules["torch"]
+    return onnxruntime
+
+
+def _import_training_api(onnxruntime: ModuleType) -> ModuleType:
+    """Import `onnxruntime.training.api` without running `onnxruntime/training/__init__.py`.
+
+    That __init__ imports `training.optim`, which needs torch; the on-device API (Module,
+    Optimizer, CheckpointState) itself needs only the native extension and numpy. When torch
+    is already loaded the package is imported normally.
+    """
+    if "onnxruntime.training.api" in sys.modules:
+        return sys.modules["onnxruntime.training.api"]
+    if sys.modules.get("torch") is not None or "onnxruntime.training" in sys.modules:
+        return importlib.import_module("onnxruntime.training.api")
+    pkg_dir = Path(onnxruntime.__file__).parent / "training"
+    stub = ModuleType("onnxruntime.training")
+    stub.__path__ = [str(pkg_dir)]
+    stub.__package__ = "onnxruntime.training"
+    stub.__file__ = str(pkg_dir / "__init__.py")
+    sys.modules["onnxruntime.training"] = stub
+    try:
+        return importlib.import_module("onnxruntime.training.api")
+    except ImportError:
+        del sys.modules["onnxruntime.training"]
+        raise
+
+
+def require_ort_training() -> ModuleType:
+    """Import and return `onnxruntime.training.api`, or raise OrtBackendError with the fix.
+
+    Does not import torch (see `_import_training_api`); works on a device without torch.
+    """
+    try:
+        onnxruntime = _import_onnxruntime_without_torch()
     except ImportError as e:
         raise OrtBackendError(f"onnxruntime-training is not installed ({e}); {INSTALL_HINT}") from None
+    native = getattr(getattr(onnxruntime, "capi", None), "_pybind_state", None)
+    has_training = (native is not None and hasattr(native, "PropagateCastOpsStrategy")
+                    and (Path(onnxruntime.__file__).parent / "training" / "api").is_dir())
+    if not has_training:
+        if _dist_version("onnxruntime") is not None:
+            raise OrtBackendError(_shadow_message(f"onnxruntime {getattr(onnxruntime, '__version__', '?')} "
+                                                  f"at {Path(onnxruntime.__file__).parent} has no training API"))
+        raise OrtBackendError(f"the installed onnxruntime has no training API; {INSTALL_HINT}")
     try:
-        from onnxruntime.training import api
+        return _import_training_api(onnxruntime)
     except ImportError as e:
         if _dist_version("onnxruntime") is not None:
             raise OrtBackendError(_shadow_message(str(e))) from None
-        raise OrtBackendError(f"onnxruntime is installed without its training API ({e}); "
-                              f"the plain package cannot train: {INSTALL_HINT}") from None
-    return api
+        raise OrtBackendError(f"onnxruntime.training.api failed to import ({e}); {INSTALL_HINT}") from None
 
 
 def require_onnx() -> ModuleType:
@@ -67,11 +123,10 @@ def require_onnx() -> ModuleType:
 
 
 def require_artifacts_module() -> ModuleType:
-    """Import `onnxruntime.training.artifacts` (needs onnx too) with the same clear errors."""
+    """Import `onnxruntime.training.artifacts` (export side: needs onnx, and torch is loaded)."""
     require_onnx()
     require_ort_training()
-    from onnxruntime.training import artifacts
-    return artifacts
+    return importlib.import_module("onnxruntime.training.artifacts")
 
 
 def ort_available() -> bool:

