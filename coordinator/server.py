@@ -95,6 +95,7 @@ class FederationServicer(pbg.FederationServicer):
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, "upload header needs an upload_id")
                 if header.kind != pb.LORA:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, "UploadUpdate takes LORA updates; use SubmitZO")
+                self._guard(context, self.c.upload_precheck, dev, header.round_id, header.nonce)
             if header is None:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first UploadChunk must carry the header")
             if chunk.data:

@@ -166,7 +166,7 @@ class Coordinator:
         cfg_json, tensors = peft_export_files(S.effective_deltas(self.global_state), self.global_state.extra,
                                               self.target_modules, self.cfg.model, self.cfg.task)
         self.store.write_blob(self.store.rel(d / "peft" / "adapter_model.safetensors"),
-                              wire.encode_tensors(tensors, {"format": "pt"}))
+                              wire.encode_tensors(tensors, {"format": "pt"}, packed=False))
         self.store.write_blob(self.store.rel(d / "peft" / "adapter_config.json"), cfg_json.encode())
         if round_id > 0:
             self.store.set_round_global(round_id, rel, sha, metrics)
@@ -397,11 +397,20 @@ class Coordinator:
             raise
         return rnd
 
+    def upload_precheck(self, device_id: str, round_id: int, nonce: str) -> None:
+        """Refuse an upload stream at its header (wrong/closed round, stale nonce) before bytes flow."""
+        with self._lock:
+            self._precheck(device_id, round_id, nonce)
+
     def finish_upload(self, device_id: str, header: dict[str, Any], wire_bytes: int) -> int:
         """Validate the assembled upload and accept it; returns its size. Raises domain errors."""
         key = self._upload_key(device_id, header["upload_id"])
         with self._lock:
-            rnd = self._precheck(device_id, header["round_id"], header["nonce"])
+            try:
+                rnd = self._precheck(device_id, header["round_id"], header["nonce"])
+            except R.RoundError:
+                self.store.drop_partial(key)
+                raise
             data = self.store.take_partial(key)
             try:
                 if len(data) != header["total_size"]:

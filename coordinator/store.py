@@ -229,9 +229,12 @@ class Store:
         return p.stat().st_size if p.exists() else 0
 
     def append_partial(self, upload_id: str, offset: int, data: bytes) -> int:
-        """Append bytes at `offset` (must equal the current size); fsync; returns the new size."""
+        """Append bytes at `offset` (the current size, or 0 to restart); fsync; returns the new size."""
         p = self.partial_path(upload_id)
         size = p.stat().st_size if p.exists() else 0
+        if offset == 0 and size:  # the client restarted this upload from scratch
+            p.unlink()
+            size = 0
         if offset != size:
             raise ValueError(f"upload {upload_id}: chunk offset {offset} does not match the {size} bytes received; "
                              "ask UploadStatus for the resume offset")

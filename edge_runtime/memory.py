@@ -25,6 +25,7 @@ BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "nf4": 0.5, "int4":
 # int8 (LLM.int8 / quanto) one fp32 scale per output row (added per module, not per weight).
 QUANT_CONST = {"nf4": 1 / 64 + 4 / (64 * 256), "int4": 8 / 128, "int8": 0.0}
 QUANTIZED = ("int8", "nf4", "int4")
+LOGIT_CHUNK_ROWS = 256  # edge_runtime.training.losses.CHUNK_TOKENS
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class Calibration:
     act_hidden: float = 12.0        # saved values ~ act_hidden * hidden per token per layer
     act_inter: float = 4.0          # ... + act_inter * intermediate
     act_kv: float = 4.0             # ... + act_kv * kv_dim (k/v projections, rope)
-    attn_eager: float = 2.0         # eager attention: copies of (b, heads, s, s) per layer
+    attn_eager: float = 4.0         # materialized attention: copies of (b, heads, s, s) per layer
     ckpt_hidden: float = 1.0        # gradient checkpointing keeps ckpt_hidden * hidden per token per layer
     logits_train: float = 4.0       # logits, log-softmax, their grads at the start of backward
     logits_zo: float = 2.0          # logits + log-softmax in a no-grad forward
@@ -136,17 +137,21 @@ def estimate(spec: ModelSpec, plan: Plan, task: str = "classification", overhead
     parts["optimizer_state"] = 0 if zo or plan.optimizer == "sgd" else 8 * n_train
 
     per_layer = cal.act_hidden * h + cal.act_inter * inter + cal.act_kv * kv  # values / token / layer
-    attn = cal.attn_eager * spec.heads * s * s * b * act_b if attn_implementation == "eager" else 0.0
-    logits = tokens * spec.vocab * 4 if task == "causal_lm" else 0
+    # (b, heads, s, s) scores are materialized by eager attention, and by SDPA's CPU math path
+    # that encoders with a padding mask take (measured: ~4 copies per BERT layer in backward).
+    materialized = attn_implementation == "eager" or spec.task_kind == "encoder"
+    attn = cal.attn_eager * spec.heads * s * s * b * act_b if materialized else 0.0
+    # the trainer's causal-LM loss runs lm_head on at most LOGIT_CHUNK_ROWS rows at a time
+    logits = min(tokens, LOGIT_CHUNK_ROWS) * spec.vocab * 4 if task == "causal_lm" else 0
     dyn: dict[str, float] = {}
     if zo:
-        dyn["zo_perturbation"] = 4 * n_train
+        dyn["zo_perturbation"] = 2 * 4 * n_train  # clean copy + z
         dyn["activations_forward"] = tokens * cal.fwd_transient * inter * act_b + attn / max(1.0, cal.attn_eager)
         dyn["logits"] = cal.logits_zo * logits
     else:
         if plan.gradient_checkpointing:
             kept = tokens * L * cal.ckpt_hidden * h * act_b + tokens * cal.embed_grad_input * h * 4
-            dyn["activations"] = kept + tokens * per_layer * act_b + attn / max(1, L) * 1.0
+            dyn["activations"] = kept + tokens * per_layer * act_b + 2 * attn
         else:
             dyn["activations"] = tokens * L * per_layer * act_b + attn * L
         dyn["logits"] = cal.logits_train * logits

@@ -67,14 +67,20 @@ class ModelSpec:
 
     def target_shapes(self, targets: list[str]) -> dict[str, tuple[int, int]]:
         """Linear modules whose last name component is in `targets` -> (out, in)."""
-        found = {n: s for n, s in self.linear_shapes.items() if n.rsplit(".", 1)[-1] in set(targets)}
-        return found
+        key = tuple(targets)
+        cache = self.__dict__.setdefault("_target_cache", {})
+        if key not in cache:
+            wanted = set(targets)
+            cache[key] = {n: s for n, s in self.linear_shapes.items() if n.rsplit(".", 1)[-1] in wanted}
+        return cache[key]
 
     def lora_params(self, targets: list[str], rank: int) -> int:
         """Number of LoRA parameters: sum over targets of r * (in + out)."""
         return sum(rank * (o + i) for o, i in self.target_shapes(targets).values())
 
     def check_targets(self, targets: list[str]) -> None:
+        if self.target_shapes(targets) and len({n.rsplit(".", 1)[-1] for n in self.target_shapes(targets)}) == len(set(targets)):
+            return
         names = {n.rsplit(".", 1)[-1] for n in self.linear_shapes}
         missing = [t for t in targets if t not in names]
         if missing:

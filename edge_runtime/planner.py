@@ -142,6 +142,8 @@ def plan(profile: DeviceProfile, spec: ModelSpec, task: str, *, round_deadline_s
         for floor in (floor0, floor0 // 2, floor0 // 4, 1):
             for rank in RANKS:
                 for prec in precisions:
+                    if not _can_fit(spec, mode, prec, task, profile, overhead, budget, smallest):
+                        continue
                     feas = []
                     for targets in target_sets(spec):
                         for seq in seqs:
@@ -160,6 +162,15 @@ def plan(profile: DeviceProfile, spec: ModelSpec, task: str, *, round_deadline_s
                             reasons.append(f"tokens per micro-batch relaxed to >= {floor} (no plan fits with >= {floor0})")
                         return _finish(feas, spec, profile, task, deadline, local_steps, reasons, smallest, budget, overhead)
     raise PlanningError(_nothing_fits(spec, task, profile, budget, smallest, overhead, alternatives))
+
+
+def _can_fit(spec, mode, prec, task, profile, overhead, budget, smallest) -> bool:
+    """Whether the smallest candidate of (mode, precision) fits: prunes the search."""
+    c = _Cand(mode, 1, prec, tuple(spec.default_targets), seq_lens(spec, task)[-1], 1, mode == "lora")
+    est = _estimate(spec, c, task, profile, overhead, budget, 1)[1]
+    key = f"{mode}:{prec}"
+    smallest[key] = min(smallest.get(key, est.total_bytes), est.total_bytes)
+    return est.fits
 
 
 def _finish(feas, spec, profile, task, deadline, local_steps, reasons, smallest, budget, overhead) -> Plan:

@@ -4,12 +4,16 @@ bandwidth-shaping hook.
 
 A blob is a safetensors file. Its string metadata always has `format=edgefed`, `precision`
 and whatever the caller adds (lora_alpha, use_rslora, rank, ...). In int8 blobs every
-floating tensor `k` of shape (rows, ...) is stored as int8 `k` plus a float32 `k.__scale`
-of shape (rows,): x ~= q * scale[row] (symmetric, scale = max|row| / 127).
+floating tensor `k` is stored as int8 `k` plus a float32 `k.__scale`, one scale per channel
+(per row, or per column when a matrix has fewer columns, e.g. B (out, r)): x ~= q * scale
+(symmetric, scale = max|channel| / 127). On the wire tensors are packed into one flat
+tensor per dtype with a front-coded name index in the metadata (see `encode_tensors`).
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -48,50 +52,139 @@ def check_size(n: int, cap: int = MAX_BLOB_BYTES, what: str = "blob") -> None:
 
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric int8. x (rows, ...) or (n,) -> q int8 same shape, scale float32 (rows,) (1 for 1-D/0-D: (1,))."""
+    """Per-channel symmetric int8: one scale per row, or per column when there are fewer columns.
+
+    x (rows, cols) -> q int8 (rows, cols), scale float32 (rows, 1) or (1, cols) (broadcasts);
+    1-D / 0-D tensors get a single scale of shape (1,). x ~= q * scale.
+    """
     x = x.detach().to(torch.float32)
-    flat = x.reshape(x.shape[0], -1) if x.dim() >= 2 else x.reshape(1, -1)
-    amax = flat.abs().amax(dim=1) if flat.numel() else torch.zeros(flat.shape[0])
+    if x.dim() == 2:
+        dim = 1 if x.shape[0] <= x.shape[1] else 0  # reduce over the long axis
+        amax = x.abs().amax(dim=dim, keepdim=True) if x.numel() else torch.zeros(1, 1)
+    else:
+        amax = x.abs().max().reshape(1) if x.numel() else torch.zeros(1)
     scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    q = torch.clamp(torch.round(flat / scale[:, None]), -127, 127).to(torch.int8)
-    return q.reshape(x.shape), scale.contiguous()
+    q = torch.clamp(torch.round(x / scale), -127, 127).to(torch.int8)
+    return q, scale.contiguous()
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Inverse of quantize_int8: float32 tensor of q's shape."""
-    flat = q.reshape(q.shape[0], -1) if q.dim() >= 2 else q.reshape(1, -1)
-    return (flat.to(torch.float32) * scale.to(torch.float32)[:, None]).reshape(q.shape)
+    return q.to(torch.float32) * scale.to(torch.float32)
+
+
+def _front_code(names: list[str]) -> list[list]:
+    """Sorted names as [shared-prefix length with the previous name, rest] pairs."""
+    out, prev = [], ""
+    for n in names:
+        k = 0
+        while k < min(len(n), len(prev)) and n[k] == prev[k]:
+            k += 1
+        out.append([k, n[k:]])
+        prev = n
+    return out
+
+
+def _front_decode(coded: list[list]) -> list[str]:
+    out, prev = [], ""
+    for k, rest in coded:
+        prev = prev[:k] + rest
+        out.append(prev)
+    return out
+
+
+_PACK_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8,
+                "I64": torch.int64, "I32": torch.int32, "BOOL": torch.bool}
+_PACK_CODES = {v: k for k, v in _PACK_DTYPES.items()}
+
+
+def _scale_shape(shape: list[int]) -> list[int]:
+    """Shape of the int8 scale quantize_int8 produces for a tensor of `shape`."""
+    if len(shape) == 2:
+        return [shape[0], 1] if shape[0] <= shape[1] else [1, shape[1]]
+    return [1]
 
 
 def encode_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, object] | None = None,
-                   precision: str = "fp32") -> bytes:
-    """name -> tensor to safetensors bytes at `precision`; metadata values are stringified."""
+                   precision: str = "fp32", packed: bool = True) -> bytes:
+    """name -> tensor to safetensors bytes at `precision`; metadata values are stringified.
+
+    packed=True (the wire format): one flat tensor per storage dtype (`__packed.F32`, ...) and a
+    compact index in the metadata `index` = ';'-joined `prefix_len,rest,code,d0xd1` entries
+    (names front-coded in sorted order; code Q8 = int8 data in I8 plus its scale in F32),
+    which keeps the header to a few hundred bytes.
+    packed=False: one safetensors entry per tensor (peft export; int8 adds `<name>.__scale`).
+    """
     if precision not in PRECISIONS:
         raise WireError(f"upload precision {precision!r} is unknown; choose one of {PRECISIONS}")
-    out: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
-        if name.endswith(SCALE_SUFFIX):
-            raise WireError(f"tensor name {name!r} ends with the reserved suffix {SCALE_SUFFIX!r}")
-        t = t.detach().cpu()
-        if not t.is_floating_point():
-            out[name] = t.contiguous()
-        elif precision == "int8":
-            out[name], out[name + SCALE_SUFFIX] = quantize_int8(t)
-        else:
-            out[name] = t.to(_DTYPES[precision]).contiguous()
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta.update(format="edgefed", precision=precision)
-    return st_save(out, metadata=meta)
+    names = sorted(tensors)
+    for name in names:
+        if name.endswith(SCALE_SUFFIX) or name.startswith("__packed") or (packed and any(c in name for c in ",;")):
+            raise WireError(f"tensor name {name!r} uses a reserved name or character ({SCALE_SUFFIX!r}, '__packed', ',', ';')")
+    groups: dict[str, list[torch.Tensor]] = {}
+    entries: dict[str, torch.Tensor] = {}
+    index = []
+    for name, (k, rest) in zip(names, _front_code(names)):
+        t = tensors[name].detach().cpu()
+        shape = "x".join(str(d) for d in t.shape)
+        if t.is_floating_point() and precision == "int8":
+            q, scale = quantize_int8(t)
+            entries[name], entries[name + SCALE_SUFFIX] = q, scale
+            groups.setdefault("I8", []).append(q.reshape(-1))
+            groups.setdefault("F32", []).append(scale.reshape(-1))
+            code = "Q8"
+        else:
+            t = t.to(_DTYPES[precision]).contiguous() if t.is_floating_point() else t.contiguous()
+            code = _PACK_CODES.get(t.dtype)
+            if code is None:
+                raise WireError(f"tensor {name!r} has unsupported dtype {t.dtype}")
+            entries[name] = t
+            groups.setdefault(code, []).append(t.reshape(-1))
+        index.append(f"{k},{rest},{code},{shape}")
+    if not packed:
+        return st_save(entries, metadata=meta)
+    meta["index"] = ";".join(index)
+    return st_save({f"__packed.{c}": torch.cat(ts) for c, ts in groups.items()}, metadata=meta)
+
+
+def _unpack(raw: dict[str, torch.Tensor], index: str) -> dict[str, torch.Tensor]:
+    rows = [e.split(",") for e in index.split(";")] if index else []
+    if any(len(r) != 4 for r in rows):
+        raise WireError("packed blob index is malformed")
+    names = _front_decode([[int(r[0]), r[1]] for r in rows])
+    offsets: dict[str, int] = {}
+    out = {}
+
+    def take(code: str, shape: list[int], name: str) -> torch.Tensor:
+        buf = raw.get(f"__packed.{code}")
+        n, off = math.prod(shape), offsets.get(code, 0)
+        if buf is None or off + n > buf.numel():
+            raise WireError(f"packed blob is missing data for tensor {name!r} (truncated or corrupted)")
+        offsets[code] = off + n
+        return buf[off:off + n].reshape(shape)
+
+    for name, (_, _, code, dims) in zip(names, rows):
+        shape = [int(d) for d in dims.split("x")] if dims else []
+        if code == "Q8":
+            out[name] = take("I8", shape, name)
+            out[name + SCALE_SUFFIX] = take("F32", _scale_shape(shape), name)
+        else:
+            out[name] = take(code, shape, name)
+    return out
 
 
 def decode_tensors(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """safetensors bytes -> (name -> float32 tensor, metadata). int8 blobs are dequantized."""
+    """safetensors bytes (packed or not) -> (name -> float32 tensor, metadata). int8 is dequantized."""
     try:
         raw = st_load(bytes(data))
         meta = read_metadata(data)
+        if "index" in meta:
+            raw = _unpack(raw, meta.pop("index"))
     except WireError:
         raise
-    except Exception as e:  # safetensors raises its own error types
+    except Exception as e:  # safetensors / json raise their own error types
         raise WireError(f"blob is not a valid safetensors file: {e}") from None
     precision = meta.get("precision", "fp32")
     if precision not in PRECISIONS:
@@ -114,7 +207,6 @@ def decode_tensors(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]
 
 def read_metadata(data: bytes) -> dict[str, str]:
     """The safetensors header's __metadata__ without decoding tensors."""
-    import json
     import struct
 
     if len(data) < 8:
@@ -134,8 +226,7 @@ def tensor_bytes(tensors: Mapping[str, torch.Tensor], precision: str = "fp32") -
     n = 0
     for t in tensors.values():
         if precision == "int8" and t.is_floating_point():
-            rows = t.shape[0] if t.dim() >= 2 else 1
-            n += t.numel() + 4 * rows
+            n += t.numel() + 4 * (min(t.shape) if t.dim() == 2 else 1)
         elif t.is_floating_point():
             n += t.numel() * (4 if precision == "fp32" else 2)
         else:

@@ -248,3 +248,28 @@ def test_missing_artifacts_dir_error(tmp_path):
 
     with pytest.raises(OrtBackendError, match="export_artifacts"):
         OrtTrainer(tmp_path)
+
+
+def test_parity_with_project_local_trainer(tmp_path):
+    """Same tiny Llama, same adapter, same batches as edge_runtime.training.session.LocalTrainer."""
+    session = pytest.importorskip("edge_runtime.training.session")
+    from edge_runtime.ort_backend import AdamWConfig, OrtTrainer, export_artifacts
+    from edge_runtime.plan import Plan
+    from edge_runtime.training import batching
+    from edge_runtime.training.tiny import make_tiny_llama
+
+    model_dir = make_tiny_llama(tmp_path / "m", hidden=64, layers=2, vocab_size=300)
+    plan = Plan(rank=4, target_modules=["q_proj", "v_proj"], batch_size=2, seq_len=32, learning_rate=LR)
+    lt = session.LocalTrainer(model_dir, plan, task="causal_lm", threads=1)
+    art = export_artifacts(lt.model, tmp_path / "art", "causal_lm", AdamWConfig(lr=LR, weight_decay=0.0))
+    records = [{"instruction": f"repeat number {i}", "input": "", "output": f"number {i} done"} for i in range(8)]
+    examples = lt.encode(records)
+    stream = batching.bucketed_batches([len(e.input_ids) for e in examples], plan.batch_size, 0)
+    batches = [lt._collate(examples, next(stream)) for _ in range(5)]
+    tr = OrtTrainer(art, threads=1)
+    ort_losses = [tr.train_step(b["input_ids"], b["attention_mask"], b["labels"]) for b in batches]
+    res = lt.train(records, steps=5, lr=LR, seed=0, progress=False)
+    assert max(abs(a - b) for a, b in zip(ort_losses, res.losses)) < LOSS_TOL, (ort_losses, res.losses)
+    ref, got = lt.adapter_state(), tr.adapter_state()
+    assert list(got) == list(ref)
+    assert max(float((got[k] - ref[k]).abs().max()) for k in ref) < PARAM_TOL

@@ -1,24 +1,30 @@
 """Peak-RSS estimate of an `OrtTrainer` process (pure arithmetic, no imports of torch/ORT).
 
     total = runtime + weights + adapter state + activations + logits
-    runtime     RUNTIME_BYTES: python + numpy + onnxruntime-training, torch-free (measured)
+    runtime     RUNTIME_BYTES: python + numpy + onnxruntime-training (torch-free, 62 MiB) plus
+                the training/eval/optimizer sessions (~18 MiB)
     weights     n_params * 4 B * WEIGHT_FACTOR: the ORT backend keeps the base in fp32 (the
-                checkpoint is loaded once; quantized bases are not supported by this backend)
+                checkpoint is loaded once; quantized bases are not supported by this backend);
+                the 7 % covers per-initializer session overhead
     adapter     trainable * 16 B: fp32 parameter + gradient + two AdamW moments
-    activations ACT_FACTOR * 4 B * B*S*layers*(10*h + 4*ffn + 2*heads*S): every activation
-                the backward needs is kept (no gradient checkpointing in ORT's on-device API)
-    logits      LOGIT_FACTOR * 4 B * B*S*V (causal LM; [N, V] logits, log-softmax, gradient)
-Factors fitted on this project's machine with tools/bench_ort.py (see docs/ort_backend.md).
+    activations ACT_FACTOR[task_kind] * 4 B * B*S*layers*(10*h + 4*ffn + 2*heads*S): every
+                activation the backward needs is kept (no gradient checkpointing in ORT's
+                on-device API); decoders keep more (RMSNorm/rotary/SwiGLU decompositions, causal
+                mask) than encoders
+    logits      LOGIT_FACTOR * 4 B * B*S*V for causal LMs: lm_head output, its shifted copy,
+                log-softmax, their gradients, rounded up by ORT's CPU arena
+Factors fitted on 6 measured runs (tiny..58M-param Llama, MiniLM-L6; batch 2-8, seq 64-256) on
+this project's 2-core machine with tools/bench_ort.py; every run within 3 % (docs/ort_backend.md).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
-RUNTIME_BYTES = 64 * 2**20
-WEIGHT_FACTOR = 1.0
-ACT_FACTOR = 1.0
-LOGIT_FACTOR = 3.0
+RUNTIME_BYTES = 80 * 2**20
+WEIGHT_FACTOR = 1.07
+ACT_FACTOR = {"causal_lm": 1.7, "encoder": 0.9}
+LOGIT_FACTOR = 7.0
 _SHAPE_FIELDS = ("hidden", "layers", "heads", "intermediate", "vocab", "n_params")
 
 
@@ -59,13 +65,16 @@ def ort_memory_estimate(spec: Any, plan: Any) -> OrtMemoryEstimate:
         raise ValueError(f"ort_memory_bytes: batch_size={b} and seq_len={s} must be >= 1")
     h, n_layers, heads = int(_get(spec, "hidden")), int(_get(spec, "layers")), int(_get(spec, "heads"))
     ffn, vocab = int(_get(spec, "intermediate")), int(_get(spec, "vocab"))
-    causal = _get(spec, "task_kind", "causal_lm") == "causal_lm"
+    kind = _get(spec, "task_kind", "causal_lm")
+    if kind not in ACT_FACTOR:
+        raise ValueError(f"ort_memory_bytes: task_kind={kind!r}: expected one of {sorted(ACT_FACTOR)}")
+    causal = kind == "causal_lm"
     per_token_layer = 10 * h + 4 * ffn + 2 * heads * s                      # fp32 elements kept per token/layer
     parts = {
         "runtime": RUNTIME_BYTES,
         "weights": int(int(_get(spec, "n_params")) * 4 * WEIGHT_FACTOR),
         "adapter_params_grads_optimizer": _trainable(spec, plan) * 16,
-        "activations": int(ACT_FACTOR * 4 * b * s * n_layers * per_token_layer),
+        "activations": int(ACT_FACTOR[kind] * 4 * b * s * n_layers * per_token_layer),
         "logits": int(LOGIT_FACTOR * 4 * b * s * vocab) if causal else 0,
     }
     return OrtMemoryEstimate(total_bytes=sum(parts.values()), breakdown=parts)
