@@ -24,6 +24,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--round-timeout", type=float, default=600.0, help="seconds before a round's deadline")
     p.add_argument("--heartbeat-timeout", type=float, default=120.0)
     p.add_argument("--local-steps", type=int, default=20)
+    p.add_argument("--zo-local-steps", type=int, default=0, help="local steps of zeroth-order devices (0: --local-steps)")
     p.add_argument("--lr", type=float, default=0.0, help="LoRA learning rate (0: each device's plan)")
     p.add_argument("--zo-lr", type=float, default=0.0, help="zeroth-order learning rate (0: each device's plan)")
     p.add_argument("--max-rank", type=int, default=8)
@@ -67,7 +68,7 @@ def cmd_serve(args) -> int:
     cfg = CoordinatorConfig(
         model=args.model, store=args.store, strategy=args.strategy, rounds=args.rounds, min_devices=args.min_devices,
         fraction=args.fraction, quorum=args.quorum, round_timeout_s=args.round_timeout,
-        heartbeat_timeout_s=args.heartbeat_timeout, local_steps=args.local_steps, lr=args.lr, zo_lr=args.zo_lr,
+        heartbeat_timeout_s=args.heartbeat_timeout, local_steps=args.local_steps, zo_local_steps=args.zo_local_steps, lr=args.lr, zo_lr=args.zo_lr,
         max_rank=args.max_rank, cap_rank=args.cap_rank, lora_alpha=args.lora_alpha, use_rslora=args.rslora,
         task=args.task, num_labels=args.num_labels,
         target_modules=[t for t in args.target_modules.split(",") if t], seed=args.seed, eval_data=args.eval_data,

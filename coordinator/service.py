@@ -51,6 +51,7 @@ class CoordinatorConfig:
     round_timeout_s: float = 600.0
     heartbeat_timeout_s: float = 120.0
     local_steps: int = 20
+    zo_local_steps: int = 0  # ZO steps are cheap (two forwards); 0 = local_steps
     lr: float = 0.0
     zo_lr: float = 0.0
     max_rank: int = 8
@@ -346,7 +347,8 @@ class Coordinator:
             did = self._download_id(rnd, device_id)
             row = self.store.download(did)
             mode = self.scfg.device_mode(dev.mode)
-            return {**base, "state": "TRAIN", "round_id": rnd.round_id, "local_steps": self.cfg.local_steps,
+            return {**base, "state": "TRAIN", "round_id": rnd.round_id,
+                    "local_steps": (self.cfg.zo_local_steps or self.cfg.local_steps) if mode == "zo" else self.cfg.local_steps,
                     "lr": self.cfg.zo_lr if mode == "zo" else self.cfg.lr, "seed": self.cfg.seed + rnd.round_id,
                     "deadline_unix": rnd.deadline, "download_id": did, "download_size": row["size"],
                     "download_sha256": row["sha256"], "nonce": rnd.nonces[device_id], "mode": mode}

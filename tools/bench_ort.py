@@ -41,6 +41,7 @@ DEFAULT_CASES = [
     Case("llama-tiny h64 L2", "llama:64,2,4,128,256", 4, 64, rank=4),
     Case("llama h256 L4 v8k", "llama:256,4,4,688,8192", 4, 128),
     Case("llama h512 L8 v32k", "llama:512,8,8,1376,32000", 2, 128),
+    Case("llama h512 L8 v256", "llama:512,8,8,1376,256", 2, 128),
     Case("MiniLM-L6 cls", str(MINILM), 8, 64),
 ]
 QUICK_CASES = [Case("llama-tiny h64 L2", "llama:64,2,4,128,256", 4, 64, rank=4, steps=4, warmup=1)]

@@ -1,0 +1,372 @@
+"""Our rank-heterogeneous LoRA aggregation as a Flower `Strategy` (optional: needs `flwr`).
+
+`HeteroLoraStrategy` is a stateful legacy `flwr.server.strategy.Strategy` (the API Flower
+1.42 runs through `ServerApp(server_fn=...)`). It keeps the global state exactly as our gRPC
+coordinator does (`coordinator.strategy`) and calls the same functions:
+
+- configure_fit: asks each sampled client once for its properties (plan rank, mode), assigns
+  `min(plan rank, max_rank)` (`coordinator.rounds.assign_rank`), and sends it the global
+  adapter for that rank (`coordinator.strategy.download_tensors`) as arrays in sorted key
+  order, with the keys and the round settings in the FitIns config (`protos.flower_pack`).
+- aggregate_fit: decodes each FitRes (adapter arrays, or ZO seeds + projected gradients that
+  it replays from exactly what it sent), validates them like the coordinator
+  (`validate_upload`) and folds them in with `coordinator.strategy.aggregate_round`.
+- returns the global as a self-contained adapter: per module `lora_B` with the scale folded
+  in (out, r) and `lora_A` (r, in), plus the averaged head (fedsa: A and head only).
+
+Flower's own `Parameters` argument is ignored on the way in: the strategy's `global_state`
+is the source of truth (like FedOpt keeps its moments).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from flwr.common import (EvaluateIns, EvaluateRes, FitIns, FitRes, GetPropertiesIns, Parameters, Scalar,
+                         ndarrays_to_parameters, parameters_to_ndarrays)
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import Strategy
+
+from coordinator import strategy as S
+from coordinator.aggregation import GlobalState
+from coordinator.rounds import EnrolmentRefused, RoundConfig, assign_rank
+from protos import flower_pack as P
+
+log = logging.getLogger("coordinator.flower")
+State = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FlowerConfig:
+    """Round settings sent to every client; lr / zo_lr 0 = each device's plan value."""
+
+    strategy: str = "zero_pad"
+    max_rank: int = 8
+    cap_rank: int = 64
+    lora_alpha: float = 16.0
+    use_rslora: bool = False
+    local_steps: int = 20
+    lr: float = 0.0
+    zo_lr: float = 0.0
+    seed: int = 0
+    task: str = "classification"
+    num_labels: int = 2
+    fraction_fit: float = 1.0
+    min_fit_clients: int = 1
+    min_available_clients: int = 1
+    fraction_evaluate: float = 0.0
+    min_evaluate_clients: int = 1
+    norm_bound: float = 1e4
+    properties_timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("fraction_fit", "fraction_evaluate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected a fraction in [0, 1]")
+        for name in ("min_fit_clients", "min_available_clients", "min_evaluate_clients", "local_steps"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected an integer >= 1")
+        if self.task not in ("classification", "causal_lm"):
+            raise ValueError(f"task {self.task!r}: expected 'classification' or 'causal_lm'")
+
+    def strategy_config(self) -> S.StrategyConfig:
+        return S.StrategyConfig(name=self.strategy, max_rank=self.max_rank, lora_alpha=self.lora_alpha,
+                                use_rslora=self.use_rslora, cap_rank=max(self.cap_rank, self.max_rank))
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """What a client told us (get_properties) and what we assigned it."""
+
+    plan_rank: int
+    mode: str  # the mode it runs under this strategy ("zo" for everyone under the zo strategy)
+    rank: int
+    profile: str = ""
+
+
+@dataclass(frozen=True)
+class Sent:
+    """The exact tensors one client received this round (ZO replay and upload checks need them)."""
+
+    round: int
+    rank: int
+    mode: str
+    tensors: State
+
+
+@dataclass
+class RoundRecord:
+    """One aggregated round, kept for inspection: the global before, the decoded uploads, what was sent."""
+
+    round: int
+    before: GlobalState
+    uploads: list[S.RoundUpload]
+    sent: dict[str, Sent]
+    rejected: dict[str, str] = field(default_factory=dict)
+
+
+class HeteroLoraStrategy(Strategy):
+    """fedavg / zero_pad / stack / svd / fedsa / zo over Flower clients of different LoRA ranks.
+
+    init_state: the round-1 adapter (peft state dict at max_rank, e.g. from
+    `coordinator.model.initial_adapter_state`). evaluate_fn(global_state) -> metrics dict
+    with a "loss" key, for server-side evaluation (e.g. `coordinator.model.Evaluator`).
+    """
+
+    def __init__(self, init_state: Mapping[str, torch.Tensor], config: FlowerConfig | None = None,
+                 evaluate_fn: Callable[[GlobalState], Mapping[str, float]] | None = None,
+                 target_modules: list[str] | None = None, **overrides: Any):
+        super().__init__()
+        self.config = FlowerConfig(**overrides) if config is None else config
+        if config is not None and overrides:
+            raise ValueError("pass either config=FlowerConfig(...) or keyword settings, not both")
+        self.scfg = self.config.strategy_config()
+        self.rcfg = RoundConfig(max_rank=self.config.max_rank, strategy=self.config.strategy, seed=self.config.seed)
+        self.global_state = S.initial_global(init_state, self.scfg)
+        self.target_modules = list(target_modules or _targets_of(init_state))
+        self.evaluate_fn = evaluate_fn
+        self.clients: dict[str, ClientInfo] = {}
+        self.refused: dict[str, str] = {}
+        self.sent: dict[str, Sent] = {}
+        self.fedsa_b: dict[str, State] = {}
+        self.history: list[RoundRecord] = []
+
+    def __repr__(self) -> str:
+        return f"HeteroLoraStrategy(strategy={self.config.strategy!r}, max_rank={self.config.max_rank})"
+
+    # -- parameters --------------------------------------------------------------------------
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return self.global_parameters()
+
+    def global_parameters(self) -> Parameters:
+        """The global as a self-contained adapter (scale folded into B), arrays in sorted key order."""
+        arrays, _ = P.state_to_arrays(export_state(self.global_state))
+        return ndarrays_to_parameters(arrays)
+
+    def global_keys(self) -> list[str]:
+        return sorted(export_state(self.global_state))
+
+    # -- fit ---------------------------------------------------------------------------------
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        cfg = self.config
+        n = max(int(client_manager.num_available() * cfg.fraction_fit), cfg.min_fit_clients)
+        proxies = client_manager.sample(num_clients=n, min_num_clients=cfg.min_available_clients)
+        self.sent = {}
+        out = []
+        for proxy in sorted(proxies, key=lambda p: p.cid):
+            info = self._client(proxy, server_round)
+            if info is None:
+                continue
+            tensors = self._download(proxy.cid, info, server_round)
+            self.sent[proxy.cid] = Sent(server_round, info.rank, info.mode, tensors)
+            out.append((proxy, FitIns(_params(tensors)[0], self._fit_config(info, server_round, tensors))))
+        return out
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
+        t0 = time.perf_counter()
+        uploads, rejected = [], {}
+        losses = []
+        for proxy, res in sorted(results, key=lambda r: r[0].cid):
+            try:
+                uploads.append(self.decode_fit(proxy.cid, res, server_round))
+                if "train_loss" in res.metrics:
+                    losses.append((float(res.metrics["train_loss"]), uploads[-1].weight))
+            except ValueError as e:
+                rejected[proxy.cid] = str(e)
+                log.warning("round %d: update from client %s rejected: %s", server_round, proxy.cid, e)
+        if not uploads:
+            log.warning("round %d: no valid updates (%d rejected, %d failures); global unchanged", server_round,
+                        len(rejected), len(failures))
+            return None, {"uploads": 0, "rejected": len(rejected), "failures": len(failures)}
+        before = self.global_state
+        self.global_state = S.aggregate_round(before, uploads, self.scfg)
+        self.history.append(RoundRecord(server_round, before, uploads, dict(self.sent), rejected))
+        metrics: dict[str, Scalar] = {"uploads": len(uploads), "rejected": len(rejected), "failures": len(failures),
+                                      "zo_uploads": sum(self.sent[u.device_id].mode == "zo" for u in uploads),
+                                      "aggregate_s": time.perf_counter() - t0, "strategy": self.config.strategy}
+        finite = [(l, w) for l, w in losses if math.isfinite(l)]
+        if finite:
+            metrics["train_loss"] = sum(l * w for l, w in finite) / sum(w for _, w in finite)
+        return self.global_parameters(), metrics
+
+    def decode_fit(self, cid: str, res: FitRes, server_round: int) -> S.RoundUpload:
+        """One client's final adapter state from its FitRes (ZO: replayed), validated; ValueError if bad."""
+        sent = self.sent.get(cid)
+        if sent is None or sent.round != server_round:
+            raise ValueError(f"client {cid} was not sent a task in round {server_round}")
+        mode = str(res.metrics.get(P.CFG_MODE, ""))
+        if mode != sent.mode:
+            raise ValueError(f"client {cid} answered in mode {mode!r} but was asked for {sent.mode!r}")
+        keys = res.metrics.get(P.KEYS)
+        if not isinstance(keys, str):
+            raise ValueError(f"client {cid}: FitRes metrics lack the '{P.KEYS}' JSON list")
+        arrays = parameters_to_ndarrays(res.parameters)
+        if sent.mode == "zo":
+            pairs = P.arrays_to_zo(arrays, keys)
+            lr = float(res.metrics.get(P.ZO_LR, float("nan")))
+            if not (math.isfinite(lr) and 0 < abs(lr) < 1e6):
+                raise ValueError(f"client {cid}: ZO learning rate {lr!r} is not a finite non-zero number")
+            state = S.replay_zo(sent.tensors, pairs, lr)
+            S.validate_upload(state, S.expected_upload_shapes(sent.tensors, self.scfg, "zo"), self.config.norm_bound)
+            if self.config.strategy == "fedsa":
+                self.fedsa_b[cid] = {k: v for k, v in state.items() if k.endswith(S.B_SUFFIX)}
+        else:
+            state = P.arrays_to_state(arrays, keys)
+            S.validate_upload(state, S.expected_upload_shapes(sent.tensors, self.scfg, "lora"),
+                              self.config.norm_bound)
+        return S.RoundUpload(device_id=cid, state=state, weight=float(max(int(res.num_examples), 1)))
+
+    # -- evaluation --------------------------------------------------------------------------
+    def configure_evaluate(self, server_round: int, parameters: Parameters,
+                           client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
+        cfg = self.config
+        if cfg.fraction_evaluate <= 0:
+            return []
+        n = max(int(client_manager.num_available() * cfg.fraction_evaluate), cfg.min_evaluate_clients)
+        out = []
+        for proxy in sorted(client_manager.sample(num_clients=n, min_num_clients=cfg.min_evaluate_clients),
+                            key=lambda p: p.cid):
+            info = self._client(proxy, server_round)
+            if info is None:
+                continue
+            tensors = self._download(proxy.cid, info, server_round + 1)
+            out.append((proxy, EvaluateIns(_params(tensors)[0], self._fit_config(info, server_round, tensors))))
+        return out
+
+    def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],
+                           failures: list[Any]) -> tuple[float | None, dict[str, Scalar]]:
+        if not results:
+            return None, {}
+        n = sum(max(r.num_examples, 1) for _, r in results)
+        loss = sum(r.loss * max(r.num_examples, 1) for _, r in results) / n
+        metrics: dict[str, Scalar] = {"clients": len(results)}
+        acc = [(float(r.metrics["accuracy"]), max(r.num_examples, 1)) for _, r in results if "accuracy" in r.metrics]
+        if acc:
+            metrics["accuracy"] = sum(a * w for a, w in acc) / sum(w for _, w in acc)
+        return float(loss), metrics
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        if self.evaluate_fn is None:
+            return None
+        m = dict(self.evaluate_fn(self.global_state))
+        return float(m.get("loss", float("nan"))), {k: v for k, v in m.items() if isinstance(v, (int, float, str))}
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _client(self, proxy: ClientProxy, server_round: int) -> ClientInfo | None:
+        """Cached client info; asks the client's properties the first time. None: refused."""
+        cid = proxy.cid
+        if cid in self.clients:
+            return self.clients[cid]
+        if cid in self.refused:
+            return None
+        try:
+            res = proxy.get_properties(GetPropertiesIns(config={}), timeout=self.config.properties_timeout_s,
+                                       group_id=server_round)
+            props = res.properties
+            plan_rank, mode = int(props[P.PROP_RANK]), str(props.get(P.PROP_MODE, "lora"))
+            if mode not in ("lora", "zo"):
+                raise ValueError(f"plan mode {mode!r}: expected 'lora' or 'zo'")
+            rank = assign_rank(plan_rank, self.rcfg)
+        except (EnrolmentRefused, KeyError, ValueError, TypeError) as e:
+            self.refused[cid] = str(e)
+            log.warning("client %s not enrolled: %s", cid, e)
+            return None
+        info = ClientInfo(plan_rank=plan_rank, mode=self.scfg.device_mode(mode), rank=rank,
+                          profile=str(props.get(P.PROP_PROFILE, "")))
+        self.clients[cid] = info
+        log.info("client %s (%s): plan rank %d -> assigned rank %d, mode %s", cid, info.profile, plan_rank, rank,
+                 info.mode)
+        return info
+
+    def _download(self, cid: str, info: ClientInfo, server_round: int) -> State:
+        b = self.fedsa_b.get(cid) if self.config.strategy == "fedsa" else None
+        return S.download_tensors(self.global_state, self.scfg, info.rank, info.mode,
+                                  seed=self.config.seed + server_round, device_b=b)
+
+    def _fit_config(self, info: ClientInfo, server_round: int, tensors: Mapping[str, torch.Tensor]) -> dict[str, Scalar]:
+        cfg = self.config
+        return {P.KEYS: json.dumps(sorted(tensors)), P.CFG_STRATEGY: cfg.strategy, P.CFG_MODE: info.mode,
+                P.CFG_RANK: info.rank, P.CFG_ALPHA: float(cfg.lora_alpha), P.CFG_RSLORA: bool(cfg.use_rslora),
+                P.CFG_TARGETS: json.dumps(self.target_modules), P.CFG_STEPS: int(cfg.local_steps),
+                P.CFG_LR: float(cfg.zo_lr if info.mode == "zo" else cfg.lr), P.CFG_SEED: int(cfg.seed + server_round),
+                P.CFG_ROUND: int(server_round), P.CFG_TASK: cfg.task, P.CFG_LABELS: int(cfg.num_labels)}
+
+
+def _params(tensors: Mapping[str, torch.Tensor]) -> tuple[Parameters, str]:
+    arrays, keys = P.state_to_arrays(tensors)
+    return ndarrays_to_parameters(arrays), keys
+
+
+def _targets_of(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Target module names (last component of each LoRA module key), in first-seen order."""
+    names: dict[str, None] = {}
+    for k in state:
+        if k.endswith(S.A_SUFFIX):
+            names.setdefault(k[: -len(S.A_SUFFIX)].rsplit(".", 1)[-1], None)
+    return list(names)
+
+
+def export_state(g: GlobalState) -> State:
+    """The global as one adapter: `<module>.lora_B.weight` = B * scale (out, r), `lora_A` (r, in), + head.
+
+    fedsa has no global B: only A and the head are exported.
+    """
+    out: State = {}
+    for name, u in g.modules.items():
+        out[name + S.A_SUFFIX] = u.A.contiguous()
+        if g.strategy != "fedsa":
+            out[name + S.B_SUFFIX] = (u.B.to(torch.float64) * u.scale).float().contiguous()
+    out.update({k: v.contiguous() for k, v in g.extra.items()})
+    return out
+
+
+# -- deployment: `flwr run` entry point ---------------------------------------------------------
+def server_fn(context: Any) -> Any:
+    """ServerAppComponents from the run config (pyproject [tool.flwr.app.config] or --run-config).
+
+    Keys: model (HF dir, required), strategy, num-server-rounds, max-rank, cap-rank, lora-alpha,
+    local-steps, lr, zo-lr, seed, task, num-labels, min-clients, fraction-fit, eval-data.
+    """
+    from flwr.server import ServerAppComponents, ServerConfig
+
+    from coordinator.model import (Evaluator, initial_adapter_state, load_base_model, load_eval_records,
+                                   resolve_target_modules)
+
+    rc = dict(context.run_config)
+    if "model" not in rc:
+        raise ValueError("run config needs 'model' (a Hugging Face model directory on the SuperLink host)")
+    cfg = FlowerConfig(strategy=str(rc.get("strategy", "zero_pad")), max_rank=int(rc.get("max-rank", 8)),
+                       cap_rank=int(rc.get("cap-rank", 64)), lora_alpha=float(rc.get("lora-alpha", 16.0)),
+                       local_steps=int(rc.get("local-steps", 20)), lr=float(rc.get("lr", 0.0)),
+                       zo_lr=float(rc.get("zo-lr", 0.0)), seed=int(rc.get("seed", 0)),
+                       task=str(rc.get("task", "classification")), num_labels=int(rc.get("num-labels", 2)),
+                       min_fit_clients=int(rc.get("min-clients", 1)), min_available_clients=int(rc.get("min-clients", 1)),
+                       fraction_fit=float(rc.get("fraction-fit", 1.0)))
+    model, tok = load_base_model(rc["model"], cfg.task, cfg.num_labels, cfg.seed)
+    targets = resolve_target_modules(model, json.loads(rc["target-modules"]) if "target-modules" in rc else None)
+    init = initial_adapter_state(model, targets, cfg.max_rank, cfg.lora_alpha, cfg.use_rslora, cfg.seed)
+    evaluate_fn = None
+    if rc.get("eval-data"):
+        ev = Evaluator(model, tok, load_eval_records(str(rc["eval-data"]), 512), task=cfg.task)
+        evaluate_fn = lambda g: ev.evaluate(S.effective_deltas(g), g.extra)  # noqa: E731
+    strategy = HeteroLoraStrategy(init, cfg, evaluate_fn=evaluate_fn, target_modules=targets)
+    return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=int(rc.get("num-server-rounds", 3))))
+
+
+def make_server_app() -> Any:
+    """`flwr.server.ServerApp` running `server_fn` (what `flwr run` loads as the serverapp)."""
+    from flwr.server import ServerApp
+
+    return ServerApp(server_fn=server_fn)
+
+
+app = make_server_app()

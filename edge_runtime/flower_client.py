@@ -1,0 +1,280 @@
+"""The device runtime as a Flower client (optional: needs `flwr`).
+
+`DeviceRuntime` is the device: it loads its `DeviceProfile`, plans under it
+(`edge_runtime.planner.plan`) before any training, and trains with `LocalTrainer` at the
+rank the server assigns (never above the plan's). `FlowerDeviceClient` is the thin
+`flwr.client.NumPyClient` around it, and `client_fn` / `make_client_app` build a Flower
+`ClientApp` from a SuperNode's node config:
+
+    flower-supernode ... --node-config 'model="/models/minilm" profile="profiles/jetson-nano-4gb.yaml"
+                                        data="/data/mine.jsonl"'
+
+Wire conventions (`protos.flower_pack`): arrays in sorted key order, keys as JSON in the
+config / metrics; ZO devices return [seeds, projected gradients] and the learning rate.
+The runtime (loaded model, merged stack deltas) is cached per node in this process; the
+fedsa B that stays on the device is also kept in the node's Flower `Context.state`, so it
+survives a ClientApp process restart.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.client import ClientApp, NumPyClient
+
+from edge_runtime.client import _DeltaTracker, split_download
+from edge_runtime.data import load_records
+from edge_runtime.modelspec import load_model_spec
+from edge_runtime.plan import Plan
+from edge_runtime.planner import plan as make_plan
+from edge_runtime.profile import DeviceProfile, load_profile
+from protos import flower_pack as P
+
+log = logging.getLogger("edge_runtime.flower")
+B_SUFFIX = ".lora_B.weight"
+FEDSA_B = "fedsa_b"  # Context.state key of the fedsa B kept on the device
+
+
+@dataclass
+class DeviceSettings:
+    """One device. plan: skip the planner and use this plan. max_rank: an operator cap on the plan's rank.
+
+    enforce_budget: run the MemoryGuard at the profile's budget (turn off when several emulated
+    devices share one process, where RSS is the whole process's).
+    overhead_bytes: runtime overhead for planning (None: measured once, cached).
+    """
+
+    model: str
+    profile: DeviceProfile
+    records: list[dict[str, Any]]
+    task: str = "classification"
+    eval_records: list[dict[str, Any]] | None = None
+    plan: Plan | None = None
+    max_rank: int | None = None
+    enforce_budget: bool = True
+    overhead_bytes: int | None = None
+    threads: int | None = None
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.records:
+            raise ValueError(f"device {self.profile.name}: no training records; give it a non-empty data file")
+        if self.max_rank is not None and int(self.max_rank) < 1:
+            raise ValueError(f"max_rank={self.max_rank!r}: expected an integer >= 1")
+
+
+class DeviceRuntime:
+    """Plans at construction; trains / evaluates Flower rounds. Not thread-safe per instance (one node, one job)."""
+
+    def __init__(self, settings: DeviceSettings):
+        self.settings = settings
+        self.profile = settings.profile
+        self.overhead = settings.overhead_bytes
+        self.plan = settings.plan or self._plan()
+        if settings.max_rank is not None and self.plan.rank > settings.max_rank:
+            self.plan = replace(self.plan, rank=int(settings.max_rank),
+                                reasons=self.plan.reasons + [f"rank capped at {settings.max_rank} by the operator"])
+        self.trainer: Any = None
+        self.tracker = _DeltaTracker()
+        self.local_b: dict[str, torch.Tensor] = {}
+        self.lock = threading.Lock()
+        log.info("%s: plan %s rank %d (%s, batch %d, seq %d)", self.profile.name, self.plan.mode, self.plan.rank,
+                 self.plan.base_precision, self.plan.batch_size, self.plan.seq_len)
+
+    def _plan(self) -> Plan:
+        s = self.settings
+        spec = load_model_spec(s.model)
+        return make_plan(self.profile, spec, s.task, data_examples=len(s.records), overhead_bytes=s.overhead_bytes)
+
+    def properties(self) -> dict[str, Any]:
+        return {P.PROP_RANK: int(self.plan.rank), P.PROP_MODE: self.plan.mode, P.PROP_PROFILE: self.profile.name,
+                P.PROP_BUDGET: int(self.profile.memory_budget_bytes), "plan_json": self.plan.to_json(indent=None)}
+
+    # -- adapter from a download ---------------------------------------------------------
+    def _budget(self) -> int | None:
+        if not self.settings.enforce_budget:
+            return None
+        extra = 0
+        if self.profile.budget_excludes_runtime:
+            from edge_runtime.measure import measure_runtime_overhead
+            extra = self.overhead if self.overhead is not None else measure_runtime_overhead()
+        return int(self.profile.memory_budget_bytes + extra)
+
+    def _trainer_for(self, config: Mapping[str, Any]) -> Any:
+        """The LocalTrainer configured as the server asks (mode, targets, rank, alpha), built on first use."""
+        mode, rank = str(config[P.CFG_MODE]), int(config[P.CFG_RANK])
+        alpha, rslora = float(config[P.CFG_ALPHA]), bool(config[P.CFG_RSLORA])
+        targets = json.loads(config[P.CFG_TARGETS]) if config.get(P.CFG_TARGETS) else self.plan.target_modules
+        if rank > self.plan.rank:
+            raise ValueError(f"server assigned rank {rank} above this device's plan rank {self.plan.rank}")
+        plan = replace(self.plan, mode=mode, target_modules=list(targets), lora_alpha=alpha, use_rslora=rslora)
+        t = self.trainer
+        if t is None or t.plan.mode != mode or list(t.plan.target_modules) != list(targets):
+            from edge_runtime.training.session import LocalTrainer
+
+            task = {"kind": str(config.get(P.CFG_TASK, self.settings.task)),
+                    "num_labels": int(config.get(P.CFG_LABELS, 2))}
+            t = LocalTrainer(self.settings.model, plan, task, memory_budget_bytes=self._budget(),
+                             seed=int(config.get(P.CFG_SEED, 0)), threads=self.settings.threads)
+            self.trainer, self.tracker = t, _DeltaTracker()
+        if t.rank != rank or t.lora_alpha != alpha or t.use_rslora != rslora:
+            t.configure(rank=rank, lora_alpha=alpha, use_rslora=rslora, seed=int(config.get(P.CFG_SEED, 0)))
+        return t
+
+    def load(self, arrays: Sequence[np.ndarray], config: Mapping[str, Any], state_b: Mapping[str, torch.Tensor]) -> Any:
+        """Configure the trainer and load the downloaded adapter (stack: merge the new base delta first)."""
+        tensors = P.arrays_to_state(arrays, config[P.KEYS])
+        state, delta = split_download(tensors)
+        t = self._trainer_for(config)
+        if delta:
+            inc = self.tracker.increment(delta)
+            if inc:
+                t.merge_base_delta(inc)
+        if config[P.CFG_STRATEGY] == "fedsa" and config[P.CFG_MODE] != "zo":  # B stays here: reuse ours
+            current = t.adapter_state()
+            for k in current:
+                if k.endswith(B_SUFFIX) and k not in state:
+                    b = state_b.get(k)
+                    state[k] = b if b is not None and b.shape == current[k].shape else torch.zeros_like(current[k])
+        t.load_adapter_state(state)
+        return t
+
+    # -- rounds --------------------------------------------------------------------------
+    def fit(self, arrays: Sequence[np.ndarray], config: Mapping[str, Any],
+            state_b: Mapping[str, torch.Tensor]) -> tuple[list[np.ndarray], int, dict[str, Any], dict[str, torch.Tensor]]:
+        """(arrays, num_examples, metrics, fedsa B to keep on the device)."""
+        with self.lock:
+            t = self.load(arrays, config, state_b)
+            lr = float(config.get(P.CFG_LR, 0.0)) or None
+            steps = int(config.get(P.CFG_STEPS, self.plan.local_steps))
+            result = t.train(self.settings.records, steps, lr=lr, seed=int(config.get(P.CFG_SEED, 0)),
+                             progress=self.settings.progress)
+            n = int(result.examples_seen or len(self.settings.records))
+            metrics: dict[str, Any] = {P.CFG_MODE: str(config[P.CFG_MODE]), "train_s": float(result.seconds),
+                                       "steps": int(result.steps), "peak_rss_bytes": int(result.peak_rss_bytes),
+                                       "rank": int(t.rank), P.PROP_PROFILE: self.profile.name}
+            if math.isfinite(result.mean_loss):
+                metrics["train_loss"] = float(result.mean_loss)
+            keep_b: dict[str, torch.Tensor] = {}
+            if config[P.CFG_MODE] == "zo":
+                out, keys = P.zo_to_arrays(result.zo_pairs or [])
+                metrics[P.ZO_LR] = float(result.zo_lr or lr or t.plan.learning_rate)
+            else:
+                up = t.adapter_state()
+                if config[P.CFG_STRATEGY] == "fedsa":
+                    keep_b = {k: v for k, v in up.items() if k.endswith(B_SUFFIX)}
+                    up = {k: v for k, v in up.items() if not k.endswith(B_SUFFIX)}
+                out, keys = P.state_to_arrays(up, self.plan.upload_precision)
+            metrics[P.KEYS] = keys
+            return out, n, metrics, keep_b
+
+    def evaluate(self, arrays: Sequence[np.ndarray], config: Mapping[str, Any],
+                 state_b: Mapping[str, torch.Tensor]) -> tuple[float, int, dict[str, Any]]:
+        records = self.settings.eval_records or self.settings.records
+        with self.lock:
+            t = self.load(arrays, config, state_b)
+            m = t.evaluate(records)
+        metrics = {k: float(v) for k, v in m.items() if isinstance(v, (int, float)) and k != "loss"}
+        return float(m["loss"]), len(records), metrics
+
+
+class FlowerDeviceClient(NumPyClient):
+    """NumPyClient over a DeviceRuntime; `state` is the node's Flower Context.state (fedsa B lives there)."""
+
+    def __init__(self, runtime: DeviceRuntime, state: Any = None):
+        self.runtime = runtime
+        self.node_state = state
+
+    def get_properties(self, config: dict[str, Any]) -> dict[str, Any]:
+        return self.runtime.properties()
+
+    def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
+        t = self.runtime.trainer
+        return P.state_to_arrays(t.adapter_state())[0] if t is not None else []
+
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict]:
+        out, n, metrics, keep_b = self.runtime.fit(parameters, config, self._fedsa_b())
+        if keep_b:
+            self._store_fedsa_b(keep_b)
+        return out, n, metrics
+
+    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict]:
+        return self.runtime.evaluate(parameters, config, self._fedsa_b())
+
+    def _fedsa_b(self) -> dict[str, torch.Tensor]:
+        if self.node_state is not None and FEDSA_B in self.node_state:
+            return {k: v.float() for k, v in self.node_state[FEDSA_B].to_torch_state_dict().items()}
+        return dict(self.runtime.local_b)
+
+    def _store_fedsa_b(self, b: Mapping[str, torch.Tensor]) -> None:
+        self.runtime.local_b = {k: v.clone() for k, v in b.items()}
+        if self.node_state is not None:
+            from flwr.app import ArrayRecord
+            self.node_state[FEDSA_B] = ArrayRecord({k: v.contiguous() for k, v in b.items()})
+
+
+# -- ClientApp ---------------------------------------------------------------------------------
+_RUNTIMES: dict[tuple, DeviceRuntime] = {}
+_RUNTIMES_LOCK = threading.Lock()
+
+
+def settings_from_node_config(node_config: Mapping[str, Any]) -> DeviceSettings:
+    """DeviceSettings from a SuperNode's node config.
+
+    Keys: model (HF dir), profile (YAML path), data (JSONL/CSV/TSV path), optional eval-data,
+    task, max-rank, threads, enforce-budget (default true).
+    """
+    missing = [k for k in ("model", "profile", "data") if k not in node_config]
+    if missing:
+        raise ValueError(f"node config lacks {missing}; start the SuperNode with --node-config "
+                         "'model=\"DIR\" profile=\"P.yaml\" data=\"D.jsonl\"'")
+    ev = node_config.get("eval-data")
+    return DeviceSettings(model=str(node_config["model"]), profile=load_profile(str(node_config["profile"])),
+                          records=load_records(str(node_config["data"])),
+                          eval_records=load_records(str(ev)) if ev else None,
+                          task=str(node_config.get("task", "classification")),
+                          max_rank=int(node_config["max-rank"]) if "max-rank" in node_config else None,
+                          threads=int(node_config["threads"]) if "threads" in node_config else None,
+                          enforce_budget=bool(node_config.get("enforce-budget", True)))
+
+
+def runtime_for(node_id: int, key: tuple, build: Any) -> DeviceRuntime:
+    """The cached DeviceRuntime of (node, settings key), built with `build()` on first use."""
+    with _RUNTIMES_LOCK:
+        rt = _RUNTIMES.get((node_id, key))
+        if rt is None:
+            rt = _RUNTIMES[(node_id, key)] = build()
+        return rt
+
+
+def client_fn(context: Any) -> Any:
+    """Flower client_fn: one FlowerDeviceClient per message, over the node's cached runtime."""
+    nc = dict(context.node_config)
+    key = tuple(sorted((k, str(v)) for k, v in nc.items()))
+    rt = runtime_for(int(context.node_id), key, lambda: DeviceRuntime(settings_from_node_config(nc)))
+    return FlowerDeviceClient(rt, context.state).to_client()
+
+
+def make_client_app() -> ClientApp:
+    """The ClientApp `flwr run` / a SuperNode loads (`edge_runtime.flower_client:app`)."""
+    return ClientApp(client_fn=client_fn)
+
+
+app = make_client_app()
+
+
+def clear_runtimes() -> None:
+    """Forget the cached runtimes (tests, or to free memory between simulated federations)."""
+    with _RUNTIMES_LOCK:
+        _RUNTIMES.clear()
+
+
+__all__ = ["DeviceSettings", "DeviceRuntime", "FlowerDeviceClient", "client_fn", "make_client_app", "app",
+           "settings_from_node_config", "clear_runtimes"]
