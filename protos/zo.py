@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 
 Shapes = Mapping[str, Sequence[int]]
@@ -20,8 +21,14 @@ def seed_pool(pool_seed: int, size: int) -> list[int]:
     if size < 1:
         raise ValueError(f"seed pool size must be >= 1, got {size}")
     g = torch.Generator(device="cpu").manual_seed(int(pool_seed))
-    seeds = torch.randperm(2**31 - 1, generator=g)[:size] if size <= 4096 else torch.randint(0, 2**31 - 1, (size,), generator=g)
-    return [int(s) for s in seeds]
+    seen: set[int] = set()
+    out: list[int] = []
+    while len(out) < size:  # rejection of duplicates keeps the pool distinct
+        for s in torch.randint(0, 2**31 - 1, (size - len(out) + 8,), generator=g).tolist():
+            if s not in seen and len(out) < size:
+                seen.add(s)
+                out.append(int(s))
+    return out
 
 
 def perturbation(seed: int, shapes: Shapes) -> dict[str, torch.Tensor]:
@@ -31,11 +38,20 @@ def perturbation(seed: int, shapes: Shapes) -> dict[str, torch.Tensor]:
             for name in sorted(shapes)}
 
 
+def as_f32(x: float) -> float:
+    """Round a Python float to the nearest float32 (the wire carries float32 scalars)."""
+    return float(np.float32(x))
+
+
 def apply_step(params: Mapping[str, torch.Tensor], seed: int, grad: float, lr: float) -> None:
-    """In place: p <- p - lr * grad * z(seed) for every parameter (float32)."""
+    """In place: p <- p - lr * grad * z(seed) for every parameter (float32).
+
+    `grad` and `lr` are rounded to float32 first, exactly as they travel on the wire, so the
+    device's own update and the coordinator's replay use identical scalars."""
     z = perturbation(seed, {k: tuple(v.shape) for k, v in params.items()})
+    alpha = -as_f32(as_f32(lr) * as_f32(grad))
     for name, p in params.items():
-        p.add_(z[name].to(p.device), alpha=-float(lr) * float(grad))
+        p.add_(z[name].to(p.device), alpha=alpha)
 
 
 def replay(params: Mapping[str, torch.Tensor], pairs: Sequence[tuple[int, float]], lr: float) -> dict[str, torch.Tensor]:
