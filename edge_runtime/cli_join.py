@@ -28,6 +28,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--uplink-mbps", type=float, default=None, help="shape uploads to this rate (emulation)")
     p.add_argument("--downlink-mbps", type=float, default=None, help="shape downloads to this rate (emulation)")
+    p.add_argument("--emulate", action="store_true",
+                   help="enforce the profile's limits on this machine: hard memory cap (cgroup/RLIMIT), compute "
+                        "slowed to its GFLOP/s, bandwidth/latency shaping, availability and dropout")
+    p.add_argument("--host-gflops", type=float, default=None,
+                   help="this host's fp32 GFLOP/s for --emulate (default: measured with a short GEMM)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("--debug", action="store_true")
@@ -60,6 +65,29 @@ def _plan(args, profile):
     return plan(profile, load_model_spec(args.model), args.task)
 
 
+def _emulation(args, profile, plan) -> dict:
+    """Limits of an emulated device, enforced in this process (see edge_runtime.emulation)."""
+    from edge_runtime.client import guard_budget
+    from edge_runtime.emulation import AvailabilityModel, ComputePacer, ShapedLink, apply_memory_cap
+
+    log = logging.getLogger("edge_runtime.emulation")
+    budget = guard_budget(plan, profile)
+    # hard backstop above the runtime's own guard (which stops training cleanly at `budget`)
+    log.info("memory: guard at %.0f MiB; hard cap %s", budget / 2**20,
+             apply_memory_cap(int(budget * 1.3) + (128 << 20), profile.name))
+    host = args.host_gflops
+    if host is None:
+        from edge_runtime.measure import measure_device
+        host = measure_device(quick=True).compute_gflops["fp32"]
+    pacer = ComputePacer(device_gflops=profile.compute_gflops["fp32"], host_gflops=host)
+    log.info("compute: %s at %.1f GFLOP/s on a %.1f GFLOP/s host -> x%.2f slower", profile.name,
+             profile.compute_gflops["fp32"], host, pacer.factor)
+    seed = sum(map(ord, args.name or profile.name))
+    return {"up": ShapedLink(profile.uplink_mbps, profile.latency_ms),
+            "down": ShapedLink(profile.downlink_mbps, profile.latency_ms),
+            "pace": pacer.pace, "availability": AvailabilityModel(profile.availability, profile.dropout, seed).decide}
+
+
 def cmd_join(args) -> int:
     from edge_runtime.client import JoinConfig, run_join
     from edge_runtime.data import load_records
@@ -73,10 +101,13 @@ def cmd_join(args) -> int:
     records = load_records(args.data)[: args.limit] if args.limit else load_records(args.data)
     up = TokenBucket(args.uplink_mbps * 1e6 / 8) if args.uplink_mbps else None
     down = TokenBucket(args.downlink_mbps * 1e6 / 8) if args.downlink_mbps else None
+    emu = _emulation(args, profile, plan) if args.emulate else {}
+    up, down = up or emu.get("up"), down or emu.get("down")
     cfg = JoinConfig(target=args.target, model=args.model, plan=plan, profile=profile, records=records,
                      name=args.name, state_dir=args.state_dir, max_rounds=args.max_rounds,
                      enrolment_token=args.enrolment_token, credentials=_credentials(args), throttle_up=up,
-                     throttle_down=down, threads=args.threads)
+                     throttle_down=down, threads=args.threads, pace=emu.get("pace"),
+                     availability=emu.get("availability"))
     summary = run_join(cfg)
     if args.json:
         print(json.dumps(summary, indent=2))

@@ -186,6 +186,10 @@ class JoinConfig:
     progress: bool = False
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     on_round: Callable[[dict[str, Any]], None] | None = None  # called with each round's report
+    # emulation hooks (edge_runtime.emulation): stretch compute time to the device's speed, and
+    # decide per round (online?, drops out mid-round?)
+    pace: Callable[[float], float] | None = None
+    availability: Callable[[int], tuple[bool, bool]] | None = None
 
 
 class _Heartbeat:
@@ -246,6 +250,12 @@ class _DeltaTracker:
         return out
 
 
+def guard_budget(plan: Any, profile: Any) -> int:
+    """Bytes of process RSS the memory guard allows: the planner's effective budget (which adds
+    the runtime overhead for profiles whose budget excludes it), else the profile's budget."""
+    return int((plan.memory or {}).get("budget_bytes") or profile.memory_budget_bytes)
+
+
 def split_download(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
     """(adapter state, module -> (B, A) cumulative base delta)."""
     state = {k: v for k, v in tensors.items() if not k.startswith(BASE_DELTA)}
@@ -274,23 +284,29 @@ def run_join(cfg: JoinConfig, trainer_factory: Callable[..., Any] | None = None)
     task = {"kind": conf.task or "classification", "num_labels": int(conf.num_labels or 2)}
     if trainer_factory is None:
         from edge_runtime.training.session import LocalTrainer as trainer_factory  # noqa: N813
-    trainer = trainer_factory(cfg.model, plan, task, memory_budget_bytes=cfg.profile.memory_budget_bytes,
+    trainer = trainer_factory(cfg.model, plan, task, memory_budget_bytes=guard_budget(cfg.plan, cfg.profile),
                               seed=int(conf.seed), threads=cfg.threads)
     tracker = _DeltaTracker()
     local_b: dict[str, torch.Tensor] = {}
     reports: list[dict[str, Any]] = []
     last_upload_s = 0.0
     done_rounds = 0
+    offline_round = -1
     with _Heartbeat(client, cfg.heartbeat_s) as hb:
         while cfg.max_rounds is None or done_rounds < cfg.max_rounds:
             t = client.get_task()
             if t.state == pb.Task.DONE:
                 log.info("coordinator: federation finished")
                 break
-            if t.state != pb.Task.TRAIN:
+            if t.state != pb.Task.TRAIN or t.round_id == offline_round:
                 time.sleep(min(cfg.max_poll_s, max(0.05, t.retry_after_s or 1.0)))
                 continue
-            report = _one_round(client, trainer, t, conf.strategy, tracker, local_b, cfg, hb, last_upload_s)
+            online, drops = cfg.availability(t.round_id) if cfg.availability else (True, False)
+            if not online:
+                log.info("round %d: device offline (emulated availability); skipping it", t.round_id)
+                offline_round = t.round_id
+                continue
+            report = _one_round(client, trainer, t, conf.strategy, tracker, local_b, cfg, hb, last_upload_s, drops)
             last_upload_s = report.get("upload_s", 0.0)
             reports.append(report)
             done_rounds += 1
@@ -305,7 +321,8 @@ def run_join(cfg: JoinConfig, trainer_factory: Callable[..., Any] | None = None)
 
 
 def _one_round(client: FederationClient, trainer: Any, t: pb.Task, strategy: str, tracker: _DeltaTracker,
-               local_b: dict[str, torch.Tensor], cfg: JoinConfig, hb: _Heartbeat, last_upload_s: float) -> dict:
+               local_b: dict[str, torch.Tensor], cfg: JoinConfig, hb: _Heartbeat, last_upload_s: float,
+               drops: bool = False) -> dict:
     t0 = time.perf_counter()
     blob = client.download(t)
     download_s = time.perf_counter() - t0
@@ -329,9 +346,18 @@ def _one_round(client: FederationClient, trainer: Any, t: pb.Task, strategy: str
     records = cfg.records
     lr = float(t.lr) if t.lr > 0 else None
     result = trainer.train(records, int(t.local_steps), lr=lr, seed=int(t.seed), progress=cfg.progress)
+    paced_s = cfg.pace(result.seconds) if cfg.pace else 0.0
+    if drops:
+        hb.status = "idle"
+        log.warning("round %d: device drops out before uploading (emulated dropout)", t.round_id)
+        return {"round_id": t.round_id, "rank": t.assigned_rank, "mode": t.mode, "train_s": result.seconds,
+                "paced_s": paced_s, "train_loss": result.mean_loss, "peak_rss_bytes": result.peak_rss_bytes,
+                "download_s": download_s, "download_bytes": len(blob), "upload_s": 0.0, "upload_bytes": 0,
+                "accepted": False, "dropped": True}
     hb.status = "uploading"
     n_examples = int(result.examples_seen or len(records))
-    stats = pb.TrainStats(num_examples=n_examples, train_loss=float(result.mean_loss), train_time_s=result.seconds,
+    stats = pb.TrainStats(num_examples=n_examples, train_loss=float(result.mean_loss),
+                          train_time_s=result.seconds + paced_s,
                           peak_memory_bytes=int(result.peak_rss_bytes), upload_time_s=last_upload_s,
                           download_time_s=download_s, steps=int(result.steps))
     t1 = time.perf_counter()
@@ -362,5 +388,5 @@ def _one_round(client: FederationClient, trainer: Any, t: pb.Task, strategy: str
     log.info("round %d: trained %d steps in %.1fs (loss %.4f), uploaded %d bytes in %.2fs", t.round_id,
              result.steps, result.seconds, result.mean_loss, sent, upload_s)
     return {"round_id": t.round_id, "rank": t.assigned_rank, "mode": t.mode, "train_s": result.seconds,
-            "train_loss": result.mean_loss, "peak_rss_bytes": result.peak_rss_bytes, "download_s": download_s,
+            "paced_s": paced_s, "train_loss": result.mean_loss, "peak_rss_bytes": result.peak_rss_bytes, "download_s": download_s,
             "download_bytes": len(blob), "upload_s": upload_s, "upload_bytes": sent, "accepted": reply.accepted}

@@ -3,7 +3,7 @@
 - memory: the runtime's MemoryGuard enforces the budget; a cgroup v1 memory controller (where
   the machine allows one) is a hard backstop, RLIMIT_AS the fallback;
 - compute: `ComputePacer` stretches measured compute time to the profile's GFLOP/s;
-- network: `TokenBucket` shapes bytes on the gRPC chunk streams, plus per-call latency;
+- network: `ShapedLink` (protos.wire.TokenBucket + latency) shapes the gRPC chunk streams;
 - availability: `AvailabilityModel` decides per round whether the device is online and
   whether it drops out mid-round (seeded, reproducible).
 """
@@ -15,58 +15,33 @@ import random
 import resource
 import threading
 import time
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+
+from protos.wire import TokenBucket
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
-class TokenBucket:
-    """Token bucket: `rate` bytes/s sustained, `burst` bytes of credit. Thread-safe."""
+class ShapedLink:
+    """One direction of an emulated link: a token bucket (bytes/s) plus a one-way latency paid
+    at the start of each transfer (a call after `idle_s` of silence). Callable with a byte count,
+    so it plugs in as a client's `throttle_up` / `throttle_down`."""
 
-    def __init__(self, rate_bytes_per_s: float, burst_bytes: float | None = None, latency_s: float = 0.0) -> None:
-        if rate_bytes_per_s <= 0:
-            raise ValueError(f"token bucket rate must be > 0 bytes/s, got {rate_bytes_per_s}")
-        self.rate = float(rate_bytes_per_s)
-        self.burst = float(burst_bytes if burst_bytes is not None else max(64 * 1024, self.rate / 10))
-        self.latency_s = float(latency_s)
-        self._tokens = self.burst
+    def __init__(self, mbps: float, latency_ms: float = 0.0, idle_s: float = 0.5) -> None:
+        self.bucket = TokenBucket(mbps * 1e6 / 8, burst_bytes=64 * 1024)
+        self.latency_s, self.idle_s = latency_ms / 1000.0, idle_s
+        self._last = -1e9
+        self.transfers = 0
+
+    def __call__(self, nbytes: int) -> None:
+        now = time.monotonic()
+        if now - self._last > self.idle_s:
+            self.transfers += 1
+            if self.latency_s > 0:
+                time.sleep(self.latency_s)
+        self.bucket(nbytes)
         self._last = time.monotonic()
-        self._lock = threading.Lock()
-        self.bytes_total = 0
-        self.waited_s = 0.0
-
-    @classmethod
-    def from_mbps(cls, mbps: float, latency_ms: float = 0.0) -> "TokenBucket":
-        return cls(mbps * 1e6 / 8, latency_s=latency_ms / 1000)
-
-    def consume(self, n: int) -> float:
-        """Block until `n` bytes may pass; returns the seconds waited."""
-        with self._lock:
-            now = time.monotonic()
-            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-            self._last = now
-            self._tokens -= n
-            wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
-            self.bytes_total += n
-            self.waited_s += wait
-        if wait > 0:
-            time.sleep(wait)
-        return wait
-
-    def call_latency(self) -> None:
-        """One-way latency of a call (sleep)."""
-        if self.latency_s > 0:
-            time.sleep(self.latency_s)
-
-    def shape(self, items: Iterable[T], size_of=lambda m: m.ByteSize()) -> Iterator[T]:
-        """Yield `items` (e.g. gRPC chunk messages) at the bucket's rate."""
-        for item in items:
-            self.consume(int(size_of(item)))
-            yield item
 
 
 @dataclass

@@ -6,23 +6,23 @@ import time
 
 import pytest
 
-from edge_runtime.emulation import AvailabilityModel, ComputePacer, TokenBucket, remove_empty_cgroups
+from edge_runtime.emulation import AvailabilityModel, ComputePacer, ShapedLink, remove_empty_cgroups
 
 
-def test_token_bucket_rate_is_enforced():
-    bucket = TokenBucket(rate_bytes_per_s=2_000_000, burst_bytes=100_000)
+def test_shaped_link_enforces_rate_and_latency():
+    link = ShapedLink(mbps=16.0, latency_ms=100)  # 2 MB/s
     t0 = time.monotonic()
     for _ in range(20):
-        bucket.consume(50_000)  # 1 MB in total
+        link(50_000)  # 1 MB in one transfer
     elapsed = time.monotonic() - t0
-    # 1 MB at 2 MB/s minus the 100 kB burst -> ~0.45 s
-    assert 0.35 < elapsed < 0.9, elapsed
-    assert bucket.bytes_total == 1_000_000
+    # 0.1 s latency + (1 MB - 64 kB burst) / 2 MB/s ~= 0.57 s
+    assert 0.5 < elapsed < 1.0, elapsed
+    assert link.transfers == 1 and link.bucket.total_bytes == 1_000_000
 
 
-def test_token_bucket_rejects_bad_rate():
+def test_shaped_link_rejects_bad_rate():
     with pytest.raises(ValueError, match="rate"):
-        TokenBucket(0)
+        ShapedLink(0)
 
 
 def test_compute_pacer_slows_to_device_speed():
