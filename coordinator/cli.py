@@ -43,6 +43,11 @@ def _serve_parser(sub) -> None:
     p.add_argument("--tls-key", default=None)
     p.add_argument("--client-ca", default=None, help="require client certificates signed by this CA (mTLS)")
     p.add_argument("--keep-serving", action="store_true", help="do not exit after the last round")
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics on this port (0: off)")
+    p.add_argument("--dashboard-port", type=int, default=0,
+                   help="status page (/, /api/status, /metrics) on this port (0: off; may equal --metrics-port)")
+    p.add_argument("--ops-host", default="127.0.0.1",
+                   help="interface of the metrics/dashboard HTTP endpoints (unauthenticated; 0.0.0.0 to expose)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_serve)
 
@@ -74,7 +79,14 @@ def cmd_serve(args) -> int:
         target_modules=[t for t in args.target_modules.split(",") if t], seed=args.seed, eval_data=args.eval_data,
         eval_limit=args.eval_limit, enrolment_token=args.enrolment_token, norm_bound=args.norm_bound)
     creds = _credentials(args)
-    serve(f"{args.host}:{args.port}", Coordinator(cfg), credentials=creds, until_done=not args.keep_serving)
+    from .dashboard import start_ops_servers, stop_ops_servers
+
+    coordinator = Coordinator(cfg)
+    ops = start_ops_servers(coordinator, args.ops_host, args.metrics_port, args.dashboard_port)
+    try:
+        serve(f"{args.host}:{args.port}", coordinator, credentials=creds, until_done=not args.keep_serving)
+    finally:
+        stop_ops_servers(ops)
     return 0
 
 

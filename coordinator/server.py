@@ -53,8 +53,10 @@ class FederationServicer(pbg.FederationServicer):
         try:
             return fn(*args)
         except (R.RoundError, UploadRejected, wire.WireError) as e:
+            self.c.metrics.rpc_error(fn, e)  # counts refused updates by reason
             context.abort(_code(e), str(e))
         except ValueError as e:
+            self.c.metrics.rpc_error(fn, e)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
     def Register(self, request, context):
@@ -80,7 +82,9 @@ class FederationServicer(pbg.FederationServicer):
         data = self._guard(context, self.c.download, dev, request.round_id, request.download_id)
         if request.offset > len(data):
             context.abort(grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} is past the end ({len(data)} bytes)")
-        yield from wire.download_chunks(data, start=request.offset)
+        for chunk in wire.download_chunks(data, start=request.offset):
+            self.c.metrics.downloaded(len(chunk.data))
+            yield chunk
 
     def UploadUpdate(self, request_iterator, context):
         dev = self._guard(context, self._auth, context)

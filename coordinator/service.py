@@ -22,6 +22,7 @@ from protos import wire
 from . import rounds as R
 from . import strategy as S
 from .aggregation import GlobalState
+from .metrics import CoordinatorMetrics
 from .store import Store, round_dir
 
 log = logging.getLogger("coordinator")
@@ -94,6 +95,7 @@ class Coordinator:
         self.fed = R.Federation(cfg.round_config())
         self.store = Store(cfg.store)
         self._lock = threading.RLock()
+        self.metrics = CoordinatorMetrics(self)  # Prometheus registry of this instance
         self._tokens: dict[str, str] = {}  # token sha256 -> device id
         self._evaluator = None
         self._model = None

@@ -31,9 +31,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--emulate", action="store_true",
                    help="enforce the profile's limits on this machine: hard memory cap (cgroup/RLIMIT), compute "
                         "slowed to its GFLOP/s, bandwidth/latency shaping, availability and dropout")
+    p.add_argument("--offline-s", type=float, default=30.0,
+                   help="--emulate: how long an offline or dropped-out device stays silent")
     p.add_argument("--host-gflops", type=float, default=None,
                    help="this host's fp32 GFLOP/s for --emulate (default: measured with a short GEMM)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port (0: off)")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="interface for --metrics-port (0.0.0.0 to expose)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=cmd_join)
@@ -107,7 +111,13 @@ def cmd_join(args) -> int:
                      name=args.name, state_dir=args.state_dir, max_rounds=args.max_rounds,
                      enrolment_token=args.enrolment_token, credentials=_credentials(args), throttle_up=up,
                      throttle_down=down, threads=args.threads, pace=emu.get("pace"),
-                     availability=emu.get("availability"))
+                     availability=emu.get("availability"), offline_s=args.offline_s)
+    if args.metrics_port:
+        from edge_runtime.metrics import RuntimeMetrics
+
+        metrics = RuntimeMetrics()
+        metrics.serve(args.metrics_port, args.metrics_host)
+        cfg.on_round, cfg.on_retry = metrics.observe_round, metrics.retry
     summary = run_join(cfg)
     if args.json:
         print(json.dumps(summary, indent=2))

@@ -61,12 +61,17 @@ class FederationClient:
         self.token = ""
         self.device_id = ""
         self._rng = random.Random()
+        self.on_retry: Callable[[str], None] | None = None  # e.g. edge_runtime.metrics.RuntimeMetrics.retry
 
     def close(self) -> None:
         self.channel.close()
 
     def _md(self) -> list[tuple[str, str]]:
         return [("authorization", f"Bearer {self.token}")]
+
+    def _retried(self, what: str) -> None:
+        if self.on_retry is not None:
+            self.on_retry(what)
 
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
         for attempt in range(self.retry.attempts):
@@ -77,6 +82,7 @@ class FederationClient:
                     raise
                 d = self.retry.delay(attempt, self._rng)
                 log.warning("%s: %s (%s); retrying in %.2fs", what, e.code().name, e.details(), d)
+                self._retried(what)
                 time.sleep(d)
         raise AssertionError("unreachable")
 
@@ -116,6 +122,7 @@ class FederationClient:
                     raise
                 d = self.retry.delay(attempt, self._rng)
                 log.warning("download interrupted at %d bytes (%s); resuming in %.2fs", len(buf), e.code().name, d)
+                self._retried("DownloadGlobal")
                 time.sleep(d)
         data = bytes(buf)
         if digest and wire.sha256_hex(data) != digest:
@@ -146,6 +153,7 @@ class FederationClient:
                 except grpc.RpcError:
                     start = 0
                 log.warning("upload interrupted (%s); resuming at byte %d", e.code().name, start)
+                self._retried("UploadUpdate")
         raise AssertionError("unreachable")
 
     def submit_zo(self, task: pb.Task, pairs: Sequence[tuple[int, float]], lr: float, num_examples: int,
@@ -186,10 +194,12 @@ class JoinConfig:
     progress: bool = False
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     on_round: Callable[[dict[str, Any]], None] | None = None  # called with each round's report
+    on_retry: Callable[[str], None] | None = None  # called with the call's name each time one is retried
     # emulation hooks (edge_runtime.emulation): stretch compute time to the device's speed, and
     # decide per round (online?, drops out mid-round?)
     pace: Callable[[float], float] | None = None
     availability: Callable[[int], tuple[bool, bool]] | None = None
+    offline_s: float = 30.0  # an offline / dropped-out device stays silent this long (no heartbeat, no poll)
 
 
 class _Heartbeat:
@@ -203,6 +213,8 @@ class _Heartbeat:
 
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):
+            if self.status == "offline":
+                continue
             try:
                 self.client.heartbeat(self.status)
             except grpc.RpcError as e:
@@ -269,6 +281,7 @@ def run_join(cfg: JoinConfig, trainer_factory: Callable[..., Any] | None = None)
     from dataclasses import replace
 
     client = FederationClient(cfg.target, cfg.credentials, cfg.retry, cfg.throttle_up, cfg.throttle_down)
+    client.on_retry = cfg.on_retry
     name = _device_name(cfg)
     reply = client.register(json.dumps(cfg.profile.to_dict()), cfg.plan.to_json(), name, cfg.enrolment_token)
     conf = reply.config
@@ -303,10 +316,15 @@ def run_join(cfg: JoinConfig, trainer_factory: Callable[..., Any] | None = None)
                 continue
             online, drops = cfg.availability(t.round_id) if cfg.availability else (True, False)
             if not online:
-                log.info("round %d: device offline (emulated availability); skipping it", t.round_id)
+                log.info("round %d: device offline (emulated availability); silent for %.0fs", t.round_id,
+                         cfg.offline_s)
                 offline_round = t.round_id
+                _go_silent(hb, cfg.offline_s)
                 continue
             report = _one_round(client, trainer, t, conf.strategy, tracker, local_b, cfg, hb, last_upload_s, drops)
+            if report.get("dropped"):
+                offline_round = t.round_id
+                _go_silent(hb, cfg.offline_s)
             last_upload_s = report.get("upload_s", 0.0)
             reports.append(report)
             done_rounds += 1
@@ -318,6 +336,13 @@ def run_join(cfg: JoinConfig, trainer_factory: Callable[..., Any] | None = None)
     client.close()
     return {"device_id": reply.device_id, "name": name, "assigned_rank": reply.assigned_rank, "mode": conf.mode,
             "strategy": conf.strategy, "rounds": reports}
+
+
+def _go_silent(hb: _Heartbeat, seconds: float) -> None:
+    """Emulated disconnection: no heartbeats and no calls for `seconds`."""
+    hb.status = "offline"
+    time.sleep(seconds)
+    hb.status = "idle"
 
 
 def _one_round(client: FederationClient, trainer: Any, t: pb.Task, strategy: str, tracker: _DeltaTracker,

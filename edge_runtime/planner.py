@@ -140,7 +140,7 @@ def plan(profile: DeviceProfile, spec: ModelSpec, task: str, *, round_deadline_s
     floor0 = MIN_TOKENS[task]
     for mode in ("lora", "zo"):
         for floor in (floor0, floor0 // 2, floor0 // 4, 1):
-            for rank in RANKS:
+            for rank in [r for r in RANKS if not profile.max_rank or r <= profile.max_rank]:
                 for prec in precisions:
                     if not _can_fit(spec, mode, prec, task, profile, overhead, budget, smallest):
                         continue
@@ -207,7 +207,10 @@ def _finish(feas, spec, profile, task, deadline, local_steps, reasons, smallest,
                        f"{_gib(budget)}); zeroth-order needs no gradients, optimizer state or saved activations")
     else:
         reasons.append("mode lora: a backprop plan fits the budget")
-    if c.rank < RANKS[0]:
+    if profile.max_rank and c.rank == max(r for r in RANKS if r <= profile.max_rank):
+        reasons.append(f"rank {c.rank}: the device class's rank cap (profile max_rank {profile.max_rank}) bounds its "
+                       "compute and upload per round")
+    elif c.rank < RANKS[0]:
         reasons.append(f"rank {c.rank}: the largest rank with a feasible plan (rank {c.rank * 2} does not fit at any precision)")
     else:
         reasons.append(f"rank {c.rank}: the largest rank considered")

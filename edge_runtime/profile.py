@@ -48,6 +48,9 @@ class DeviceProfile:
     budget_excludes_runtime: the budget is on top of the runtime overhead (RSS of the
     imported torch/transformers/peft, shared by every emulated device on one host); the
     process may use memory_budget_bytes + that overhead. Emulated profiles set it.
+    max_rank: optional cap on the LoRA rank for this device class (an operator's tiering, as in
+    HetLoRA/FlexLoRA deployments: it bounds per-round compute and upload); the planner never
+    exceeds it, and memory may force a lower rank still.
     """
 
     name: str
@@ -66,6 +69,7 @@ class DeviceProfile:
     dropout: float = 0.0
     round_deadline_s: float = 600.0
     budget_excludes_runtime: bool = False
+    max_rank: int | None = None
     source: str = ""
     notes: str = ""
 
@@ -99,6 +103,9 @@ class DeviceProfile:
             v = getattr(self, f)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
                 raise err(f, "a positive number")
+        if self.max_rank is not None and (not isinstance(self.max_rank, int) or isinstance(self.max_rank, bool)
+                                          or self.max_rank < 1):
+            raise err("max_rank", "an integer >= 1 (the device class's LoRA rank cap) or absent")
         if not isinstance(self.budget_excludes_runtime, bool):
             raise err("budget_excludes_runtime", "true or false")
         for f in ("name", "accelerator_name", "source", "notes"):

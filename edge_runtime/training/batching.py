@@ -43,28 +43,42 @@ def _ids(x: Any) -> list[int]:
     return [int(i) for i in x]
 
 
-def encode_instruction(tok: Any, rec: dict[str, Any], seq_len: int) -> Example:
+def encode_instructions(tok: Any, records: Sequence[dict[str, Any]], seq_len: int) -> list[Example]:
     """Prompt via the chat template (generation prompt added), response + end-of-turn as targets.
 
-    Long examples keep the response (up to seq_len//2 tokens) and drop prompt tokens from the left.
+    Templates are rendered to text and tokenized in one batch call. Long examples keep the
+    response (up to seq_len//2 tokens) and drop prompt tokens from the left.
     """
-    user = [{"role": "user", "content": _user_text(rec)}]
     if getattr(tok, "chat_template", None):
-        prompt = _ids(tok.apply_chat_template(user, add_generation_prompt=True, tokenize=True))
-        full = _ids(tok.apply_chat_template(user + [{"role": "assistant", "content": rec["output"]}], tokenize=True))
+        users = [[{"role": "user", "content": _user_text(r)}] for r in records]
+        prompts = [tok.apply_chat_template(u, add_generation_prompt=True, tokenize=False) for u in users]
+        fulls = [tok.apply_chat_template(u + [{"role": "assistant", "content": r["output"]}], tokenize=False)
+                 for u, r in zip(users, records)]
+        p_ids = tok(prompts, add_special_tokens=False)["input_ids"]
+        f_ids = tok(fulls, add_special_tokens=False)["input_ids"]
+    else:
+        p_ids = tok([f"### Instruction:\n{_user_text(r)}\n### Response:\n" for r in records])["input_ids"]
+        f_ids = [p + o + [tok.eos_token_id] for p, o in
+                 zip(p_ids, tok([r["output"] for r in records], add_special_tokens=False)["input_ids"])]
+    out = []
+    for rec, prompt, full in zip(records, p_ids, f_ids):
+        prompt, full = list(prompt), list(full)
         if full[: len(prompt)] != prompt:  # template not prefix-stable: fall back to concatenation
             full = prompt + _ids(tok(rec["output"], add_special_tokens=False)) + [tok.eos_token_id]
-        resp = full[len(prompt):]
-    else:
-        prompt = _ids(tok(f"### Instruction:\n{_user_text(rec)}\n### Response:\n"))
-        resp = _ids(tok(rec["output"], add_special_tokens=False)) + [tok.eos_token_id]
-    # drop trailing whitespace/newline tokens after end-of-turn? keep them: they are part of the template
+        out.append(_truncate(prompt, full[len(prompt):], seq_len, rec.get("label")))
+    return out
+
+
+def _truncate(prompt: list[int], resp: list[int], seq_len: int, label: int | None) -> Example:
     if len(prompt) + len(resp) > seq_len:
         resp = resp[: max(1, min(len(resp), seq_len // 2))]
         prompt = prompt[-(seq_len - len(resp)):] if seq_len > len(resp) else prompt[-1:]
-    ids = prompt + resp
-    labels = [IGNORE] * len(prompt) + resp
-    return Example(ids, label=rec.get("label"), labels=labels, prompt_len=len(prompt))
+    return Example(prompt + resp, label=label, labels=[IGNORE] * len(prompt) + resp, prompt_len=len(prompt))
+
+
+def encode_instruction(tok: Any, rec: dict[str, Any], seq_len: int) -> Example:
+    """One instruction record (see `encode_instructions`)."""
+    return encode_instructions(tok, [rec], seq_len)[0]
 
 
 def bucketed_batches(lengths: Sequence[int], batch_size: int, seed: int) -> Iterator[list[int]]:

@@ -100,6 +100,7 @@ class LocalTrainer:
         self.base, self.tokenizer = load_base(model_src, plan, self.task, seed=seed, quant_backend=quant_backend)
         self._head_init = {n: {k: v.detach().clone() for k, v in getattr(self.base, n).state_dict().items()}
                            for n in ("classifier", "score") if isinstance(getattr(self.base, n, None), nn.Module)}
+        self._enc_cache: dict[tuple, tuple] = {}
         self._deltas: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._hooks: dict[str, Any] = {}
         self.model: nn.Module | None = None
@@ -200,9 +201,22 @@ class LocalTrainer:
 
     # ----- data -------------------------------------------------------------------------
     def encode(self, records: Sequence[dict[str, Any]]) -> list[batching.Example]:
-        """Records -> examples for this task (classification records are cast for causal LMs)."""
+        """Records -> examples for this task (classification records are cast for causal LMs).
+
+        The last encoding is cached by the identity of the records list (a device trains on the
+        same local data every round); pass a new list after changing records in place."""
         if not records:
             raise ValueError("no records to train or evaluate on")
+        key = (id(records), len(records), id(records[0]), id(records[-1]), self.task, self.plan.seq_len)
+        if key in self._enc_cache:
+            return self._enc_cache[key][0]
+        examples = self._encode(records)
+        if len(self._enc_cache) >= 4:
+            self._enc_cache.pop(next(iter(self._enc_cache)))
+        self._enc_cache[key] = (examples, records)  # holding `records` keeps the ids in the key valid
+        return examples
+
+    def _encode(self, records: Sequence[dict[str, Any]]) -> list[batching.Example]:
         kind = record_kind(records[0])
         L = self.plan.seq_len
         if self.task.kind == "classification":
@@ -215,7 +229,7 @@ class LocalTrainer:
             return batching.encode_classification(self.tokenizer, records, L)
         if kind == "classification":
             records = classification_to_instructions(records)
-        return [batching.encode_instruction(self.tokenizer, r, L) for r in records]
+        return batching.encode_instructions(self.tokenizer, records, L)
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.task.kind == "classification":
