@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .cli_security import add_admin_commands, add_serve_args, print_status_extras, serve_config, status_extras
 from .strategy import STRATEGIES
 
 
@@ -24,6 +25,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--round-timeout", type=float, default=600.0, help="seconds before a round's deadline")
     p.add_argument("--heartbeat-timeout", type=float, default=120.0)
     p.add_argument("--local-steps", type=int, default=20)
+    p.add_argument("--replan", action="store_true",
+                   help="re-fit each device's rank and local steps to the round deadline every round (default off)")
     p.add_argument("--zo-local-steps", type=int, default=0, help="local steps of zeroth-order devices (0: --local-steps)")
     p.add_argument("--lr", type=float, default=0.0, help="LoRA learning rate (0: each device's plan)")
     p.add_argument("--zo-lr", type=float, default=0.0, help="zeroth-order learning rate (0: each device's plan)")
@@ -42,6 +45,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--tls-cert", default=None)
     p.add_argument("--tls-key", default=None)
     p.add_argument("--client-ca", default=None, help="require client certificates signed by this CA (mTLS)")
+    add_serve_args(p)  # --insecure, --open-enrolment, --max-upload-bytes, --robust, --clip-norm, --dp-*
     p.add_argument("--keep-serving", action="store_true", help="do not exit after the last round")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics on this port (0: off)")
     p.add_argument("--dashboard-port", type=int, default=0,
@@ -53,15 +57,9 @@ def _serve_parser(sub) -> None:
 
 
 def _credentials(args):
-    if not (args.tls_cert or args.tls_key):
-        return None
-    import grpc
+    from .cli_security import server_credentials
 
-    if not (args.tls_cert and args.tls_key):
-        raise ValueError("TLS needs both --tls-cert and --tls-key")
-    pair = (Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes())
-    ca = Path(args.client_ca).read_bytes() if args.client_ca else None
-    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=bool(ca))
+    return server_credentials(args)
 
 
 def cmd_serve(args) -> int:
@@ -77,7 +75,9 @@ def cmd_serve(args) -> int:
         max_rank=args.max_rank, cap_rank=args.cap_rank, lora_alpha=args.lora_alpha, use_rslora=args.rslora,
         task=args.task, num_labels=args.num_labels,
         target_modules=[t for t in args.target_modules.split(",") if t], seed=args.seed, eval_data=args.eval_data,
-        eval_limit=args.eval_limit, enrolment_token=args.enrolment_token, norm_bound=args.norm_bound)
+        eval_limit=args.eval_limit, enrolment_token=args.enrolment_token, norm_bound=args.norm_bound,
+        replan=getattr(args, "replan", False),
+        **serve_config(args))
     creds = _credentials(args)
     from .dashboard import start_ops_servers, stop_ops_servers
 
@@ -99,6 +99,7 @@ def cmd_status(args) -> int:
     s = store.summary()
     s["initial_metrics"] = store.get_meta("initial_metrics", {})
     store.close()
+    s.update(status_extras(args.store, s["rounds"]))  # refusals per reason, DP epsilon, enrolment
     if args.json:
         print(json.dumps(s, indent=2, default=str))
         return 0
@@ -131,6 +132,7 @@ def cmd_status(args) -> int:
     con.print(d)
     con.print(f"accepted updates: {len(s['updates'])}, bytes uploaded: {s['bytes_uploaded']}, "
               f"late uploads: {s['late_uploads']}")
+    print_status_extras(con, s)
     return 0
 
 
@@ -142,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--store", required=True)
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
+    add_admin_commands(sub)  # enrol, certs
     return parser
 
 

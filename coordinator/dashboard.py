@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
@@ -86,7 +85,6 @@ def status_snapshot(coordinator: "Coordinator") -> dict[str, Any]:
             "duration_s": round(r["closed_at"] - r["opened_at"], 3) if r["closed_at"] else None,
             "loss": m.get("loss"), "accuracy": m.get("accuracy"), "aggregate_s": m.get("aggregate_s"),
             "upload_bytes": b})
-    rejected_events = [e for e in c.store.events() if e["kind"] in ("upload_rejected", "late_upload")]
     eval_round, eval_m = last_eval(rounds, initial)
     cur = c.fed.current
     return {
@@ -103,10 +101,11 @@ def status_snapshot(coordinator: "Coordinator") -> dict[str, Any]:
         "totals": {"devices": len(devices), "active_devices": len(active), "accepted_updates": len(updates),
                    "upload_bytes": sum(int(u["wire_bytes"]) for u in updates),
                    "download_bytes": live["download_bytes"], "rejected": live["rejected"],
-                   "rejected_total": sum(live["rejected"].values()), "late_uploads":
-                       sum(e["kind"] == "late_upload" for e in rejected_events)},
-        "rejections": [{"ts": e["ts"], "kind": e["kind"], "round_id": e["round_id"], "device_id": e["device_id"]}
-                       for e in rejected_events[-50:]],
+                   "rejected_total": sum(live["rejected"].values()),
+                   # durable (store events, whole history): late uploads and invalid uploads
+                   "late_uploads": len(c.store.events("late_upload")),
+                   "invalid_uploads": len(c.store.events("upload_rejected"))},
+        "rejections": live["recent_rejections"],  # since this process started, newest last
     }
 
 
@@ -266,8 +265,8 @@ function render(st) {
     ["loss", r => num(r.loss, 4)], ["accuracy", r => num(r.accuracy, 3)], ["bytes up", r => fmtB(r.upload_bytes)]],
     st.rounds.slice().reverse(), "no rounds yet");
   table("rejected", [["reason", r => esc(r[0])], ["count", r => esc(r[1])]], Object.entries(t.rejected), "none");
-  table("rejections", [["time", e => esc(new Date(e.ts * 1000).toLocaleTimeString())], ["kind", e => esc(e.kind)],
-    ["round", e => esc(e.round_id)], ["device", e => esc(e.device_id)]], st.rejections.slice().reverse(), "none");
+  table("rejections", [["time", e => esc(new Date(e.ts * 1000).toLocaleTimeString())], ["reason", e => esc(e.reason)],
+    ["detail", e => "<span class='muted'>" + esc(e.detail) + "</span>"]], st.rejections.slice().reverse(), "none");
 }
 async function refresh() {
   try { const r = await fetch("api/status", {cache: "no-store"}); render(await r.json()); document.body.dataset.ready = "1"; }

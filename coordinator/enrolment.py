@@ -137,6 +137,11 @@ class EnrolmentRegistry:
         self._q("UPDATE enrolment SET device_id=?, bound_at=? WHERE token_id=? AND device_id IS NULL",
                 (device_id, time.time(), token_id))
 
+    def token_of(self, device_id: str) -> str | None:
+        """The enrolment token id a device enrolled with, if any."""
+        rows = self._q("SELECT token_id FROM enrolment WHERE device_id=?", (device_id,))
+        return rows[0][0] if rows else None
+
     def revoked_devices(self) -> frozenset[str]:
         """Revoked device ids, re-read from SQLite at most every `cache_s` seconds."""
         now = time.monotonic()

@@ -103,10 +103,11 @@ class Sent:
 
 @dataclass
 class RoundRecord:
-    """One aggregated round, kept for inspection: the global before, the decoded uploads, what was sent."""
+    """The last aggregated round, kept for inspection: global before, raw results, decoded uploads, what was sent."""
 
     round: int
     before: GlobalState
+    results: dict[str, FitRes]
     uploads: list[S.RoundUpload]
     sent: dict[str, Sent]
     rejected: dict[str, str] = field(default_factory=dict)
@@ -136,7 +137,9 @@ class HeteroLoraStrategy(Strategy):
         self.refused: dict[str, str] = {}
         self.sent: dict[str, Sent] = {}
         self.fedsa_b: dict[str, State] = {}
-        self.history: list[RoundRecord] = []
+        self.last: RoundRecord | None = None  # only the last round: tensors are not kept forever
+        self.rounds: list[dict[str, Scalar]] = []  # per-round aggregate metrics
+        self.evaluations: list[dict[str, Scalar]] = []  # per-round federated evaluation
 
     def __repr__(self) -> str:
         return f"HeteroLoraStrategy(strategy={self.config.strategy!r}, max_rank={self.config.max_rank})"
@@ -189,13 +192,14 @@ class HeteroLoraStrategy(Strategy):
             return None, {"uploads": 0, "rejected": len(rejected), "failures": len(failures)}
         before = self.global_state
         self.global_state = S.aggregate_round(before, uploads, self.scfg)
-        self.history.append(RoundRecord(server_round, before, uploads, dict(self.sent), rejected))
+        self.last = RoundRecord(server_round, before, {p.cid: r for p, r in results}, uploads, dict(self.sent), rejected)
         metrics: dict[str, Scalar] = {"uploads": len(uploads), "rejected": len(rejected), "failures": len(failures),
                                       "zo_uploads": sum(self.sent[u.device_id].mode == "zo" for u in uploads),
                                       "aggregate_s": time.perf_counter() - t0, "strategy": self.config.strategy}
         finite = [(l, w) for l, w in losses if math.isfinite(l)]
         if finite:
             metrics["train_loss"] = sum(l * w for l, w in finite) / sum(w for _, w in finite)
+        self.rounds.append({"round": server_round, **metrics})
         return self.global_parameters(), metrics
 
     def decode_fit(self, cid: str, res: FitRes, server_round: int) -> S.RoundUpload:
@@ -252,6 +256,7 @@ class HeteroLoraStrategy(Strategy):
         acc = [(float(r.metrics["accuracy"]), max(r.num_examples, 1)) for _, r in results if "accuracy" in r.metrics]
         if acc:
             metrics["accuracy"] = sum(a * w for a, w in acc) / sum(w for _, w in acc)
+        self.evaluations.append({"round": server_round, "loss": float(loss), **metrics})
         return float(loss), metrics
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
@@ -334,9 +339,10 @@ def server_fn(context: Any) -> Any:
     """ServerAppComponents from the run config (pyproject [tool.flwr.app.config] or --run-config).
 
     Keys: model (HF dir, required), strategy, num-server-rounds, max-rank, cap-rank, lora-alpha,
-    local-steps, lr, zo-lr, seed, task, num-labels, min-clients, fraction-fit, eval-data.
+    local-steps, lr, zo-lr, seed, task, num-labels, min-clients, fraction-fit, fraction-evaluate, eval-data,
+    target-modules (JSON list), max-workers.
     """
-    from flwr.server import ServerAppComponents, ServerConfig
+    from flwr.server import Server, ServerAppComponents, ServerConfig, SimpleClientManager
 
     from coordinator.model import (Evaluator, initial_adapter_state, load_base_model, load_eval_records,
                                    resolve_target_modules)
@@ -350,7 +356,8 @@ def server_fn(context: Any) -> Any:
                        zo_lr=float(rc.get("zo-lr", 0.0)), seed=int(rc.get("seed", 0)),
                        task=str(rc.get("task", "classification")), num_labels=int(rc.get("num-labels", 2)),
                        min_fit_clients=int(rc.get("min-clients", 1)), min_available_clients=int(rc.get("min-clients", 1)),
-                       fraction_fit=float(rc.get("fraction-fit", 1.0)))
+                       fraction_fit=float(rc.get("fraction-fit", 1.0)),
+                       fraction_evaluate=float(rc.get("fraction-evaluate", 0.0)))
     model, tok = load_base_model(rc["model"], cfg.task, cfg.num_labels, cfg.seed)
     targets = resolve_target_modules(model, json.loads(rc["target-modules"]) if "target-modules" in rc else None)
     init = initial_adapter_state(model, targets, cfg.max_rank, cfg.lora_alpha, cfg.use_rslora, cfg.seed)
@@ -359,7 +366,10 @@ def server_fn(context: Any) -> Any:
         ev = Evaluator(model, tok, load_eval_records(str(rc["eval-data"]), 512), task=cfg.task)
         evaluate_fn = lambda g: ev.evaluate(S.effective_deltas(g), g.extra)  # noqa: E731
     strategy = HeteroLoraStrategy(init, cfg, evaluate_fn=evaluate_fn, target_modules=targets)
-    return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=int(rc.get("num-server-rounds", 3))))
+    server = Server(client_manager=SimpleClientManager(), strategy=strategy)
+    if "max-workers" in rc:  # clients trained concurrently per round (Flower's thread pool)
+        server.set_max_workers(int(rc["max-workers"]))
+    return ServerAppComponents(server=server, config=ServerConfig(num_rounds=int(rc.get("num-server-rounds", 3))))
 
 
 def make_server_app() -> Any:

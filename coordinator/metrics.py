@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -148,18 +149,20 @@ class CoordinatorMetrics:
                              registry=self.registry)
         self._lock = threading.Lock()
         self.rejections: collections.Counter[str] = collections.Counter()
+        self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=50)
         self.download_bytes = 0
 
-    def reject(self, reason: str) -> None:
+    def reject(self, reason: str, detail: str = "") -> None:
         with self._lock:
             self.rejections[reason] += 1
+            self.recent.append({"ts": time.time(), "reason": reason, "detail": detail[:200]})
         self._rejected.labels(reason).inc()
 
     def rpc_error(self, fn: Callable[..., Any] | str, exc: BaseException) -> None:
         """Called by the servicer for every domain error; counts those of the upload calls."""
         name = fn if isinstance(fn, str) else getattr(fn, "__name__", "")
         if name in UPLOAD_CALLS:
-            self.reject(reject_reason(exc))
+            self.reject(reject_reason(exc), str(exc))
 
     def downloaded(self, nbytes: int) -> None:
         with self._lock:
@@ -168,7 +171,8 @@ class CoordinatorMetrics:
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            return {"rejected": dict(self.rejections), "download_bytes": self.download_bytes}
+            return {"rejected": dict(self.rejections), "download_bytes": self.download_bytes,
+                    "recent_rejections": list(self.recent)}
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this registry."""

@@ -23,21 +23,39 @@ TARGET_CANDIDATES = (("q_proj", "v_proj"), ("query", "value"), ("c_attn",), ("qk
 PEFT_PREFIX = "base_model.model."
 
 
+def resolve_model_source(model: str | Path) -> tuple[Path, dict[str, str]]:
+    """(directory, extra from_pretrained kwargs) for an HF dir, a .gguf file or a dir holding one.
+
+    GGUF files are dequantized to float32 by transformers (`gguf_file=`)."""
+    path = Path(model)
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, {"gguf_file": path.name}
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return path, {}
+        ggufs = sorted(path.glob("*.gguf"))
+        if ggufs:
+            return path, {"gguf_file": ggufs[0].name}
+    raise FileNotFoundError(f"--model {path} is neither a Hugging Face model directory (with config.json) nor a "
+                            ".gguf file (or a directory holding one)")
+
+
 def load_base_model(model_dir: str | Path, task: str, num_labels: int, seed: int) -> tuple[torch.nn.Module, Any]:
-    """(model float32 CPU eval-mode, tokenizer). Classification heads are initialised under `seed`."""
+    """(model float32 CPU eval-mode, tokenizer). Classification heads are initialised under `seed`.
+
+    model_dir: a Hugging Face model directory or a GGUF file (dequantized to float32)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    path = Path(model_dir)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"--model {path} is not a Hugging Face model directory (no config.json)")
-    tok = AutoTokenizer.from_pretrained(path)
+    path, extra = resolve_model_source(model_dir)
+    tok = AutoTokenizer.from_pretrained(path, **extra)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     torch.manual_seed(seed)
     if task == "classification":
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32,
+                                                                   **extra)
     elif task == "causal_lm":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra)
     else:
         raise ValueError(f"task {task!r} unknown; use 'classification' or 'causal_lm'")
     if getattr(model.config, "pad_token_id", None) is None:

@@ -20,6 +20,7 @@ from protos import wire
 
 from . import rounds as R
 from .service import Coordinator, UploadRejected
+from .validation import reason_of
 
 log = logging.getLogger("coordinator.server")
 _STATES = {"WAIT": pb.Task.WAIT, "TRAIN": pb.Task.TRAIN, "DONE": pb.Task.DONE}
@@ -54,10 +55,21 @@ class FederationServicer(pbg.FederationServicer):
             return fn(*args)
         except (R.RoundError, UploadRejected, wire.WireError) as e:
             self.c.metrics.rpc_error(fn, e)  # counts refused updates by reason
+            self.c.record_rejection(reason_of(e), str(e), getattr(fn, "__name__", ""))  # durable, per reason
             context.abort(_code(e), str(e))
         except ValueError as e:
             self.c.metrics.rpc_error(fn, e)
+            self.c.record_rejection(reason_of(e), str(e), getattr(fn, "__name__", ""))
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except (OSError, RuntimeError, KeyError, TypeError) as e:  # a bug or a disk problem: keep serving
+            log.exception("%s failed", getattr(fn, "__name__", "call"))
+            self.c.record_rejection("other", f"{type(e).__name__}: {e}", getattr(fn, "__name__", ""))
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__}); the request may be retried")
+
+    def _refuse(self, context: grpc.ServicerContext, code: grpc.StatusCode, reason: str, msg: str):
+        """Abort a malformed stream, counting it like the domain errors."""
+        self.c.record_rejection(reason, msg, "UploadUpdate")
+        context.abort(code, msg)
 
     def Register(self, request, context):
         r = self._guard(context, self.c.register, request.profile_json, request.plan_json, request.enrolment_token,
@@ -96,17 +108,19 @@ class FederationServicer(pbg.FederationServicer):
             if chunk.HasField("header"):
                 header = chunk.header
                 if not header.upload_id:
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "upload header needs an upload_id")
+                    self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "malformed", "upload header needs an upload_id")
                 if header.kind != pb.LORA:
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "UploadUpdate takes LORA updates; use SubmitZO")
+                    self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "malformed",
+                                 "UploadUpdate takes LORA updates; use SubmitZO")
                 self._guard(context, self.c.upload_precheck, dev, header.round_id, header.nonce)
             if header is None:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first UploadChunk must carry the header")
+                self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "malformed",
+                             "the first UploadChunk must carry the header")
             if chunk.data:
                 received = self._guard(context, self.c.upload_append, dev, header.upload_id, chunk.offset,
                                        chunk.data, header.total_size)
         if header is None:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty upload stream")
+            self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "malformed", "empty upload stream")
         h = {"round_id": header.round_id, "nonce": header.nonce, "total_size": header.total_size,
              "sha256": header.sha256, "upload_id": header.upload_id, "stats": _stats(header.stats)}
         size = self._guard(context, self.c.finish_upload, dev, h, wire_bytes)

@@ -22,6 +22,11 @@ from protos import wire
 from . import rounds as R
 from . import strategy as S
 from .aggregation import GlobalState
+from .defences import DefenceConfig, defended_round, dp_epsilon
+from .enrolment import EnrolmentRegistry
+from .recovery import load_global
+from .round_fold import RoundFold
+from .validation import RejectionLog, UpdateInvalid, validate_update
 from .metrics import CoordinatorMetrics
 from .store import Store, round_dir
 
@@ -32,6 +37,7 @@ class UploadRejected(ValueError):
     """An upload is malformed: wrong shapes, non-finite values, bad checksum, norm too large."""
 
     code = "INVALID_ARGUMENT"
+    reason: str | None = None  # coordinator.validation.REASONS label, when known
 
 
 class UploadTooLarge(UploadRejected):
@@ -69,6 +75,18 @@ class CoordinatorConfig:
     norm_bound: float = 1e4
     max_upload_bytes: int = wire.MAX_BLOB_BYTES
     poll_interval_s: float = 1.0
+    open_enrolment: bool = True  # library/tests default; `serve` requires tokens unless --insecure/--open-enrolment
+    robust: str = "none"  # none | trimmed_mean | median (coordinator.defences)
+    clip_norm: float = 0.0  # per-device update norm clip C (0 = off)
+    trim: float = 0.2  # trimmed_mean: fraction dropped at each end
+    dp_noise: float = 0.0  # DP noise multiplier sigma (0 = off)
+    dp_delta: float = 1e-5
+    replan: bool = False  # re-fit each device's rank and local steps to the deadline every round (coordinator.replan)
+    replan_margin: float = 0.8  # ... aiming at this fraction of the round timeout
+
+    def defence_config(self) -> DefenceConfig:
+        return DefenceConfig(robust=self.robust, clip_norm=self.clip_norm, trim=self.trim, dp_noise=self.dp_noise,
+                             dp_delta=self.dp_delta, dp_sample_rate=self.fraction)
 
     def round_config(self) -> R.RoundConfig:
         return R.RoundConfig(total_rounds=self.rounds, min_devices=self.min_devices, fraction=self.fraction,
@@ -94,11 +112,17 @@ class Coordinator:
         self.scfg = cfg.strategy_config()
         self.fed = R.Federation(cfg.round_config())
         self.store = Store(cfg.store)
+        self.defence = cfg.defence_config()
+        self.enrolment = EnrolmentRegistry(cfg.store)
+        self.rejections = RejectionLog(cfg.store)
         self._lock = threading.RLock()
+        self._upload_locks: dict[str, threading.Lock] = {}  # device id -> its partial-upload files' lock
         self.metrics = CoordinatorMetrics(self)  # Prometheus registry of this instance
         self._tokens: dict[str, str] = {}  # token sha256 -> device id
         self._evaluator = None
         self._model = None
+        self._steps: dict[str, int] = {}  # device -> local steps when re-planned (--replan)
+        self._fold: RoundFold | None = None  # streaming aggregate of the open round
         self._resume_or_init()
 
     # -- start-up ---------------------------------------------------------------------------
@@ -116,9 +140,8 @@ class Coordinator:
                     raise ValueError(f"store {self.cfg.store} was created with {key}={saved.get(key)!r}, not "
                                      f"{asdict(self.cfg).get(key)!r}; use a new --store or the same settings")
             self.target_modules = saved["target_modules"]
-            ptr = self.store.get_meta("global")
-            self.global_state = S.global_from_bytes(self.store.read_blob(ptr["path"], ptr["sha256"]))
-            self.global_round = int(ptr["round_id"])
+            recovered = load_global(self.store)  # newest global that passes its checksum
+            self.global_state, self.global_round = recovered.state, recovered.round_id
             self._restore_rounds()
             log.info("resumed store %s at round %d (%d aggregated)", self.cfg.store, self.fed.last_round_id,
                      self.fed.completed)
@@ -173,6 +196,8 @@ class Coordinator:
         self.store.write_blob(self.store.rel(d / "peft" / "adapter_config.json"), cfg_json.encode())
         if round_id > 0:
             self.store.set_round_global(round_id, rel, sha, metrics)
+        else:
+            self.store.set_meta("initial_global_sha256", sha)
         self.store.set_meta("global", {"round_id": round_id, "path": rel, "sha256": sha})
 
     def evaluate(self, g: GlobalState) -> dict[str, float]:
@@ -192,9 +217,14 @@ class Coordinator:
             if dev is None:
                 raise R.UnknownDevice("unknown or missing device token; send 'authorization: Bearer <token>' "
                                       "from Register (re-register if the coordinator's store was reset)")
+            self.enrolment.check_device(dev)  # revoked -> PERMISSION_DENIED
             now = self.clock()
             self.fed.devices[dev] = replace(self.fed.devices[dev], last_seen=now)
             return dev
+
+    def record_rejection(self, reason: str, detail: str, rpc: str = "", device_id: str | None = None) -> None:
+        """Count a refused request durably, per reason (shown by `edge-coordinator status`)."""
+        self.rejections.record(reason, detail, rpc, device_id)
 
     def _download_id(self, rnd: R.Round, device_id: str) -> str:
         dev = self.fed.devices[device_id]
@@ -287,19 +317,65 @@ class Coordinator:
                         len(rnd.selected), R.quorum_size(rnd, self.fed.cfg))
         self.store.event("round_close", rnd.round_id, state=rnd.state, accepted=list(rnd.accepted),
                          dropped=list(rnd.dropped))
+        if self.cfg.replan:
+            self._replan(rnd)
 
-    def _aggregate(self, rnd: R.Round) -> None:
-        t0 = time.perf_counter()
-        uploads = []
-        for u in self.store.updates(rnd.round_id):
+    def _stored_uploads(self, round_id: int):
+        """Yield this round's accepted uploads from disk, decoded one at a time (ZO: replayed)."""
+        for u in self.store.updates(round_id):
             if u["kind"] == "ZO":
                 state = self._replayed(u)
             else:
                 state = wire.decode_tensors(self.store.read_blob(u["path"], u["sha256"]))[0]
-            uploads.append(S.RoundUpload(u["device_id"], state, float(max(u["num_examples"], 1))))
-        self.global_state = S.aggregate_round(self.global_state, uploads, self.scfg)
+            yield S.RoundUpload(u["device_id"], state, float(max(u["num_examples"], 1)))
+
+    def _round_fold(self, rnd: R.Round) -> RoundFold:
+        """The streaming aggregate of `rnd`; rebuilt from the durable uploads when missing or stale."""
+        accepted = {u["device_id"] for u in self.store.updates(rnd.round_id)}
+        fold = self._fold
+        if fold is None or fold.round_id != rnd.round_id or fold.devices != accepted:
+            fold = RoundFold(rnd.round_id, self.global_state, self.scfg)
+            for up in self._stored_uploads(rnd.round_id):
+                fold.add(up.device_id, up.state, up.weight)
+            self._fold = fold
+        return fold
+
+    def _fold_accepted(self, rnd: R.Round, device_id: str, state: dict[str, torch.Tensor], weight: int) -> None:
+        """Fold an accepted upload (already durable on disk) into the round's streaming aggregate."""
+        if self.defence.active:  # robust statistics need every update at once: batch at close
+            return
+        try:
+            fold = self._fold
+            if fold is None or fold.round_id != rnd.round_id:
+                fold = self._round_fold(rnd)  # first upload of the round, or after a restart
+            if device_id not in fold.devices:
+                fold.add(device_id, state, float(max(weight, 1)))
+        except (ValueError, RuntimeError) as e:  # the close re-reads the round from disk
+            log.warning("round %d: streaming fold of %s failed (%s); will rebuild from disk", rnd.round_id,
+                        device_id, e)
+            self._fold = None
+
+    def _aggregate(self, rnd: R.Round) -> None:
+        t0 = time.perf_counter()
+        metrics: dict[str, Any] = {}
+        if self.defence.active:  # clipping / robust statistics / DP over updates (coordinator.defences)
+            uploads = list(self._stored_uploads(rnd.round_id))
+            dls = [self._download_tensors(u["download_id"]) for u in self.store.updates(rnd.round_id)]
+            self.global_state, metrics = defended_round(self.global_state, uploads, dls, self.scfg, self.defence,
+                                                        seed=self.cfg.seed * 7919 + rnd.round_id)
+            if self.defence.dp_noise > 0:
+                history = self.store.get_meta("dp_history", []) + [[self.defence.dp_noise, self.defence.dp_sample_rate]]
+                self.store.set_meta("dp_history", history)
+                metrics.update(dp_epsilon=dp_epsilon(history, self.defence.dp_delta), dp_delta=self.defence.dp_delta)
+                log.info("round %d: DP epsilon %.3f at delta %g", rnd.round_id, metrics["dp_epsilon"],
+                         self.defence.dp_delta)
+        else:  # streaming: memory O(global state), not O(devices x adapter)
+            fold = self._round_fold(rnd)
+            self.global_state, metrics = fold.result(self.global_state)
+            uploads = fold.devices
+            self._fold = None
         self.global_round = rnd.round_id
-        metrics: dict[str, Any] = {"aggregate_s": time.perf_counter() - t0, "uploads": len(uploads)}
+        metrics.update({"aggregate_s": time.perf_counter() - t0, "uploads": len(uploads)})
         metrics.update(self.evaluate(self.global_state))
         self._write_global(rnd.round_id, metrics)
         log.info("round %d aggregated (%s, %d uploads)%s", rnd.round_id, self.cfg.strategy, len(uploads),
@@ -307,8 +383,14 @@ class Coordinator:
 
     # -- RPC-level operations ---------------------------------------------------------------
     def register(self, profile_json: str, plan_json: str, enrolment_token: str, device_name: str) -> dict[str, Any]:
-        if self.cfg.enrolment_token and not secrets.compare_digest(enrolment_token, self.cfg.enrolment_token):
-            raise R.UnknownDevice("enrolment token is missing or wrong; ask the operator for --enrolment-token")
+        bound: tuple[str, str | None] | None = None  # (enrolment token id, device it enrolled)
+        shared = bool(self.cfg.enrolment_token) and secrets.compare_digest(enrolment_token.encode(),
+                                                                           self.cfg.enrolment_token.encode())
+        if enrolment_token and not shared:
+            bound = self.enrolment.verify(enrolment_token)  # unknown -> UNAUTHENTICATED, revoked -> PERMISSION_DENIED
+        elif not shared and not self.cfg.open_enrolment:
+            raise R.UnknownDevice("this coordinator requires an enrolment token; ask the operator "
+                                  "(`edge-coordinator enrol --store DIR`) and pass --enrolment-token")
         try:
             plan = json.loads(plan_json)
             rank, mode = int(plan["rank"]), str(plan.get("mode", "lora"))
@@ -317,9 +399,19 @@ class Coordinator:
         if mode not in ("lora", "zo"):
             raise UploadRejected(f"plan mode {mode!r} is invalid: expected 'lora' or 'zo'")
         name = device_name or f"device-{secrets.token_hex(4)}"
+        if bound and bound[1]:  # a token re-enrols the device it first enrolled, under its name
+            known = self.fed.devices.get(bound[1])
+            name = known.name if known else name
         with self._lock:
             dev = R.enrol(self.fed.devices, "d-" + secrets.token_hex(6), name, rank, mode, self.fed.cfg, self.clock())
             token = secrets.token_urlsafe(32)
+            owner = self.enrolment.token_of(dev.device_id)
+            if (bound and bound[1] and bound[1] != dev.device_id) or (owner and (not bound or owner != bound[0])):
+                raise R.UnknownDevice(f"device name {name!r} is enrolled with another enrolment token; use your own "
+                                      "token and a name of your own")
+            self.enrolment.check_device(dev.device_id)
+            if bound:
+                self.enrolment.bind(bound[0], dev.device_id)
             self._tokens = {k: v for k, v in self._tokens.items() if v != dev.device_id}
             self._tokens[_hash_token(token)] = dev.device_id
             self.fed.devices[dev.device_id] = dev
@@ -350,7 +442,7 @@ class Coordinator:
             row = self.store.download(did)
             mode = self.scfg.device_mode(dev.mode)
             return {**base, "state": "TRAIN", "round_id": rnd.round_id,
-                    "local_steps": (self.cfg.zo_local_steps or self.cfg.local_steps) if mode == "zo" else self.cfg.local_steps,
+                    "local_steps": self._local_steps(device_id, mode),
                     "lr": self.cfg.zo_lr if mode == "zo" else self.cfg.lr, "seed": self.cfg.seed + rnd.round_id,
                     "deadline_unix": rnd.deadline, "download_id": did, "download_size": row["size"],
                     "download_sha256": row["sha256"], "nonce": rnd.nonces[device_id], "mode": mode}
@@ -382,10 +474,20 @@ class Coordinator:
         if offset + len(data) > total_size:
             raise UploadRejected(f"chunk at offset {offset} (+{len(data)} bytes) runs past the declared total "
                                  f"size {total_size}")
-        try:
-            return self.store.append_partial(self._upload_key(device_id, upload_id), offset, data)
-        except ValueError as e:
-            raise UploadRejected(str(e)) from None
+        with self._device_upload_lock(device_id):
+            if offset == 0:  # a device has one upload in flight: forget its abandoned partials (bounded disk)
+                keep = self._upload_key(device_id, upload_id) + ".part"
+                for p in (self.store.root / "partial").glob(f"{device_id}_*.part"):
+                    if p.name != keep:
+                        p.unlink(missing_ok=True)
+            try:
+                return self.store.append_partial(self._upload_key(device_id, upload_id), offset, data)
+            except ValueError as e:
+                raise UploadRejected(str(e)) from None
+
+    def _device_upload_lock(self, device_id: str) -> threading.Lock:
+        with self._lock:
+            return self._upload_locks.setdefault(device_id, threading.Lock())
 
     def _precheck(self, device_id: str, round_id: int, nonce: str) -> R.Round:
         rnd = self.fed.current
@@ -415,7 +517,8 @@ class Coordinator:
             except R.RoundError:
                 self.store.drop_partial(key)
                 raise
-            data = self.store.take_partial(key)
+            with self._device_upload_lock(device_id):
+                data = self.store.take_partial(key)
             try:
                 if len(data) != header["total_size"]:
                     raise UploadRejected(f"received {len(data)} bytes but the header declared {header['total_size']}; "
@@ -424,25 +527,29 @@ class Coordinator:
                     raise UploadRejected("upload sha256 does not match the header's checksum (corrupted transfer); "
                                          "upload again")
                 try:
-                    state, _ = wire.decode_tensors(data)
-                except wire.WireError as e:
-                    raise UploadRejected(str(e)) from None
+                    state, meta = wire.decode_tensors(data)
+                except (wire.WireError, ValueError, RuntimeError, KeyError) as e:
+                    raise UploadRejected(f"upload is not a valid tensor blob: {e}") from None
                 did = self._download_id(rnd, device_id)
                 mode = self.scfg.device_mode(self.fed.devices[device_id].mode)
                 expected = S.expected_upload_shapes(self._download_tensors(did), self.scfg, mode)
                 try:
-                    S.validate_upload(state, expected, self.cfg.norm_bound)
-                except ValueError as e:
-                    raise UploadRejected(str(e)) from None
-            except UploadRejected:
+                    validate_update(state, expected, self.cfg.norm_bound, meta.get("precision"))
+                except UpdateInvalid as e:
+                    rej = UploadRejected(str(e))
+                    rej.reason = e.reason
+                    raise rej from None
+            except UploadRejected as e:
                 self.store.drop_partial(key)
-                self.store.event("upload_rejected", rnd.round_id, device_id)
+                self.store.event("upload_rejected", rnd.round_id, device_id, reason=e.reason, detail=str(e)[:300])
                 raise
             stats = header.get("stats", {})
             self.store.put_update(rnd.round_id, device_id, header["nonce"], "LORA", data, ".safetensors", wire_bytes,
                                   int(stats.get("num_examples", 1)), did, stats)
             self.store.drop_partial(key)
+            self._note_plan(device_id, stats)
             self._accepted(rnd, device_id, len(data))
+            self._fold_accepted(rnd, device_id, state, int(stats.get("num_examples", 1)))
         self.tick()
         return len(data)
 
@@ -465,9 +572,53 @@ class Coordinator:
             data = json.dumps({"seeds": list(seeds), "grads": list(grads), "lr": lr, "mode": mode}).encode()
             self.store.put_update(round_id, device_id, nonce, "ZO", data, ".zo.json", wire_bytes, int(num_examples),
                                   did, stats)
+            self._note_plan(device_id, stats)
             self._accepted(rnd, device_id, len(data))
+            self._fold_accepted(rnd, device_id, final, int(num_examples))
         self.tick()
         return len(data)
+
+    def _local_steps(self, device_id: str, mode: str) -> int:
+        """This device's local steps: the re-planned value (scaled for ZO devices) or the configured one."""
+        base = (self.cfg.zo_local_steps or self.cfg.local_steps) if mode == "zo" else self.cfg.local_steps
+        k = self._steps.get(device_id)
+        return base if k is None else max(1, round(base * k / self.cfg.local_steps))
+
+    def _note_plan(self, device_id: str, stats: dict[str, Any]) -> None:
+        """A device that stepped down after an out-of-memory reports its new plan: never assign above it."""
+        from .replan import rank_after_report, reported_plan
+
+        plan = reported_plan(stats or {})
+        dev = self.fed.devices.get(device_id)
+        if plan is None or dev is None or plan["rank"] >= dev.plan_rank:
+            return
+        if self.cfg.strategy in R.COMMON_RANK_STRATEGIES:
+            log.warning("device %s stepped down to rank %d but strategy %s trains one common rank %d", device_id,
+                        plan["rank"], self.cfg.strategy, dev.assigned_rank)
+            return
+        plan_rank, assigned = rank_after_report(dev.plan_rank, dev.assigned_rank, plan["rank"])
+        self.fed.devices[device_id] = replace(dev, plan_rank=plan_rank, assigned_rank=assigned)
+        self.store.event("plan_stepped_down", None, device_id, plan_rank=plan_rank, assigned=assigned)
+        log.info("device %s stepped down: plan rank %d -> %d, assigned rank %d", device_id, dev.plan_rank, plan_rank,
+                 assigned)
+
+    def _replan(self, rnd: R.Round) -> None:
+        """Re-fit the selected devices' rank and local steps to the deadline (coordinator.replan)."""
+        from .replan import RoundReport, replan
+
+        stats = {u["device_id"]: u["stats"] for u in self.store.updates(rnd.round_id)}
+        devs = {d: self.fed.devices[d] for d in rnd.selected if d in self.fed.devices}
+        current = {d: (dev.assigned_rank, self._steps.get(d, self.cfg.local_steps)) for d, dev in devs.items()}
+        reports = {d: RoundReport.from_stats(stats[d], devs[d].assigned_rank) if d in stats else None for d in devs}
+        new = replan(reports, self.cfg.round_timeout_s, current, plan_ranks={d: v.plan_rank for d, v in devs.items()},
+                     target_steps=self.cfg.local_steps, max_rank=self.cfg.max_rank, margin=self.cfg.replan_margin)
+        common = self.cfg.strategy in R.COMMON_RANK_STRATEGIES
+        for d, (rank, steps) in new.items():
+            self._steps[d] = steps
+            if not common:
+                self.fed.devices[d] = replace(self.fed.devices[d], assigned_rank=rank)
+        self.store.event("replan", rnd.round_id, assignments={d: list(v) for d, v in new.items()})
+        log.info("round %d re-planned (rank, steps): %s", rnd.round_id, new)
 
     def _accepted(self, rnd: R.Round, device_id: str, size: int) -> None:
         self.fed.current = R.accept(rnd, device_id)
@@ -478,3 +629,5 @@ class Coordinator:
 
     def close(self) -> None:
         self.store.close()
+        self.enrolment.close()
+        self.rejections.close()

@@ -73,7 +73,7 @@ def validate_update(state: Mapping[str, torch.Tensor], expected: Mapping[str, tu
 
 _BY_CLASS = {"UnknownDevice": "unauthenticated", "Revoked": "permission_denied", "LateUpload": "late",
              "DuplicateUpload": "duplicate", "NotSelected": "not_selected", "UploadTooLarge": "too_large",
-             "BlobTooLarge": "too_large", "EnrolmentRefused": "enrolment"}
+             "BlobTooLarge": "too_large", "EnrolmentRefused": "bad_plan"}
 _BY_TEXT = (("enrolment token", "unauthenticated"), ("nonce", "replay"), ("sha256", "checksum"),
             ("non-finite", "non_finite"), ("nan/inf", "non_finite"), ("exceeds the bound", "norm_bound"),
             ("cap", "too_large"), ("keys do not match", "keys"), ("shape", "shape"), ("dtype", "dtype"),

@@ -22,7 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--root-ca", default=None, help="CA certificate to verify the coordinator (TLS)")
     p.add_argument("--client-cert", default=None)
     p.add_argument("--client-key", default=None)
-    p.add_argument("--enrolment-token", default="")
+    p.add_argument("--enrolment-token", default="", help="from `edge-coordinator enrol` (closed enrolment)")
+    p.add_argument("--retry-attempts", type=int, default=8,
+                   help="tries per call on UNAVAILABLE / DEADLINE_EXCEEDED (exponential backoff with jitter)")
     p.add_argument("--max-rounds", type=int, default=None)
     p.add_argument("--limit", type=int, default=None, help="use at most this many local records")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -45,6 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _credentials(args):
     if args.insecure:
+        logging.getLogger("edge_runtime.join").warning(
+            "PLAINTEXT gRPC (--insecure): the device token and updates travel unencrypted; use --root-ca outside "
+            "loopback or a trusted network")
         return None
     import grpc
 
@@ -112,6 +117,10 @@ def cmd_join(args) -> int:
                      enrolment_token=args.enrolment_token, credentials=_credentials(args), throttle_up=up,
                      throttle_down=down, threads=args.threads, pace=emu.get("pace"),
                      availability=emu.get("availability"), offline_s=args.offline_s)
+    if args.retry_attempts != cfg.retry.attempts:
+        from dataclasses import replace as _replace
+
+        cfg.retry = _replace(cfg.retry, attempts=max(1, args.retry_attempts))
     if args.metrics_port:
         from edge_runtime.metrics import RuntimeMetrics
 

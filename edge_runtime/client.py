@@ -52,7 +52,10 @@ class FederationClient:
                  retry: RetryPolicy = RetryPolicy(), throttle_up: wire.Throttle | None = None,
                  throttle_down: wire.Throttle | None = None, chunk_size: int = wire.CHUNK_SIZE,
                  rpc_timeout_s: float = 120.0):
-        opts = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
+        opts = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20),
+                # reconnect quickly after a coordinator restart (gRPC's default backoff grows to 120 s)
+                ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 2000)]
         self.channel = (grpc.secure_channel(target, credentials, options=opts) if credentials
                         else grpc.insecure_channel(target, options=opts))
         self.stub = pbg.FederationStub(self.channel)
@@ -200,6 +203,7 @@ class JoinConfig:
     pace: Callable[[float], float] | None = None
     availability: Callable[[int], tuple[bool, bool]] | None = None
     offline_s: float = 30.0  # an offline / dropped-out device stays silent this long (no heartbeat, no poll)
+    stepdown: bool = True  # on out-of-memory, step down the plan and resume (edge_runtime.stepdown)
 
 
 class _Heartbeat:
@@ -299,6 +303,9 @@ def run_join(cfg: JoinConfig, trainer_factory: Callable[..., Any] | None = None)
         from edge_runtime.training.session import LocalTrainer as trainer_factory  # noqa: N813
     trainer = trainer_factory(cfg.model, plan, task, memory_budget_bytes=guard_budget(cfg.plan, cfg.profile),
                               seed=int(conf.seed), threads=cfg.threads)
+    if cfg.stepdown:
+        from edge_runtime.stepdown import adaptive_for_join
+        trainer = adaptive_for_join(trainer, cfg, task, trainer_factory)
     tracker = _DeltaTracker()
     local_b: dict[str, torch.Tensor] = {}
     reports: list[dict[str, Any]] = []
@@ -384,7 +391,8 @@ def _one_round(client: FederationClient, trainer: Any, t: pb.Task, strategy: str
     stats = pb.TrainStats(num_examples=n_examples, train_loss=float(result.mean_loss),
                           train_time_s=result.seconds + paced_s,
                           peak_memory_bytes=int(result.peak_rss_bytes), upload_time_s=last_upload_s,
-                          download_time_s=download_s, steps=int(result.steps))
+                          download_time_s=download_s, steps=int(result.steps),
+                          extra_json=json.dumps(trainer.report()) if hasattr(trainer, "report") and trainer.report() else "")
     t1 = time.perf_counter()
     try:
         if t.mode == "zo":
@@ -414,4 +422,5 @@ def _one_round(client: FederationClient, trainer: Any, t: pb.Task, strategy: str
              result.steps, result.seconds, result.mean_loss, sent, upload_s)
     return {"round_id": t.round_id, "rank": t.assigned_rank, "mode": t.mode, "train_s": result.seconds,
             "paced_s": paced_s, "train_loss": result.mean_loss, "peak_rss_bytes": result.peak_rss_bytes, "download_s": download_s,
-            "download_bytes": len(blob), "upload_s": upload_s, "upload_bytes": sent, "accepted": reply.accepted}
+            "download_bytes": len(blob), "upload_s": upload_s, "upload_bytes": sent, "accepted": reply.accepted,
+            **({"stepdown": trainer.last_events, "plan_rank": trainer.plan.rank} if getattr(trainer, "last_events", None) else {})}

@@ -177,10 +177,15 @@ class DeviceRuntime:
 
     def evaluate(self, arrays: Sequence[np.ndarray], config: Mapping[str, Any],
                  state_b: Mapping[str, torch.Tensor]) -> tuple[float, int, dict[str, Any]]:
+        """Score the downloaded global at this device's rank; the device's own adapter is put back afterwards."""
         records = self.settings.eval_records or self.settings.records
         with self.lock:
+            prev = self.trainer.adapter_state() if self.trainer is not None else None
             t = self.load(arrays, config, state_b)
             m = t.evaluate(records)
+            cur = t.adapter_state()
+            if prev is not None and {k: v.shape for k, v in prev.items()} == {k: v.shape for k, v in cur.items()}:
+                t.load_adapter_state(prev)
         metrics = {k: float(v) for k, v in m.items() if isinstance(v, (int, float)) and k != "loss"}
         return float(m["loss"]), len(records), metrics
 
@@ -270,6 +275,12 @@ def make_client_app() -> ClientApp:
 app = make_client_app()
 
 
+def cached_runtimes() -> dict[int, DeviceRuntime]:
+    """Node id -> its cached runtime (the latest settings per node), for inspection."""
+    with _RUNTIMES_LOCK:
+        return {node: rt for (node, _), rt in _RUNTIMES.items()}
+
+
 def clear_runtimes() -> None:
     """Forget the cached runtimes (tests, or to free memory between simulated federations)."""
     with _RUNTIMES_LOCK:
@@ -277,4 +288,4 @@ def clear_runtimes() -> None:
 
 
 __all__ = ["DeviceSettings", "DeviceRuntime", "FlowerDeviceClient", "client_fn", "make_client_app", "app",
-           "settings_from_node_config", "clear_runtimes"]
+           "settings_from_node_config", "cached_runtimes", "clear_runtimes"]

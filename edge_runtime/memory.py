@@ -42,7 +42,7 @@ class Calibration:
     act_kv: float = 4.0             # ... + act_kv * kv_dim (k/v projections, rope)
     attn_eager: float = 4.0         # materialized attention: copies of (b, heads, s, s) per layer
     ckpt_hidden: float = 1.0        # gradient checkpointing keeps ckpt_hidden * hidden per token per layer
-    logits_train: float = 4.0       # logits, log-softmax, their grads at the start of backward
+    logits_train: float = 3.0       # one checkpointed chunk in backward: logits, softmax, grad (fp32)
     logits_zo: float = 2.0          # logits + log-softmax in a no-grad forward
     fwd_transient: float = 4.0      # no-grad forward: live values ~ fwd_transient * intermediate per token
     dequant_copies: float = 2.0     # fp32 copies of the largest quantized Linear during fwd/bwd
@@ -106,11 +106,13 @@ def trainable_params(spec: ModelSpec, plan: Plan, task: str) -> int:
 
 def estimate(spec: ModelSpec, plan: Plan, task: str = "classification", overhead_bytes: int | None = None,
              budget_bytes: int = 0, *, device: str = "cpu", attn_implementation: str = "sdpa",
-             calibration: Calibration = DEFAULT_CALIBRATION) -> MemoryEstimate:
+             calibration: Calibration = DEFAULT_CALIBRATION, response_tokens: int | None = None) -> MemoryEstimate:
     """Predicted peak memory of training `spec` under `plan`; breakdown values sum to the total.
 
     overhead_bytes: runtime overhead (RSS after imports); None -> measured once per process
     (cached). Pass 0 for a discrete GPU's CUDA-allocated peak (`device="cuda"` does that).
+    response_tokens: target (response) tokens per batch for a causal LM; None -> batch * seq_len
+    (the upper bound). Only these rows go through lm_head (edge_runtime/training/losses.py).
     """
     if task not in TASKS:
         raise ValueError(f"task {task!r} is invalid: expected one of {TASKS}")
@@ -141,8 +143,10 @@ def estimate(spec: ModelSpec, plan: Plan, task: str = "classification", overhead
     # that encoders with a padding mask take (measured: ~4 copies per BERT layer in backward).
     materialized = attn_implementation == "eager" or spec.task_kind == "encoder"
     attn = cal.attn_eager * spec.heads * s * s * b * act_b if materialized else 0.0
-    # the trainer's causal-LM loss runs lm_head on at most LOGIT_CHUNK_ROWS rows at a time
-    logits = min(tokens, LOGIT_CHUNK_ROWS) * spec.vocab * 4 if task == "causal_lm" else 0
+    # the trainer's causal-LM loss runs lm_head only on response tokens, LOGIT_CHUNK_ROWS rows at a
+    # time under checkpointing: one chunk's fp32 logits (rows, V) are alive at a time
+    n_resp = tokens if response_tokens is None else max(1, min(int(response_tokens), tokens))
+    logits = min(n_resp, LOGIT_CHUNK_ROWS) * spec.vocab * 4 if task == "causal_lm" else 0
     dyn: dict[str, float] = {}
     if zo:
         dyn["zo_perturbation"] = 2 * 4 * n_train  # clean copy + z

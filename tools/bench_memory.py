@@ -54,7 +54,14 @@ CONFIGS = [
     ("smollm2-r8-b2-s64", "smollm2", "causal_lm", dict(rank=8, batch_size=2, seq_len=64)),
     ("smollm2-r8-b4-s128-ckpt", "smollm2", "causal_lm", dict(rank=8, batch_size=4, seq_len=128, gradient_checkpointing=True)),
     ("smollm2-zo-b2-s128", "smollm2", "causal_lm", dict(mode="zo", rank=8, batch_size=2, seq_len=128, optimizer="sgd")),
+    ("smollm2-nf4-r8-b2-s64", "smollm2", "causal_lm", dict(rank=8, batch_size=2, seq_len=64, base_precision="nf4")),
+    # memory floors: the smallest plan of each mode (rank 1, batch 1, 32 tokens)
+    ("smollm2-floor-lora-fp32", "smollm2", "causal_lm", dict(rank=1, batch_size=1, seq_len=32, gradient_checkpointing=True)),
+    ("smollm2-floor-lora-nf4", "smollm2", "causal_lm", dict(rank=1, batch_size=1, seq_len=32, gradient_checkpointing=True,
+                                                           base_precision="nf4")),
+    ("smollm2-floor-zo", "smollm2", "causal_lm", dict(mode="zo", rank=1, batch_size=1, seq_len=32, optimizer="sgd")),
 ]
+SMOLLM2_SET = [c[0] for c in CONFIGS if c[1] == "smollm2"]
 QUICK = ["minilm-r8-b8-s128", "minilm-zo-b8-s128", "llama8m-r8-b4-s128", "llama30m-r4-b8-s128-ckpt"]
 
 
@@ -206,7 +213,9 @@ def run_config(name: str, model: str, task: str, overrides: dict, harness: str, 
     if proc.returncode != 0:
         raise RuntimeError(f"config {name} failed:\n{proc.stderr[-3000:]}")
     meas = json.loads(proc.stdout.strip().splitlines()[-1])
-    est = estimate(spec, plan, task=task, overhead_bytes=meas["baseline_rss"])
+    # _records() makes over-long examples: the trainer keeps seq_len // 2 response tokens of each
+    resp = plan.batch_size * (plan.seq_len // 2) if task == "causal_lm" and harness == "trainer" else None
+    est = estimate(spec, plan, task=task, overhead_bytes=meas["baseline_rss"], response_tokens=resp)
     pred = est.total_bytes
     return {"name": name, "model": model, "task": task, "plan": overrides, **meas, "predicted": pred,
             "breakdown": est.breakdown,
@@ -218,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="run 4 small configurations (CI)")
     ap.add_argument("--only", nargs="*", help="names of configurations to run")
+    ap.add_argument("--smollm2", action="store_true", help="only the SmolLM2 configurations (incl. memory floors)")
     ap.add_argument("--harness", choices=["auto", "trainer", "peft"], default="auto")
     ap.add_argument("--out", default=str(ROOT / "docs/bench_memory.json"))
     ap.add_argument("--md", default=str(ROOT / "docs/memory.md"), help="markdown file whose table is replaced ('' to skip)")
@@ -234,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     harness = args.harness
     if harness == "auto":
         harness = "trainer" if (ROOT / "edge_runtime/training/session.py").exists() else "peft"
-    chosen = [c for c in CONFIGS if (c[0] in QUICK if args.quick else True) and (not args.only or c[0] in args.only)]
+    chosen = [c for c in CONFIGS if (c[0] in QUICK if args.quick else True) and (not args.only or c[0] in args.only)
+              and (not args.smollm2 or c[0] in SMOLLM2_SET)]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         wd = args.workdir or tmp

@@ -35,7 +35,7 @@ from edge_runtime.modelspec import load_model_spec  # noqa: E402
 from edge_runtime.planner import PlanningError, plan  # noqa: E402
 from edge_runtime.profile import load_profile  # noqa: E402
 
-console = Console()
+console = Console(width=150)
 
 
 @dataclass
@@ -96,6 +96,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_listening(port: int, proc: subprocess.Popen, timeout_s: float) -> None:
+    """Block until the coordinator accepts TCP connections (it loads the model and evaluates
+    the initial global model before it listens)."""
+    t0 = time.time()
+    while time.time() - t0 < timeout_s:
+        if proc.poll() is not None:
+            raise SystemExit(f"coordinator exited with code {proc.returncode} before listening; see its log")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(1.0)
+    raise SystemExit(f"coordinator did not listen on port {port} within {timeout_s:.0f}s")
 
 
 def host_gflops() -> float:
@@ -306,6 +321,8 @@ def run(cfg: FleetConfig, out: Path, timeout_s: float) -> dict[str, Any]:
     console.print(f"host: {gflops:.1f} GFLOP/s fp32; devices are slowed to their profile's speed")
     port = free_port()
     coord = start_coordinator(cfg, model, port, store, eval_path, len(admitted), out / "logs" / "coordinator.log")
+    with console.status("coordinator: loading the base model and evaluating the initial global model..."):
+        wait_listening(port, coord, 600)
     devices = [start_device(d, i, model, port, shards[i], out, gflops, cfg) for i, d in enumerate(admitted)]
     console.print(f"coordinator on 127.0.0.1:{port}; {len(devices)} device processes started "
                   f"(logs under {out / 'logs'})")

@@ -3,9 +3,10 @@
 For the weighted sum dW = sum_k p_k s_k B_k A_k = Bs @ As with Bs (out, R) and As (R, in)
 the stacked factors: QR Bs = Qb Rb, QR As^T = Qa Ra, so dW = Qb (Rb Ra^T) Qa^T; an SVD of
 the small core Rb Ra^T = U S V^T gives dW = (Qb U) S (Qa V)^T. Cost O((out + in) R^2 + R^3)
-in float64, never forming the dense (out, in) matrix. The R factors are taken from a
-Cholesky factorisation of the (equilibrated) Gram matrices when those are well conditioned,
-else from Householder QR; see `factor_svd`.
+in float64, without forming the dense (out, in) matrix (unless R > min(out, in) / 2, where
+the dense SVD is no dearer). The R factors are taken from a Cholesky factorisation of the
+(equilibrated) Gram matrices when those are well conditioned, else from Householder QR;
+see `factor_svd`.
 
 Global state between rounds: each device receives its own rank's truncation (the best
 rank-r approximation, Eckart-Young) of the aggregated effective update.
@@ -22,6 +23,7 @@ from .validation import probabilities, validate_rank, validate_updates
 
 
 CHOLESKY_MIN_PIVOT = 1e-4  # on the unit-diagonal Gram: cond(B) up to ~1e4 takes the Gram route
+DENSE_RANK_FRACTION = 0.5  # stacked rank R > this * min(out, in): SVD of the dense product instead
 
 
 def factor_svd(B: torch.Tensor, A: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -32,7 +34,9 @@ def factor_svd(B: torch.Tensor, A: torch.Tensor, k: int | None = None) -> tuple[
     dropped first. Fast path ("Cholesky-QR"): the R factors come from Cholesky of the
     column-equilibrated Gram matrices (BLAS-3, out*R^2 flops) and only k singular vectors
     are mapped back by a triangular solve; when a Gram matrix is singular or
-    ill-conditioned the Householder QR route is used instead (always stable).
+    ill-conditioned the Householder QR route is used instead (always stable). When the
+    stacked rank R exceeds half of min(out, in), the factor route costs as much as the
+    dense one, so the dense product B @ A is formed and decomposed directly.
     """
     B64, A64 = B.to(torch.float64), A.to(torch.float64)
     nb, na = B64.norm(dim=0), A64.norm(dim=1)  # (R,), (R,)
@@ -43,6 +47,8 @@ def factor_svd(B: torch.Tensor, A: torch.Tensor, k: int | None = None) -> tuple[
     if R == 0:
         z = torch.zeros(0, dtype=torch.float64)
         return torch.zeros(B.shape[0], 0, dtype=torch.float64), z, torch.zeros(0, A.shape[1], dtype=torch.float64)
+    if R > min(B64.shape[0], A64.shape[1]) * DENSE_RANK_FRACTION:  # factor space saves nothing here
+        return _dense_svd(B64 @ A64, R if k is None else min(k, R))  # rank(B A) <= R
     if R <= min(B64.shape[0], A64.shape[1]):
         fast = _gram_route(B64 / nb, A64 / na[:, None], nb, na, k)
         if fast is not None:
@@ -52,6 +58,13 @@ def factor_svd(B: torch.Tensor, A: torch.Tensor, k: int | None = None) -> tuple[
     U, S, Vh = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)  # core (m1, m2)
     k = S.shape[0] if k is None else min(k, S.shape[0])
     return Qb @ U[:, :k], S[:k], Vh[:k] @ Qa.T
+
+
+def _dense_svd(dW: torch.Tensor, k: int | None):
+    """SVD of the dense float64 product dW (out, in), truncated to k triplets."""
+    U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
+    k = S.shape[0] if k is None else min(k, S.shape[0])
+    return U[:, :k], S[:k], Vh[:k]
 
 
 def _gram_route(Bn: torch.Tensor, An: torch.Tensor, nb: torch.Tensor, na: torch.Tensor, k: int | None):
