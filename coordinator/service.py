@@ -284,7 +284,7 @@ class Coordinator:
                 return
             rnd = self.fed.current
             if rnd is None or rnd.state != R.OPEN:
-                self._open(now)
+                self._open(self.clock())  # aggregation/evaluation may have taken a while
 
     def _open(self, now: float) -> None:
         rid = self.fed.last_round_id + 1
@@ -293,6 +293,8 @@ class Coordinator:
         if rnd is None:
             return
         self.fed.current, self.fed.last_round_id = rnd, rid
+        for d in rnd.selected:  # the coordinator was busy (aggregating, evaluating), not the devices:
+            self.fed.devices[d] = replace(self.fed.devices[d], last_seen=now)  # grace from round open
         self._ensure_downloads(rnd)
         self.store.put_round(rnd)
         self.store.event("round_open", rid, selected=list(rnd.selected))

@@ -301,6 +301,16 @@ def run_join(cfg: JoinConfig, trainer_factory: Callable[..., Any] | None = None)
     task = {"kind": conf.task or "classification", "num_labels": int(conf.num_labels or 2)}
     if trainer_factory is None:
         from edge_runtime.training.session import LocalTrainer as trainer_factory  # noqa: N813
+    hb = _Heartbeat(client, cfg.heartbeat_s).__enter__()  # alive while the model loads
+    try:
+        return _participate(client, cfg, reply, conf, plan, task, name, trainer_factory, hb)
+    finally:
+        hb.__exit__(None, None, None)
+        client.close()
+
+
+def _participate(client: FederationClient, cfg: JoinConfig, reply: Any, conf: Any, plan: Any, task: dict,
+                 name: str, trainer_factory: Callable[..., Any], hb: _Heartbeat) -> dict[str, Any]:
     trainer = trainer_factory(cfg.model, plan, task, memory_budget_bytes=guard_budget(cfg.plan, cfg.profile),
                               seed=int(conf.seed), threads=cfg.threads)
     if cfg.stepdown:
@@ -312,35 +322,33 @@ def run_join(cfg: JoinConfig, trainer_factory: Callable[..., Any] | None = None)
     last_upload_s = 0.0
     done_rounds = 0
     offline_round = -1
-    with _Heartbeat(client, cfg.heartbeat_s) as hb:
-        while cfg.max_rounds is None or done_rounds < cfg.max_rounds:
-            t = client.get_task()
-            if t.state == pb.Task.DONE:
-                log.info("coordinator: federation finished")
-                break
-            if t.state != pb.Task.TRAIN or t.round_id == offline_round:
-                time.sleep(min(cfg.max_poll_s, max(0.05, t.retry_after_s or 1.0)))
-                continue
-            online, drops = cfg.availability(t.round_id) if cfg.availability else (True, False)
-            if not online:
-                log.info("round %d: device offline (emulated availability); silent for %.0fs", t.round_id,
-                         cfg.offline_s)
-                offline_round = t.round_id
-                _go_silent(hb, cfg.offline_s)
-                continue
-            report = _one_round(client, trainer, t, conf.strategy, tracker, local_b, cfg, hb, last_upload_s, drops)
-            if report.get("dropped"):
-                offline_round = t.round_id
-                _go_silent(hb, cfg.offline_s)
-            last_upload_s = report.get("upload_s", 0.0)
-            reports.append(report)
-            done_rounds += 1
-            if cfg.on_round:
-                cfg.on_round(report)
-            if cfg.state_dir:
-                with open(Path(cfg.state_dir) / "rounds.jsonl", "a") as f:
-                    f.write(json.dumps(report) + "\n")
-    client.close()
+    while cfg.max_rounds is None or done_rounds < cfg.max_rounds:
+        t = client.get_task()
+        if t.state == pb.Task.DONE:
+            log.info("coordinator: federation finished")
+            break
+        if t.state != pb.Task.TRAIN or t.round_id == offline_round:
+            time.sleep(min(cfg.max_poll_s, max(0.05, t.retry_after_s or 1.0)))
+            continue
+        online, drops = cfg.availability(t.round_id) if cfg.availability else (True, False)
+        if not online:
+            log.info("round %d: device offline (emulated availability); silent for %.0fs", t.round_id,
+                     cfg.offline_s)
+            offline_round = t.round_id
+            _go_silent(hb, cfg.offline_s)
+            continue
+        report = _one_round(client, trainer, t, conf.strategy, tracker, local_b, cfg, hb, last_upload_s, drops)
+        if report.get("dropped"):
+            offline_round = t.round_id
+            _go_silent(hb, cfg.offline_s)
+        last_upload_s = report.get("upload_s", 0.0)
+        reports.append(report)
+        done_rounds += 1
+        if cfg.on_round:
+            cfg.on_round(report)
+        if cfg.state_dir:
+            with open(Path(cfg.state_dir) / "rounds.jsonl", "a") as f:
+                f.write(json.dumps(report) + "\n")
     return {"device_id": reply.device_id, "name": name, "assigned_rank": reply.assigned_rank, "mode": conf.mode,
             "strategy": conf.strategy, "rounds": reports}
 

@@ -60,7 +60,7 @@ class FleetConfig:
     lora_alpha: float = 16.0
     quorum: float = 0.5
     round_timeout_s: float = 240.0
-    heartbeat_timeout_s: float = 15.0
+    heartbeat_timeout_s: float = 30.0
     seed: int = 0
     devices: list[dict[str, Any]] = field(default_factory=list)
     extra_coordinator_args: list[str] = field(default_factory=list)
