@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv bench protos clean
+.PHONY: demo test venv bench protos clean browser
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,14 @@ $(STAMP): requirements.txt pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q -ra tests
+
+# Best effort: Debian's Chromium for the dashboard's headless-browser test (skipped without it).
+browser:
+	@command -v chromium >/dev/null 2>&1 || (command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	  timeout 300 sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null' ) \
+	  || echo "chromium not installed: the dashboard browser test will be skipped"
 
 demo: $(STAMP)
 	$(PY) tools/fleet.py --config tools/demo_fleet.yaml --out runs/demo
