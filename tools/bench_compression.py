@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=8, help="local steps per device per round")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank of the accuracy experiment")
     p.add_argument("--train", type=int, default=512, help="SST-2 training examples (split over devices)")
-    p.add_argument("--eval", type=int, default=256, help="SST-2 validation examples")
+    p.add_argument("--eval", type=int, default=256, help="SST-2 dev examples")
     p.add_argument("--precisions", default=",".join(PRECISIONS))
     p.add_argument("--model", default=str(MINILM))
     p.add_argument("--threads", type=int, default=2)
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = LocalTrainer(args.model, plan, "classification", seed=0)
     init = trainer.adapter_state()
     shards = partition(load_sst2("train", limit=args.train), args.devices, scheme="iid", seed=0)
-    evalset = load_sst2("validation", limit=args.eval)
+    evalset = load_sst2("dev", limit=args.eval)
     base = trainer.evaluate(evalset)
     runs = []
     for prec in args.precisions.split(","):
