@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--devices", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=8, help="local steps per device per round")
+    p.add_argument("--lr", type=float, default=1e-3, help="local learning rate")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank of the accuracy experiment")
     p.add_argument("--train", type=int, default=512, help="SST-2 training examples (split over devices)")
     p.add_argument("--eval", type=int, default=256, help="SST-2 dev examples")
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     sizes = bytes_table([int(r) for r in args.ranks.split(",")])
 
-    plan = Plan(rank=args.rank, target_modules=["query", "value"], batch_size=16, seq_len=64, learning_rate=1e-3)
+    plan = Plan(rank=args.rank, target_modules=["query", "value"], batch_size=16, seq_len=64, learning_rate=args.lr)
     trainer = LocalTrainer(args.model, plan, "classification", seed=0)
     init = trainer.adapter_state()
     shards = partition(load_sst2("train", limit=args.train), args.devices, scheme="iid", seed=0)
@@ -123,9 +124,10 @@ def main(argv: list[str] | None = None) -> dict:
         runs[-1]["wall_s"] = time.perf_counter() - t0
         print(f"{prec}: accuracy {runs[-1]['accuracy']:.4f}, loss {runs[-1]['loss']:.4f}", flush=True)
     result = {"bytes": sizes, "accuracy": {"initial": base, "runs": runs, "devices": args.devices,
-                                           "rounds": args.rounds, "steps": args.steps, "rank": args.rank,
+                                           "rounds": args.rounds, "steps": args.steps, "rank": args.rank, "lr": args.lr,
                                            "train_examples": args.train, "eval_examples": args.eval}}
     print_tables(result)
+    print(markdown_tables(result))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_compression.json").write_text(json.dumps(result, indent=2))
@@ -154,6 +156,25 @@ def print_tables(result: dict) -> None:
         t.add_row(r["precision"], f"{r['accuracy']:.4f}", f"{r['loss']:.4f}",
                   f"{r['upload_bytes_per_device_round']:,.0f}", f"{r['upload_rel_error_mean']:.1e}")
     con.print(t)
+
+
+def markdown_tables(result: dict) -> str:
+    """The docs/performance.md tables of these results."""
+    ranks = sorted({r["rank"] for r in result["bytes"]})
+    by = {(r["rank"], r["precision"]): r for r in result["bytes"]}
+    lines = ["| rank | " + " | ".join(f"{p} bytes (saved)" for p in PRECISIONS) + " | int8 rel. error |",
+             "|---" * (len(PRECISIONS) + 2) + "|"]
+    for rk in ranks:
+        cells = [f"{by[rk, p]['bytes']:,} ({100 * by[rk, p]['saved_vs_fp32']:.0f}%)" for p in PRECISIONS]
+        lines.append(f"| {rk} | " + " | ".join(cells) + f" | {by[rk, 'int8']['rel_error']:.1e} |")
+    acc = result["accuracy"]
+    lines += ["", "| upload precision | dev accuracy after each round | final eval loss | upload B/device/round | "
+                  "upload rel. error |", "|---|---|---|---|---|"]
+    for r in acc["runs"]:
+        accs = ", ".join(f"{h['accuracy']:.3f}" for h in r["rounds"])
+        lines.append(f"| {r['precision']} | {accs} | "
+                     f"{r['loss']:.4f} | {r['upload_bytes_per_device_round']:,.0f} | {r['upload_rel_error_mean']:.1e} |")
+    return "\n".join(lines)
 
 
 def plot(result: dict, path: Path) -> None:

@@ -297,6 +297,19 @@ def print_table(results: list[FleetResult]) -> None:
     Console(width=160).print(t)
 
 
+def markdown_table(results: list[FleetResult]) -> str:
+    """The docs/performance.md table of these results."""
+    lines = ["| devices/round | round latency s (per round) | aggregate at close s | coordinator RSS start MiB | "
+             "RSS peak MiB | CPU ms/upload | download B/device | upload B/device | batch would hold MiB | failures |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.devices} | {', '.join(f'{x:.1f}' for x in r.round_latency_s)} | "
+                     f"{', '.join(f'{x:.2f}' for x in r.aggregate_s)} | {r.rss_start_mib:.0f} | {r.rss_peak_mib:.0f} | "
+                     f"{r.cpu_ms_per_upload:.1f} | {r.download_bytes_per_device:,.0f} | "
+                     f"{r.upload_bytes_per_device:,.0f} | {r.batch_held_mib:.0f} | {r.failures} |")
+    return "\n".join(lines)
+
+
 def plot(results: list[FleetResult], path: Path) -> None:
     import matplotlib
 
@@ -345,6 +358,7 @@ def main(argv: list[str] | None = None) -> list[FleetResult]:
                                  workers=args.workers, channels=args.channels, poll_s=args.poll,
                                  max_rank=args.max_rank, cap_rank=args.cap_rank, timeout_s=args.timeout))
     print_table(results)
+    print(markdown_table(results))
     peaks = [r.rss_peak_mib for r in results]
     summary = {"results": [asdict(r) for r in results], "model": args.model, "cpu_count": os.cpu_count(),
                "rss_peak_ratio_max_over_min": max(peaks) / min(peaks)}
