@@ -263,15 +263,20 @@ def main(argv: list[str] | None = None) -> int:
                       ("local-steps", int), ("rounds", int), ("lr", float), ("zo-lr", float), ("threads", int),
                       ("seed", int)):
         ap.add_argument(f"--{name}", type=typ, default=getattr(Config, name.replace("-", "_")))
-    ap.add_argument("--strategies", nargs="+", default=list(Config.strategies), choices=FED_STRATEGIES)
+    ap.add_argument("--strategies", nargs="*", default=list(Config.strategies), choices=FED_STRATEGIES)
     ap.add_argument("--no-nf4", action="store_true", help="all LoRA devices on the fp32 base")
     ap.add_argument("--no-zo", action="store_true", help="leave the zeroth-order device out")
     ap.add_argument("--skip-centralized", action="store_true")
+    ap.add_argument("--skip-zero-shot", action="store_true")
+    ap.add_argument("--render", nargs="+", metavar="JSON",
+                    help="no training: merge the results of these reports (first one's config) and write the outputs")
     ap.add_argument("--out", default=str(ROOT / "docs/bench_llm.json"))
     ap.add_argument("--png", default=str(ROOT / "docs/bench_llm.png"))
     ap.add_argument("--md", default=str(ROOT / "docs/llm.md"), help="markdown whose results table is replaced ('' to skip)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if a.render:
+        return render(a.render, a)
     cfg = Config(model=a.model, data=a.data, eval_data=a.eval_data, template=a.template,
                  label_words=tuple(a.label_words), train_rows=a.train_rows, eval_rows=a.eval_rows, seq_len=a.seq_len,
                  batch_size=a.batch_size, local_steps=a.local_steps, rounds=a.rounds, lr=a.lr, zo_lr=a.zo_lr,
@@ -292,21 +297,39 @@ def main(argv: list[str] | None = None) -> int:
         Path(a.out).write_text(json.dumps(rep, indent=2))
         return rep
 
-    ev = fleet.evaluate(held)
-    results.append({"run": "zero-shot (base)", **_ev(ev)})
-    print(f"zero-shot: {ev['accuracy']:.3f} ({ev['seconds']:.0f}s)", flush=True)
+    if not a.skip_zero_shot:
+        ev = fleet.evaluate(held)
+        results.append({"run": "zero-shot (base)", **_ev(ev)})
+        print(f"zero-shot: {ev['accuracy']:.3f} ({ev['seconds']:.0f}s)", flush=True)
     for s in cfg.strategies:
         results.append(run_federated(fleet, s, devices, parts, held))
         save()
     if not a.skip_centralized:
         n_lora = sum(d.mode == "lora" for d in devices)
         r = run_centralized(fleet, train, held, steps=cfg.rounds * cfg.local_steps * n_lora)
-        results.insert(1, r)
+        results.insert(0 if a.skip_zero_shot else 1, r)
         print(f"centralized: {r['accuracy']:.3f} ({r['train_seconds']:.0f}s train)", flush=True)
     report = save()
     _print_table(results)
     if a.png:
         _plot(results, Path(a.png))
+    if a.md:
+        _write_md(Path(a.md), report)
+    return 0
+
+
+def render(paths: list[str], a: argparse.Namespace) -> int:
+    """Merge several reports (e.g. a centralized run and a federated run of the same config)."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    report = dict(reports[0])
+    order = {"zero-shot (base)": 0, "centralized LoRA r=8": 1}
+    results = [r for rep in reports for r in rep["results"]]
+    report["results"] = sorted(results, key=lambda r: order.get(r["run"], 2))
+    report["total_seconds"] = sum(rep["total_seconds"] for rep in reports)
+    Path(a.out).write_text(json.dumps(report, indent=2))
+    _print_table(report["results"])
+    if a.png:
+        _plot(report["results"], Path(a.png))
     if a.md:
         _write_md(Path(a.md), report)
     return 0

@@ -174,12 +174,15 @@ def plan_fleet(cfg: FleetConfig, model: str, out: Path) -> tuple[list[dict[str, 
 
 
 def print_plans(admitted: list[dict[str, Any]], refused: list[dict[str, Any]], shard_sizes: list[int]) -> None:
-    t = Table(title="device plans (from each profile's memory budget)")
-    for col in ("device", "budget", "mode", "rank", "base", "batch", "seq", "ckpt", "upload", "est. peak", "examples"):
+    t = Table(title="device plans (from each profile's memory budget; emulated budgets are on top of the "
+                    "shared runtime overhead, so the process limit = budget + runtime)")
+    for col in ("device", "budget", "process limit", "mode", "rank", "base", "batch", "seq", "ckpt", "upload",
+                "est. peak", "examples"):
         t.add_column(col)
     for d, n in zip(admitted, shard_sizes):
         p, prof = d["plan"], d["profile"]
-        t.add_row(d["name"], f"{prof.memory_budget_bytes / 2**20:.0f} MiB", p.mode, str(p.rank), p.base_precision,
+        limit = p.memory.get("budget_bytes", prof.memory_budget_bytes)
+        t.add_row(d["name"], f"{prof.memory_budget_bytes / 2**20:.0f} MiB", f"{limit / 2**20:.0f} MiB", p.mode, str(p.rank), p.base_precision,
                   str(p.batch_size), str(p.seq_len), "yes" if p.gradient_checkpointing else "no", p.upload_precision,
                   f"{p.memory.get('total_bytes', 0) / 2**20:.0f} MiB", str(n))
     console.print(t)
