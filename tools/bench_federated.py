@@ -69,12 +69,14 @@ def load_data(args) -> tuple[list[dict], list[dict]]:
     return rng.sample(train, min(args.train_examples, len(train))), dev[: args.eval_examples]
 
 
-def fleet_plans(model: str, local_steps: int, zo_devices: int) -> list[dict[str, Any]]:
+def fleet_plans(model: str, local_steps: int, zo_devices: int, max_batch: int = 0) -> list[dict[str, Any]]:
     spec = load_model_spec(model)
     devs = []
     for name, count in FLEET + [(ZO_PROFILE, zo_devices)]:
         prof = load_profile(ROOT / "profiles" / f"{name}.yaml")
         p = make_plan(prof, spec, "classification", local_steps=local_steps)
+        if max_batch and p.batch_size > max_batch:  # CPU-time cap for the benchmark only
+            p = replace(p, batch_size=max_batch)
         devs += [{"name": f"{name}-{k}", "plan": p} for k in range(count)]
     return devs
 
@@ -84,10 +86,10 @@ class Fleet:
 
     def __init__(self, model: str, devices: list[dict[str, Any]], seed: int, zo_lr: float, eps: float):
         lora_plan = next(d["plan"] for d in devices if d["plan"].mode == "lora")
-        self.lora = LocalTrainer(model, lora_plan, {"kind": "classification", "num_labels": 2}, seed=seed, threads=2)
+        self.lora = LocalTrainer(model, lora_plan, {"kind": "classification", "num_labels": 2}, seed=seed, threads=1)
         zo_plans = [d["plan"] for d in devices if d["plan"].mode == "zo"]
         self.zo = (LocalTrainer(model, replace(zo_plans[0], learning_rate=zo_lr, zo_eps=eps),
-                                {"kind": "classification", "num_labels": 2}, seed=seed, threads=2)
+                                {"kind": "classification", "num_labels": 2}, seed=seed, threads=1)
                    if zo_plans else None)
         self.trackers = {"lora": _DeltaTracker(), "zo": _DeltaTracker()}
 
@@ -180,7 +182,7 @@ def run_centralized(model: str, train: list[dict], evaluator: Evaluator, steps: 
 
     p = Plan(rank=16, target_modules=["query", "value"], batch_size=args.central_batch, seq_len=128,
              lora_alpha=args.alpha_lora, learning_rate=args.lr)
-    t = LocalTrainer(model, p, {"kind": "classification", "num_labels": 2}, seed=args.seed, threads=2)
+    t = LocalTrainer(model, p, {"kind": "classification", "num_labels": 2}, seed=args.seed, threads=1)
     rows = []
     per = steps // args.rounds
     for rnd in range(1, args.rounds + 1):
@@ -237,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--zo-eps", type=float, default=1e-3)
     ap.add_argument("--alpha-lora", type=float, default=16.0)
     ap.add_argument("--central-batch", type=int, default=6)
+    ap.add_argument("--max-batch", type=int, default=0, help="cap the plans' micro-batch (CPU time; 0 = as planned)")
     ap.add_argument("--strategies", default="centralized,fedavg,zero_pad,stack,svd,fedsa,svd+zo")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (few examples, 2 rounds)")
@@ -245,11 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.train_examples, args.eval_examples, args.rounds, args.local_steps, args.zo_steps = 600, 64, 2, 3, 6
     torch.manual_seed(args.seed)
+    torch.set_num_threads(1)  # 2 threads on a shared 2-core box oversubscribe badly
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = args.model or minilm()
     train, dev = load_data(args)
-    devices = fleet_plans(model, args.local_steps, args.zo_devices)
+    devices = fleet_plans(model, args.local_steps, args.zo_devices, args.max_batch)
     lora_devs = [d for d in devices if d["plan"].mode == "lora"]
     shards = partition(train, len(devices), scheme="dirichlet", alpha=args.dirichlet, seed=args.seed)
     lora_shards = [s for s, d in zip(shards, devices) if d["plan"].mode == "lora"]
