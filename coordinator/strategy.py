@@ -30,10 +30,9 @@ import torch
 from coordinator.aggregation import (DeviceState, GlobalState, LoraUpdate, aggregate_state, factor_svd, lora_scale,
                                      slice_for_device, split_state, zo_replay_update)
 from coordinator.aggregation.svd import factors_from_svd
-from protos.wire import decode_tensors, encode_tensors
+from protos.wire import BASE_DELTA, decode_tensors, encode_tensors, split_download
 
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
-BASE_DELTA = "base_delta."
 STRATEGIES = ("fedavg", "zero_pad", "stack", "svd", "fedsa", "zo")
 State = dict[str, torch.Tensor]
 
@@ -116,17 +115,6 @@ def download_blob(tensors: Mapping[str, torch.Tensor], cfg: StrategyConfig, rank
     meta = {"strategy": cfg.name, "rank": rank, "lora_alpha": cfg.lora_alpha, "use_rslora": int(cfg.use_rslora),
             "round_id": round_id}
     return encode_tensors(tensors, meta, "fp32")
-
-
-def split_download(tensors: Mapping[str, torch.Tensor]) -> tuple[State, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """(adapter state, base delta module -> (B, A)) from a decoded download."""
-    state = {k: v for k, v in tensors.items() if not k.startswith(BASE_DELTA)}
-    delta = {}
-    for k in tensors:
-        if k.startswith(BASE_DELTA) and k.endswith(".B"):
-            name = k[len(BASE_DELTA):-2]
-            delta[name] = (tensors[k], tensors[BASE_DELTA + name + ".A"])
-    return state, delta
 
 
 # -- upload validation ------------------------------------------------------------------------

@@ -30,7 +30,6 @@ from protos import wire
 log = logging.getLogger("edge_runtime.client")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
-BASE_DELTA = "base_delta."
 
 
 @dataclass(frozen=True)
@@ -272,14 +271,6 @@ def guard_budget(plan: Any, profile: Any) -> int:
     return int((plan.memory or {}).get("budget_bytes") or profile.memory_budget_bytes)
 
 
-def split_download(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
-    """(adapter state, module -> (B, A) cumulative base delta)."""
-    state = {k: v for k, v in tensors.items() if not k.startswith(BASE_DELTA)}
-    delta = {k[len(BASE_DELTA):-2]: (tensors[k], tensors[k[:-2] + ".A"])
-             for k in tensors if k.startswith(BASE_DELTA) and k.endswith(".B")}
-    return state, delta
-
-
 def run_join(cfg: JoinConfig, trainer_factory: Callable[..., Any] | None = None) -> dict[str, Any]:
     """Participate until the coordinator says DONE (or max_rounds). Returns a summary dict."""
     from dataclasses import replace
@@ -367,7 +358,7 @@ def _one_round(client: FederationClient, trainer: Any, t: pb.Task, strategy: str
     blob = client.download(t)
     download_s = time.perf_counter() - t0
     tensors, meta = wire.decode_tensors(blob)
-    state, delta = split_download(tensors)
+    state, delta = wire.split_download(tensors)
     if trainer.rank != t.assigned_rank or trainer.lora_alpha != t.lora_alpha:
         trainer.configure(rank=int(t.assigned_rank), lora_alpha=float(t.lora_alpha), use_rslora=bool(t.use_rslora),
                           seed=int(t.seed))

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from flwr.client import ClientApp, NumPyClient
 
-from edge_runtime.client import _DeltaTracker, split_download
+from edge_runtime.client import _DeltaTracker
+from protos.wire import split_download
 from edge_runtime.data import load_records
 from edge_runtime.modelspec import load_model_spec
 from edge_runtime.plan import Plan

@@ -311,3 +311,15 @@ class TokenBucket:
             self.waited_s += wait
         if wait > 0:
             self.sleep(wait)
+
+
+# -- download layout shared by both sides ---------------------------------------------------------
+BASE_DELTA = "base_delta."  # stack: `base_delta.<module>.B` (out, R) / `.A` (R, in), scale folded into B
+
+
+def split_download(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
+    """(adapter state, module -> (B (out, R), A (R, in)) cumulative base delta) of a decoded download."""
+    state = {k: v for k, v in tensors.items() if not k.startswith(BASE_DELTA)}
+    delta = {k[len(BASE_DELTA):-2]: (tensors[k], tensors[k[:-2] + ".A"])
+             for k in tensors if k.startswith(BASE_DELTA) and k.endswith(".B")}
+    return state, delta
