@@ -10,16 +10,13 @@ from collections.abc import Sequence
 import torch
 
 from .types import LoraUpdate
-from .validation import probabilities, validate_rank, validate_updates
+from .validation import padding_rank, probabilities, validate_updates
 
 
 def fedsa(updates: Sequence[LoraUpdate], rank: int | None = None) -> torch.Tensor:
     """Weighted average of the A factors zero-padded to `rank` (default: largest); (rank, in)."""
     ups = validate_updates(updates)
-    target = max(u.rank for u in ups) if rank is None else validate_rank(rank)
-    for i, u in enumerate(ups):
-        if u.rank > target:
-            raise ValueError(f"update {i}: rank {u.rank} exceeds the shared A rank {target}")
+    target = padding_rank(ups, rank, "shared A")
     p = probabilities(ups)
     A = torch.zeros(target, ups[0].shape[1], dtype=torch.float64)
     for k, u in enumerate(ups):

@@ -70,3 +70,12 @@ def common_scale(updates: Sequence[LoraUpdate]) -> float | None:
     """The shared scale if every update has the same one, else None."""
     s0 = float(updates[0].scale)
     return s0 if all(float(u.scale) == s0 for u in updates) else None
+
+
+def padding_rank(ups: Sequence[LoraUpdate], rank: int | None, what: str) -> int:
+    """The rank updates are zero-padded to (default: the largest); raises if one exceeds it."""
+    target = max(u.rank for u in ups) if rank is None else validate_rank(rank)
+    for i, u in enumerate(ups):
+        if u.rank > target:
+            raise ValueError(f"update {i}: rank {u.rank} exceeds the {what} rank {target}")
+    return target

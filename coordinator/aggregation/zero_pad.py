@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from .types import LoraUpdate, pad
-from .validation import common_scale, probabilities, validate_rank, validate_updates
+from .validation import common_scale, padding_rank, probabilities, validate_updates
 
 
 def zero_pad(updates: Sequence[LoraUpdate], rank: int | None = None) -> LoraUpdate:
@@ -21,10 +21,7 @@ def zero_pad(updates: Sequence[LoraUpdate], rank: int | None = None) -> LoraUpda
     Returns A (rank, in), B (out, rank).
     """
     ups = validate_updates(updates)
-    target = max(u.rank for u in ups) if rank is None else validate_rank(rank)
-    for i, u in enumerate(ups):
-        if u.rank > target:
-            raise ValueError(f"update {i}: rank {u.rank} exceeds the zero-padding rank {target}")
+    target = padding_rank(ups, rank, "zero-padding")
     p = probabilities(ups)
     s = common_scale(ups)
     fold = s is None
