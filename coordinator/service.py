@@ -521,10 +521,16 @@ class Coordinator:
                 raise
             with self._device_upload_lock(device_id):
                 data = self.store.take_partial(key)
+            if len(data) < header["total_size"]:  # an interrupted stream: keep the bytes so the device can resume
+                e = UploadRejected(f"received {len(data)} bytes but the header declared {header['total_size']}; "
+                                   f"resume from UploadStatus (offset {len(data)})")
+                self.store.event("upload_incomplete", rnd.round_id, device_id, reason="size_mismatch",
+                                 detail=str(e)[:300])
+                raise e
             try:
                 if len(data) != header["total_size"]:
                     raise UploadRejected(f"received {len(data)} bytes but the header declared {header['total_size']}; "
-                                         "resume from UploadStatus")
+                                         "upload again from offset 0")
                 if wire.sha256_hex(data) != header["sha256"]:
                     raise UploadRejected("upload sha256 does not match the header's checksum (corrupted transfer); "
                                          "upload again")

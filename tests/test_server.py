@@ -149,3 +149,20 @@ def test_late_upload_is_rejected_and_counted(env):
     assert any(e["kind"] == "late_upload" for e in c.store.events())
     hb = stub.Heartbeat(pb.HeartbeatRequest(), metadata=md)
     assert hb.current_round == t.round_id + 1
+
+
+def test_stream_that_ends_short_keeps_its_bytes_for_resumption(env):
+    """A stream that closes cleanly before total_size (what a killed device can look like to the server)
+    is refused as incomplete, but the bytes received stay on disk and the upload resumes from them."""
+    stub, md, reg, c = env
+    t, state = _task_and_state(stub, md)
+    data = wire.encode_tensors({k: v * 0.98 for k, v in state.items()})
+    h = pb.UploadHeader(round_id=t.round_id, nonce=t.nonce, total_size=len(data), sha256=wire.sha256_hex(data),
+                        kind=pb.LORA, upload_id="short-1", stats=pb.TrainStats(num_examples=3))
+    first_two = list(wire.upload_chunks(h, data, chunk_size=1024))[:2]
+    code, msg = _code(lambda: stub.UploadUpdate(iter(first_two), metadata=md))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "resume from UploadStatus" in msg
+    off = stub.UploadStatus(pb.UploadStatusRequest(round_id=t.round_id, upload_id="short-1"), metadata=md)
+    assert off.received_offset == 2048
+    reply = stub.UploadUpdate(wire.upload_chunks(h, data, start=off.received_offset, chunk_size=1024), metadata=md)
+    assert reply.accepted and reply.received_bytes == len(data)
