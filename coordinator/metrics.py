@@ -24,6 +24,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from . import rounds as R
+from .validation import REASONS, reason_of
 
 if TYPE_CHECKING:  # the service imports this module; avoid the cycle at run time
     from .service import Coordinator
@@ -34,27 +35,12 @@ ROUND_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0
 AGGREGATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # Coordinator methods whose domain errors are refused updates (the servicer reports them here).
 UPLOAD_CALLS = frozenset({"upload_precheck", "upload_append", "finish_upload", "submit_zo"})
-REJECT_REASONS = ("late", "duplicate", "not_selected", "wrong_round", "stale_nonce", "unauthenticated", "too_large",
-                  "checksum", "size_mismatch", "shape", "non_finite", "norm_bound", "malformed")
+REJECT_REASONS = REASONS  # one label set for the Prometheus counter, the durable log and the dashboard
 
 
 def reject_reason(exc: BaseException) -> str:
     """A short, bounded label for why an update was refused (one of REJECT_REASONS)."""
-    name = type(exc).__name__
-    msg = str(exc).lower()
-    by_class = {"LateUpload": "late", "DuplicateUpload": "duplicate", "NotSelected": "not_selected",
-                "UnknownDevice": "unauthenticated", "UploadTooLarge": "too_large", "BlobTooLarge": "too_large"}
-    if name in by_class:
-        return by_class[name]
-    if isinstance(exc, R.WrongRound):
-        return "stale_nonce" if "nonce" in msg else "wrong_round"
-    for needle, reason in (("sha256", "checksum"), ("non-finite", "non_finite"), ("nan/inf", "non_finite"),
-                           ("exceeds the bound", "norm_bound"), ("shape", "shape"), ("keys do not match", "shape"),
-                           ("declared", "size_mismatch"), ("runs past", "size_mismatch"),
-                           ("offset", "size_mismatch")):
-        if needle in msg:
-            return reason
-    return "malformed"
+    return reason_of(exc)
 
 
 def histogram_buckets(values: Iterable[float], bounds: tuple[float, ...]) -> list[tuple[str, float]]:

@@ -117,9 +117,9 @@ def test_api_status(ops):
     t = st["totals"]
     updates = ops["c"].store.updates()
     assert t["accepted_updates"] == 6 and t["upload_bytes"] == sum(u["wire_bytes"] for u in updates)
-    assert t["download_bytes"] > 0 and t["rejected"] == {"stale_nonce": 1} and t["rejected_total"] == 1
+    assert t["download_bytes"] > 0 and t["rejected"] == {"replay": 1} and t["rejected_total"] == 1
     (r,) = st["rejections"]
-    assert r["reason"] == "stale_nonce" and "nonce" in r["detail"]
+    assert r["reason"] == "replay" and "nonce" in r["detail"]
     code, ctype, body = _get(ops["url"] + "/metrics")
     assert code == 200 and b"edgefed_rounds_completed_total 2.0" in body
 
@@ -161,7 +161,7 @@ def test_page_in_headless_chromium(ops):
     assert not errors, errors
     for name, _, _ in DEVICES:
         assert name in text
-    assert "aggregated" in text and "stale_nonce" in text and "nf4" in text
+    assert "aggregated" in text and "replay" in text and "nf4" in text
     assert "does not match the task issued" in text  # the rejection's detail is listed
     assert points == 3 and len(loss_line.split()) == 3  # initial + two rounds
     img = Image.open(shot).convert("RGB")

@@ -129,7 +129,7 @@ def test_coordinator_metrics_after_a_round(federation):
     assert m[("edgefed_updates_accepted_total", (("kind", "LORA"),))] == 2
     assert m[("edgefed_updates_accepted_total", (("kind", "ZO"),))] == 0
     rej = {dict(k[1])["reason"]: v for k, v in m.items() if k[0] == "edgefed_updates_rejected_total"}
-    assert rej == {"shape": 1, "stale_nonce": 1, "non_finite": 1}
+    assert rej == {"shape": 1, "replay": 1, "non_finite": 1}
     wire_bytes = sum(u["wire_bytes"] for u in c.store.updates())
     assert wire_bytes > 0 and m[("edgefed_upload_bytes_total", ())] == wire_bytes
     device_down = federation["result"]["rounds"][0]["download_bytes"]
@@ -200,7 +200,7 @@ def test_each_coordinator_has_its_own_registry(federation, tmp_path):
 def test_reject_reasons_and_buckets():
     assert reject_reason(LateUpload("round 3 is closed")) == "late"
     assert reject_reason(DuplicateUpload("already")) == "duplicate"
-    assert reject_reason(WrongRound("nonce 'x' does not match")) == "stale_nonce"
+    assert reject_reason(WrongRound("nonce 'x' does not match")) == "replay"
     assert reject_reason(WrongRound("round 9 does not exist yet")) == "wrong_round"
     assert reject_reason(UploadTooLarge("upload of 9 bytes exceeds the cap")) == "too_large"
     assert reject_reason(UploadRejected("upload sha256 does not match")) == "checksum"
