@@ -45,6 +45,17 @@ def _serve_parser(sub) -> None:
     p.add_argument("--tls-cert", default=None)
     p.add_argument("--tls-key", default=None)
     p.add_argument("--client-ca", default=None, help="require client certificates signed by this CA (mTLS)")
+    p.add_argument("--secagg", action="store_true",
+                   help="secure aggregation (SecAgg/SecAgg+): the coordinator only learns the sum of the updates; "
+                        "fedavg, zero_pad, fedsa, zo only (docs/secure_aggregation.md)")
+    p.add_argument("--secagg-threshold", type=int, default=0,
+                   help="shares needed to unmask = minimum survivors (0: a majority of the selected devices)")
+    p.add_argument("--secagg-neighbours", type=int, default=0, help="SecAgg+: even number of neighbours (0: all)")
+    p.add_argument("--secagg-clip", type=float, default=8.0, help="payload values are clipped to [-clip, clip]")
+    p.add_argument("--secagg-phase-timeout", type=float, default=60.0,
+                   help="seconds each protocol phase after key advertisement waits for missing devices")
+    p.add_argument("--secagg-weight-cap", type=int, default=0,
+                   help="examples weights are capped at (0: local steps x largest plan batch)")
     add_serve_args(p)  # --insecure, --open-enrolment, --max-upload-bytes, --robust, --clip-norm, --dp-*
     p.add_argument("--keep-serving", action="store_true", help="do not exit after the last round")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics on this port (0: off)")
@@ -76,7 +87,9 @@ def cmd_serve(args) -> int:
         task=args.task, num_labels=args.num_labels,
         target_modules=[t for t in args.target_modules.split(",") if t], seed=args.seed, eval_data=args.eval_data,
         eval_limit=args.eval_limit, enrolment_token=args.enrolment_token, norm_bound=args.norm_bound,
-        replan=getattr(args, "replan", False),
+        replan=getattr(args, "replan", False), secagg=args.secagg, secagg_threshold=args.secagg_threshold,
+        secagg_neighbours=args.secagg_neighbours, secagg_clip=args.secagg_clip,
+        secagg_phase_timeout_s=args.secagg_phase_timeout, secagg_weight_cap=args.secagg_weight_cap,
         **serve_config(args))
     creds = _credentials(args)
     from .dashboard import start_ops_servers, stop_ops_servers

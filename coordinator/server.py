@@ -2,7 +2,8 @@
 
 unknown device / token -> UNAUTHENTICATED; wrong or closed round, stale nonce, not selected
 -> FAILED_PRECONDITION; malformed upload (shapes, non-finite, checksum, norm) ->
-INVALID_ARGUMENT; oversize -> RESOURCE_EXHAUSTED; duplicate upload -> ALREADY_EXISTS.
+INVALID_ARGUMENT; oversize -> RESOURCE_EXHAUSTED; duplicate upload -> ALREADY_EXISTS; a SecAggStep the
+secure-aggregation protocol refuses (phase closed, device left out, inconsistent message) -> FAILED_PRECONDITION.
 """
 from __future__ import annotations
 
@@ -142,6 +143,12 @@ class FederationServicer(pbg.FederationServicer):
                            list(request.grads), request.lr, request.num_examples, _stats(request.stats),
                            request.ByteSize())
         return pb.UploadReply(accepted=True, received_bytes=size)
+
+    def SecAggStep(self, request, context):
+        dev = self._guard(context, self._auth, context)
+        r = self._guard(context, self.c.secagg_step, dev, request.round_id, request.nonce, int(request.phase),
+                        request.payload)
+        return pb.SecAggReply(**r)
 
 
 def create_server(address: str, coordinator: Coordinator, *, credentials: grpc.ServerCredentials | None = None,

@@ -26,6 +26,8 @@ from .defences import DefenceConfig, defended_round, dp_epsilon
 from .enrolment import EnrolmentRegistry
 from .recovery import load_global
 from .round_fold import RoundFold
+from .secagg_round import (SecAggRejected, SecAggRound, SecAggSettings, check_message_size, check_secagg_config,
+                           global_from_sum, round_payload)
 from .validation import RejectionLog, UpdateInvalid, validate_update
 from .metrics import CoordinatorMetrics
 from .store import Store, round_dir
@@ -83,6 +85,21 @@ class CoordinatorConfig:
     dp_delta: float = 1e-5
     replan: bool = False  # re-fit each device's rank and local steps to the deadline every round (coordinator.replan)
     replan_margin: float = 0.8  # ... aiming at this fraction of the round timeout
+    secagg: bool = False  # secure aggregation: the coordinator only learns the sum (coordinator.secagg_round)
+    secagg_threshold: int = 0  # shares needed to unmask / minimum survivors; 0 = majority of the selected
+    secagg_neighbours: int = 0  # SecAgg+: even k neighbours per device; 0 = complete graph
+    secagg_clip: float = 8.0  # payload entries are clipped to [-clip, clip] before fixed-point encoding
+    secagg_phase_timeout_s: float = 60.0  # each phase after key advertisement closes at most this long after the last
+    secagg_weight_cap: int = 0  # weights are min(n, cap) / cap; 0 = local_steps x largest plan batch
+
+    def __post_init__(self) -> None:
+        if self.secagg:
+            check_secagg_config(self.strategy, self.secagg_settings(), self.min_devices, self.defence_config().active)
+
+    def secagg_settings(self) -> SecAggSettings:
+        return SecAggSettings(threshold=self.secagg_threshold, neighbours=self.secagg_neighbours or None,
+                              clip=self.secagg_clip, phase_timeout_s=self.secagg_phase_timeout_s,
+                              weight_cap=self.secagg_weight_cap)
 
     def defence_config(self) -> DefenceConfig:
         return DefenceConfig(robust=self.robust, clip_norm=self.clip_norm, trim=self.trim, dp_noise=self.dp_noise,
@@ -123,7 +140,11 @@ class Coordinator:
         self._model = None
         self._steps: dict[str, int] = {}  # device -> local steps when re-planned (--replan)
         self._fold: RoundFold | None = None  # streaming aggregate of the open round
+        self._secagg: SecAggRound | None = None  # secure aggregation of the open round (--secagg)
+        self._secagg_last: SecAggRound | None = None  # ... of the last closed round (tells late pollers why)
         self._resume_or_init()
+        if cfg.secagg:
+            check_message_size(round_payload(self.global_state, self.scfg, [cfg.max_rank], 1))
 
     # -- start-up ---------------------------------------------------------------------------
     def _load_model(self):
@@ -278,7 +299,9 @@ class Coordinator:
                         log.info("round %d: device %s dropped out (no heartbeat)", rnd.round_id, d)
                     self.store.put_round(rnd2)
                     self.fed.current = rnd = rnd2
-                if R.should_close(rnd, now):
+                if self.cfg.secagg:
+                    self._secagg_tick(rnd, now)
+                elif R.should_close(rnd, now):
                     self._close(rnd, now)
             if self.fed.done:
                 return
@@ -296,6 +319,8 @@ class Coordinator:
         for d in rnd.selected:  # the coordinator was busy (aggregating, evaluating), not the devices:
             self.fed.devices[d] = replace(self.fed.devices[d], last_seen=now)  # grace from round open
         self._ensure_downloads(rnd)
+        if self.cfg.secagg:
+            self._secagg = self._open_secagg(rnd)
         self.store.put_round(rnd)
         self.store.event("round_open", rid, selected=list(rnd.selected))
         log.info("round %d open: %d devices selected, deadline in %.0fs", rid, len(rnd.selected),
@@ -310,10 +335,16 @@ class Coordinator:
                 log.exception("round %d: aggregation failed", rnd.round_id)
                 self.store.event("aggregation_failed", rnd.round_id, error=str(e))
                 rnd = replace(rnd, state=R.FAILED)
+        self._finish_close(rnd)
+
+    def _finish_close(self, rnd: R.Round, reason: str = "") -> None:
+        """Record a closed round (aggregated or failed, `reason` logged) and count it."""
         self.fed.current = rnd
         self.store.put_round(rnd)
         if rnd.state == R.AGGREGATED:
             self.fed.completed += 1
+        elif reason:
+            log.warning("round %d failed: %s", rnd.round_id, reason)
         else:
             log.warning("round %d failed: %d/%d uploads (quorum %d)", rnd.round_id, len(rnd.accepted),
                         len(rnd.selected), R.quorum_size(rnd, self.fed.cfg))
@@ -376,12 +407,102 @@ class Coordinator:
             self.global_state, metrics = fold.result(self.global_state)
             uploads = fold.devices
             self._fold = None
+        self._publish(rnd, metrics, len(uploads), t0)
+
+    def _publish(self, rnd: R.Round, metrics: dict[str, Any], n_uploads: int, t0: float) -> None:
+        """Evaluate and durably write the new global state of `rnd`."""
         self.global_round = rnd.round_id
-        metrics.update({"aggregate_s": time.perf_counter() - t0, "uploads": len(uploads)})
+        metrics.update({"aggregate_s": time.perf_counter() - t0, "uploads": n_uploads})
         metrics.update(self.evaluate(self.global_state))
         self._write_global(rnd.round_id, metrics)
-        log.info("round %d aggregated (%s, %d uploads)%s", rnd.round_id, self.cfg.strategy, len(uploads),
+        log.info("round %d aggregated (%s, %d uploads)%s", rnd.round_id, self.cfg.strategy, n_uploads,
                  f": eval loss {metrics['loss']:.4f}" if "loss" in metrics else "")
+
+    # -- secure aggregation (--secagg) ------------------------------------------------------
+    def _secagg_weight_cap(self, rnd: R.Round) -> int:
+        """Examples a device can report at most: local steps x the largest (batch x grad_accum) of the selected."""
+        if self.cfg.secagg_weight_cap:
+            return self.cfg.secagg_weight_cap
+        cap = 1
+        for d in rnd.selected:
+            plan = self.store.device_plan(d)
+            mode = self.scfg.device_mode(self.fed.devices[d].mode)
+            cap = max(cap, self._local_steps(d, mode) * int(plan.get("batch_size", 1)) * int(plan.get("grad_accum", 1)))
+        return cap
+
+    def _open_secagg(self, rnd: R.Round) -> SecAggRound:
+        ranks = [self.fed.devices[d].assigned_rank for d in rnd.selected]
+        payload = round_payload(self.global_state, self.scfg, ranks, self._secagg_weight_cap(rnd))
+        sa = SecAggRound.open(rnd.round_id, rnd.selected, payload, self.cfg.secagg_settings(), rnd.deadline)
+        log.info("round %d: secure aggregation over %d devices, threshold %d, %d values per device",
+                 rnd.round_id, len(rnd.selected), sa.server.params.threshold, payload.vector_len)
+        return sa
+
+    def _secagg_tick(self, rnd: R.Round, now: float) -> None:
+        """Close due SecAgg phases; close the round once the sum is unmasked or the protocol aborted."""
+        sa = self._secagg
+        if sa is None or sa.round_id != rnd.round_id:  # restarted: the keys and masked sum were only in memory
+            reason = "the coordinator restarted during the round; its secure-aggregation state was in memory"
+            self.store.event("secagg_abort", rnd.round_id, reason=reason)
+            self._finish_close(replace(rnd, state=R.FAILED, closed_at=now), reason)
+            return
+        hb = self.cfg.heartbeat_timeout_s
+        alive = {d for d in rnd.selected if d not in rnd.dropped and d in self.fed.devices
+                 and now - self.fed.devices[d].last_seen <= hb}
+        sa.advance(now, alive)
+        if not sa.done:
+            return
+        self._secagg, self._secagg_last = None, sa
+        metrics = sa.metrics()
+        if sa.result is None:
+            self.store.event("secagg_abort", rnd.round_id, reason=sa.abort_reason, **metrics)
+            self._finish_close(replace(rnd, state=R.FAILED, closed_at=now),
+                               f"secure aggregation aborted: {sa.abort_reason} The previous global is kept.")
+            return
+        rnd = R.close(rnd, self.fed.cfg, now)
+        if rnd.state == R.AGGREGATED:
+            try:
+                t0 = time.perf_counter()
+                ranks = [self.fed.devices[d].assigned_rank for d in rnd.selected]
+                self.global_state = global_from_sum(sa.result.total, sa.payload, self.scfg, ranks, self.global_state)
+                self._publish(rnd, metrics, len(sa.result.survivors), t0)
+            except (ValueError, RuntimeError) as e:
+                log.exception("round %d: aggregation of the secure sum failed", rnd.round_id)
+                self.store.event("aggregation_failed", rnd.round_id, error=str(e))
+                rnd = replace(rnd, state=R.FAILED)
+        self.store.event("secagg_done", rnd.round_id, survivors=list(sa.result.survivors),
+                         dropped=list(sa.result.dropped), **metrics)
+        self._finish_close(rnd)
+
+    def secagg_step(self, device_id: str, round_id: int, nonce: str, phase: int, payload: bytes) -> dict[str, Any]:
+        """One SecAggStep: record this device's message for `phase` (1-4) if any; return the phase's result or WAIT."""
+        with self._lock:
+            rnd = self.fed.current
+            last = self._secagg_last
+            if last is not None and last.round_id == round_id and last.abort_reason:
+                raise SecAggRejected(f"round {round_id}: secure aggregation aborted: {last.abort_reason}")
+            if rnd is None or round_id != rnd.round_id or rnd.state != R.OPEN:
+                raise R.LateUpload(f"round {round_id} is closed or not open (current round: "
+                                   f"{rnd.round_id if rnd else 'none'}); pick up the next round with GetTask")
+            if device_id not in rnd.selected:
+                raise R.NotSelected(f"device {device_id} is not selected for round {round_id}")
+            if nonce != rnd.nonces.get(device_id):
+                raise R.WrongRound(f"nonce {nonce!r} does not match the task issued for round {round_id}; "
+                                   "call GetTask again")
+            sa = self._secagg
+            if sa is None or sa.round_id != round_id:
+                raise SecAggRejected(f"round {round_id} is not a secure-aggregation round; use UploadUpdate / SubmitZO")
+            if not 1 <= phase <= 4:
+                raise UploadRejected(f"unknown secure-aggregation phase {phase}; expected 1-4 (SecAggPhase)")
+            if payload:
+                sa.submit(device_id, phase - 1, payload, self.clock())
+                if phase == 3 and device_id not in rnd.accepted:  # the masked input is in the sum
+                    self._accepted(rnd, device_id, len(payload))
+        self.tick()
+        with self._lock:
+            out = sa.reply(device_id, phase - 1)
+        wait = min(0.25, self.cfg.poll_interval_s)
+        return {"phase": phase, "payload": out or b"", "wait": out is None, "retry_after_s": wait if out is None else 0.0}
 
     # -- RPC-level operations ---------------------------------------------------------------
     def register(self, profile_json: str, plan_json: str, enrolment_token: str, device_name: str) -> dict[str, Any]:
@@ -440,10 +561,16 @@ class Coordinator:
                 why = "update accepted; waiting for the round to close" if device_id in rnd.accepted else \
                     "not selected for this round"
                 return {**base, "state": "WAIT", "round_id": rnd.round_id, "message": why}
+            sa = self._secagg if self._secagg is not None and self._secagg.round_id == rnd.round_id else None
+            if sa is not None and sa.phase > 0 and device_id not in sa.members:
+                return {**base, "state": "WAIT", "round_id": rnd.round_id,
+                        "message": "left out of this round's secure aggregation (too late); wait for the next round"}
+            secagg = {"secagg": True, "secagg_params": sa.server.params.to_bytes(),
+                      "secagg_payload": sa.payload.to_bytes()} if sa is not None else {}
             did = self._download_id(rnd, device_id)
             row = self.store.download(did)
             mode = self.scfg.device_mode(dev.mode)
-            return {**base, "state": "TRAIN", "round_id": rnd.round_id,
+            return {**base, **secagg, "state": "TRAIN", "round_id": rnd.round_id,
                     "local_steps": self._local_steps(device_id, mode),
                     "lr": self.cfg.zo_lr if mode == "zo" else self.cfg.lr, "seed": self.cfg.seed + rnd.round_id,
                     "deadline_unix": rnd.deadline, "download_id": did, "download_size": row["size"],
@@ -492,6 +619,9 @@ class Coordinator:
             return self._upload_locks.setdefault(device_id, threading.Lock())
 
     def _precheck(self, device_id: str, round_id: int, nonce: str) -> R.Round:
+        if self.cfg.secagg:  # an unmasked individual update must never reach this coordinator
+            raise SecAggRejected("this coordinator runs secure aggregation (--secagg): send the update through "
+                                 "SecAggStep as the task says, not UploadUpdate / SubmitZO")
         rnd = self.fed.current
         try:
             R.check_upload(rnd, round_id, device_id, nonce)

@@ -2,7 +2,8 @@
 
 Loop: register -> poll GetTask -> DownloadGlobal (resumes from the bytes already received)
 -> LocalTrainer.train within the plan -> UploadUpdate with a sha256 (resumes from
-UploadStatus after a dropped connection) or SubmitZO in zeroth-order mode -> repeat until
+UploadStatus after a dropped connection) or SubmitZO in zeroth-order mode, or, when the task
+says secagg, the masked update through SecAggStep (edge_runtime.secagg_join) -> repeat until
 DONE. UNAVAILABLE / DEADLINE_EXCEEDED are retried with exponential backoff and jitter.
 `throttle_up` / `throttle_down` (callables taking a byte count, e.g. protos.wire.TokenBucket)
 shape the chunk streams for bandwidth emulation.
@@ -18,14 +19,16 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
-import torch
 
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pbg
 from protos import wire
+
+if TYPE_CHECKING:  # torch is imported at the first training task, not while the device waits
+    import torch
 
 log = logging.getLogger("edge_runtime.client")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -174,6 +177,13 @@ class FederationClient:
                 raise
         return self._call("SubmitZO", send)
 
+    def secagg_step(self, task: pb.Task, phase: int, payload: bytes) -> pb.SecAggReply:
+        """One secure-aggregation call (edge_runtime.secagg_join); re-sending a message is harmless."""
+        req = pb.SecAggRequest(round_id=task.round_id, nonce=task.nonce, phase=phase, payload=payload)
+        if self.throttle_up and payload:
+            self.throttle_up(len(payload))
+        return self._call("SecAggStep", lambda: self.stub.SecAggStep(req, metadata=self._md(), timeout=self.timeout))
+
 
 # -- join loop ----------------------------------------------------------------------------------
 @dataclass
@@ -251,6 +261,8 @@ class _DeltaTracker:
         self.merged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def increment(self, delta: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple]:
+        import torch
+
         out = {}
         for name, (B, A) in delta.items():
             if name in self.merged:
@@ -290,8 +302,6 @@ def run_join(cfg: JoinConfig, trainer_factory: Callable[..., Any] | None = None)
                    mode=conf.mode or cfg.plan.mode, lora_alpha=float(reply.lora_alpha) or cfg.plan.lora_alpha,
                    use_rslora=bool(reply.use_rslora))
     task = {"kind": conf.task or "classification", "num_labels": int(conf.num_labels or 2)}
-    if trainer_factory is None:
-        from edge_runtime.training.session import LocalTrainer as trainer_factory  # noqa: N813
     hb = _Heartbeat(client, cfg.heartbeat_s).__enter__()  # alive while the model loads
     try:
         return _participate(client, cfg, reply, conf, plan, task, name, trainer_factory, hb)
@@ -300,13 +310,25 @@ def run_join(cfg: JoinConfig, trainer_factory: Callable[..., Any] | None = None)
         client.close()
 
 
-def _participate(client: FederationClient, cfg: JoinConfig, reply: Any, conf: Any, plan: Any, task: dict,
-                 name: str, trainer_factory: Callable[..., Any], hb: _Heartbeat) -> dict[str, Any]:
+def _make_trainer(cfg: JoinConfig, conf: Any, plan: Any, task: dict,
+                  trainer_factory: Callable[..., Any] | None) -> Any:
+    """The round trainer (LocalTrainer unless a factory is given), wrapped for OOM step-down.
+
+    Built at the first training task, so a registered device that is waiting has not imported
+    torch / transformers / peft nor loaded the model (docs/footprint.md)."""
+    if trainer_factory is None:
+        from edge_runtime.training.session import LocalTrainer as trainer_factory  # noqa: N813
     trainer = trainer_factory(cfg.model, plan, task, memory_budget_bytes=guard_budget(cfg.plan, cfg.profile),
                               seed=int(conf.seed), threads=cfg.threads)
     if cfg.stepdown:
         from edge_runtime.stepdown import adaptive_for_join
         trainer = adaptive_for_join(trainer, cfg, task, trainer_factory)
+    return trainer
+
+
+def _participate(client: FederationClient, cfg: JoinConfig, reply: Any, conf: Any, plan: Any, task: dict,
+                 name: str, trainer_factory: Callable[..., Any] | None, hb: _Heartbeat) -> dict[str, Any]:
+    trainer = None  # loaded at the first training task (_make_trainer)
     tracker = _DeltaTracker()
     local_b: dict[str, torch.Tensor] = {}
     reports: list[dict[str, Any]] = []
@@ -328,6 +350,8 @@ def _participate(client: FederationClient, cfg: JoinConfig, reply: Any, conf: An
             offline_round = t.round_id
             _go_silent(hb, cfg.offline_s)
             continue
+        if trainer is None:
+            trainer = _make_trainer(cfg, conf, plan, task, trainer_factory)
         report = _one_round(client, trainer, t, conf.strategy, tracker, local_b, cfg, hb, last_upload_s, drops)
         if report.get("dropped"):
             offline_round = t.round_id
@@ -351,9 +375,33 @@ def _go_silent(hb: _Heartbeat, seconds: float) -> None:
     hb.status = "idle"
 
 
+def _secagg_upload(client: FederationClient, trainer: Any, t: pb.Task, strategy: str,
+                   local_b: dict[str, torch.Tensor], n_examples: int) -> tuple[pb.UploadReply, int]:
+    """Secure aggregation instead of UploadUpdate / SubmitZO: the trained adapter (ZO: as trained locally) masked."""
+    from protos.secagg import SecAggError
+
+    from .secagg_join import SecAggSession
+
+    state = trainer.adapter_state()
+    if strategy == "fedsa" and t.mode != "zo":  # B stays on the device; the payload holds only A and the head
+        local_b.clear()
+        local_b.update({k: v for k, v in state.items() if k.endswith(B_SUFFIX)})
+    try:
+        session = SecAggSession(client, t)
+        report = session.run(session.vector(state, n_examples))
+    except SecAggError as e:  # too few devices left, or a check on the coordinator's messages failed
+        log.warning("round %d: secure aggregation stopped: %s", t.round_id, e)
+        return pb.UploadReply(accepted=False, reason=str(e)), 0
+    log.info("round %d: secure aggregation done with %d survivors (%d B sent, %d B received, %.2fs)", t.round_id,
+             report["survivors"], report["bytes_sent"], report["bytes_received"], report["seconds"])
+    return pb.UploadReply(accepted=True, received_bytes=report["bytes_sent"]), report["bytes_sent"]
+
+
 def _one_round(client: FederationClient, trainer: Any, t: pb.Task, strategy: str, tracker: _DeltaTracker,
                local_b: dict[str, torch.Tensor], cfg: JoinConfig, hb: _Heartbeat, last_upload_s: float,
                drops: bool = False) -> dict:
+    import torch
+
     t0 = time.perf_counter()
     blob = client.download(t)
     download_s = time.perf_counter() - t0
@@ -394,7 +442,9 @@ def _one_round(client: FederationClient, trainer: Any, t: pb.Task, strategy: str
                           extra_json=json.dumps(trainer.report()) if hasattr(trainer, "report") and trainer.report() else "")
     t1 = time.perf_counter()
     try:
-        if t.mode == "zo":
+        if t.secagg:
+            reply, sent = _secagg_upload(client, trainer, t, strategy, local_b, n_examples)
+        elif t.mode == "zo":
             pairs = result.zo_pairs or []
             reply = client.submit_zo(t, pairs, float(result.zo_lr or lr or 0.0), n_examples, stats)
             sent = len(pairs) * 8

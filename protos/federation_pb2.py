@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x66\x65\x64\x65ration.proto\x12\nedgefed.v1\"h\n\x0fRegisterRequest\x12\x14\n\x0cprofile_json\x18\x01 \x01(\t\x12\x11\n\tplan_json\x18\x02 \x01(\t\x12\x17\n\x0f\x65nrolment_token\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x04 \x01(\t\"\xad\x01\n\x0eTrainingConfig\x12\x13\n\x0blocal_steps\x18\x01 \x01(\r\x12\n\n\x02lr\x18\x02 \x01(\x02\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x10\n\x08strategy\x18\x05 \x01(\t\x12\x16\n\x0etarget_modules\x18\x06 \x03(\t\x12\x0c\n\x04task\x18\x07 \x01(\t\x12\x12\n\nnum_labels\x18\x08 \x01(\r\x12\x0c\n\x04mode\x18\t \x01(\t\"\xb9\x01\n\rRegisterReply\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65vice_token\x18\x02 \x01(\t\x12\x15\n\rassigned_rank\x18\x03 \x01(\r\x12\x12\n\nlora_alpha\x18\x04 \x01(\x02\x12\x12\n\nuse_rslora\x18\x05 \x01(\x08\x12*\n\x06\x63onfig\x18\x06 \x01(\x0b\x32\x1a.edgefed.v1.TrainingConfig\x12\x14\n\x0ctotal_rounds\x18\x07 \x01(\r\" \n\x0bTaskRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\x8d\x03\n\x04Task\x12\x10\n\x08round_id\x18\x01 \x01(\r\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.edgefed.v1.Task.State\x12\x15\n\rassigned_rank\x18\x03 \x01(\r\x12\x13\n\x0blocal_steps\x18\x04 \x01(\r\x12\n\n\x02lr\x18\x05 \x01(\x02\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x15\n\rdeadline_unix\x18\x07 \x01(\x01\x12\x13\n\x0b\x64ownload_id\x18\x08 \x01(\t\x12\x15\n\rdownload_size\x18\t \x01(\x04\x12\x17\n\x0f\x64ownload_sha256\x18\n \x01(\t\x12\r\n\x05nonce\x18\x0b \x01(\t\x12\x0c\n\x04mode\x18\x0c \x01(\t\x12\x15\n\rretry_after_s\x18\r \x01(\x02\x12\x12\n\nlora_alpha\x18\x0e \x01(\x02\x12\x12\n\nuse_rslora\x18\x0f \x01(\x08\x12\x0f\n\x07message\x18\x10 \x01(\t\"=\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x08\n\x04WAIT\x10\x01\x12\t\n\x05TRAIN\x10\x02\x12\x08\n\x04\x44ONE\x10\x03\"H\n\x0f\x44ownloadRequest\x12\x10\n\x08round_id\x18\x01 \x01(\r\x12\x13\n\x0b\x64ownload_id\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"I\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\xba\x01\n\nTrainStats\x12\x14\n\x0cnum_examples\x18\x01 \x01(\x04\x12\x12\n\ntrain_loss\x18\x02 \x01(\x01\x12\x14\n\x0ctrain_time_s\x18\x03 \x01(\x01\x12\x19\n\x11peak_memory_bytes\x18\x04 \x01(\x04\x12\x15\n\rupload_time_s\x18\x05 \x01(\x01\x12\x17\n\x0f\x64ownload_time_s\x18\x06 \x01(\x01\x12\r\n\x05steps\x18\x07 \x01(\r\x12\x12\n\nextra_json\x18\x08 \x01(\t\"\xb3\x01\n\x0cUploadHeader\x12\x10\n\x08round_id\x18\x01 \x01(\r\x12\r\n\x05nonce\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12$\n\x04kind\x18\x05 \x01(\x0e\x32\x16.edgefed.v1.UpdateKind\x12%\n\x05stats\x18\x06 \x01(\x0b\x32\x16.edgefed.v1.TrainStats\x12\x11\n\tupload_id\x18\x07 \x01(\t\"U\n\x0bUploadChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.edgefed.v1.UploadHeader\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"G\n\x0bUploadReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x16\n\x0ereceived_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\":\n\x13UploadStatusRequest\x12\x10\n\x08round_id\x18\x01 \x01(\r\x12\x11\n\tupload_id\x18\x02 \x01(\t\">\n\x11UploadStatusReply\x12\x17\n\x0freceived_offset\x18\x01 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\"S\n\x10HeartbeatRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x1c\n\x14\x61vailable_until_unix\x18\x02 \x01(\x01\x12\x0e\n\x06status\x18\x03 \x01(\t\"A\n\x0eHeartbeatReply\x12\x15\n\rcurrent_round\x18\x01 \x01(\r\x12\x18\n\x10server_time_unix\x18\x02 \x01(\x01\"\x9a\x01\n\x08ZoUpdate\x12\x10\n\x08round_id\x18\x01 \x01(\r\x12\r\n\x05nonce\x18\x02 \x01(\t\x12\x11\n\x05seeds\x18\x03 \x03(\rB\x02\x10\x01\x12\x11\n\x05grads\x18\x04 \x03(\x02\x42\x02\x10\x01\x12\n\n\x02lr\x18\x05 \x01(\x02\x12\x14\n\x0cnum_examples\x18\x06 \x01(\x04\x12%\n\x05stats\x18\x07 \x01(\x0b\x32\x16.edgefed.v1.TrainStats*;\n\nUpdateKind\x12\x1b\n\x17UPDATE_KIND_UNSPECIFIED\x10\x00\x12\x08\n\x04LORA\x10\x01\x12\x06\n\x02ZO\x10\x02\x32\xe0\x03\n\nFederation\x12\x42\n\x08Register\x12\x1b.edgefed.v1.RegisterRequest\x1a\x19.edgefed.v1.RegisterReply\x12\x34\n\x07GetTask\x12\x17.edgefed.v1.TaskRequest\x1a\x10.edgefed.v1.Task\x12\x42\n\x0e\x44ownloadGlobal\x12\x1b.edgefed.v1.DownloadRequest\x1a\x11.edgefed.v1.Chunk0\x01\x12\x42\n\x0cUploadUpdate\x12\x17.edgefed.v1.UploadChunk\x1a\x17.edgefed.v1.UploadReply(\x01\x12N\n\x0cUploadStatus\x12\x1f.edgefed.v1.UploadStatusRequest\x1a\x1d.edgefed.v1.UploadStatusReply\x12\x45\n\tHeartbeat\x12\x1c.edgefed.v1.HeartbeatRequest\x1a\x1a.edgefed.v1.HeartbeatReply\x12\x39\n\x08SubmitZO\x12\x14.edgefed.v1.ZoUpdate\x1a\x17.edgefed.v1.UploadReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x66\x65\x64\x65ration.proto\x12\nedgefed.v1\"h\n\x0fRegisterRequest\x12\x14\n\x0cprofile_json\x18\x01 \x01(\t\x12\x11\n\tplan_json\x18\x02 \x01(\t\x12\x17\n\x0f\x65nrolment_token\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x04 \x01(\t\"\xad\x01\n\x0eTrainingConfig\x12\x13\n\x0blocal_steps\x18\x01 \x01(\r\x12\n\n\x02lr\x18\x02 \x01(\x02\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x10\n\x08strategy\x18\x05 \x01(\t\x12\x16\n\x0etarget_modules\x18\x06 \x03(\t\x12\x0c\n\x04task\x18\x07 \x01(\t\x12\x12\n\nnum_labels\x18\x08 \x01(\r\x12\x0c\n\x04mode\x18\t \x01(\t\"\xb9\x01\n\rRegisterReply\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65vice_token\x18\x02 \x01(\t\x12\x15\n\rassigned_rank\x18\x03 \x01(\r\x12\x12\n\nlora_alpha\x18\x04 \x01(\x02\x12\x12\n\nuse_rslora\x18\x05 \x01(\x08\x12*\n\x06\x63onfig\x18\x06 \x01(\x0b\x32\x1a.edgefed.v1.TrainingConfig\x12\x14\n\x0ctotal_rounds\x18\x07 \x01(\r\" \n\x0bTaskRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\xcc\x03\n\x04Task\x12\x10\n\x08round_id\x18\x01 \x01(\r\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.edgefed.v1.Task.State\x12\x15\n\rassigned_rank\x18\x03 \x01(\r\x12\x13\n\x0blocal_steps\x18\x04 \x01(\r\x12\n\n\x02lr\x18\x05 \x01(\x02\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x15\n\rdeadline_unix\x18\x07 \x01(\x01\x12\x13\n\x0b\x64ownload_id\x18\x08 \x01(\t\x12\x15\n\rdownload_size\x18\t \x01(\x04\x12\x17\n\x0f\x64ownload_sha256\x18\n \x01(\t\x12\r\n\x05nonce\x18\x0b \x01(\t\x12\x0c\n\x04mode\x18\x0c \x01(\t\x12\x15\n\rretry_after_s\x18\r \x01(\x02\x12\x12\n\nlora_alpha\x18\x0e \x01(\x02\x12\x12\n\nuse_rslora\x18\x0f \x01(\x08\x12\x0f\n\x07message\x18\x10 \x01(\t\x12\x0e\n\x06secagg\x18\x11 \x01(\x08\x12\x15\n\rsecagg_params\x18\x12 \x01(\x0c\x12\x16\n\x0esecagg_payload\x18\x13 \x01(\x0c\"=\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x08\n\x04WAIT\x10\x01\x12\t\n\x05TRAIN\x10\x02\x12\x08\n\x04\x44ONE\x10\x03\"H\n\x0f\x44ownloadRequest\x12\x10\n\x08round_id\x18\x01 \x01(\r\x12\x13\n\x0b\x64ownload_id\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"I\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\xba\x01\n\nTrainStats\x12\x14\n\x0cnum_examples\x18\x01 \x01(\x04\x12\x12\n\ntrain_loss\x18\x02 \x01(\x01\x12\x14\n\x0ctrain_time_s\x18\x03 \x01(\x01\x12\x19\n\x11peak_memory_bytes\x18\x04 \x01(\x04\x12\x15\n\rupload_time_s\x18\x05 \x01(\x01\x12\x17\n\x0f\x64ownload_time_s\x18\x06 \x01(\x01\x12\r\n\x05steps\x18\x07 \x01(\r\x12\x12\n\nextra_json\x18\x08 \x01(\t\"\xb3\x01\n\x0cUploadHeader\x12\x10\n\x08round_id\x18\x01 \x01(\r\x12\r\n\x05nonce\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12$\n\x04kind\x18\x05 \x01(\x0e\x32\x16.edgefed.v1.UpdateKind\x12%\n\x05stats\x18\x06 \x01(\x0b\x32\x16.edgefed.v1.TrainStats\x12\x11\n\tupload_id\x18\x07 \x01(\t\"U\n\x0bUploadChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.edgefed.v1.UploadHeader\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"G\n\x0bUploadReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x16\n\x0ereceived_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\":\n\x13UploadStatusRequest\x12\x10\n\x08round_id\x18\x01 \x01(\r\x12\x11\n\tupload_id\x18\x02 \x01(\t\">\n\x11UploadStatusReply\x12\x17\n\x0freceived_offset\x18\x01 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\"S\n\x10HeartbeatRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x1c\n\x14\x61vailable_until_unix\x18\x02 \x01(\x01\x12\x0e\n\x06status\x18\x03 \x01(\t\"A\n\x0eHeartbeatReply\x12\x15\n\rcurrent_round\x18\x01 \x01(\r\x12\x18\n\x10server_time_unix\x18\x02 \x01(\x01\"\x9a\x01\n\x08ZoUpdate\x12\x10\n\x08round_id\x18\x01 \x01(\r\x12\r\n\x05nonce\x18\x02 \x01(\t\x12\x11\n\x05seeds\x18\x03 \x03(\rB\x02\x10\x01\x12\x11\n\x05grads\x18\x04 \x03(\x02\x42\x02\x10\x01\x12\n\n\x02lr\x18\x05 \x01(\x02\x12\x14\n\x0cnum_examples\x18\x06 \x01(\x04\x12%\n\x05stats\x18\x07 \x01(\x0b\x32\x16.edgefed.v1.TrainStats\"i\n\rSecAggRequest\x12\x10\n\x08round_id\x18\x01 \x01(\r\x12\r\n\x05nonce\x18\x02 \x01(\t\x12&\n\x05phase\x18\x03 \x01(\x0e\x32\x17.edgefed.v1.SecAggPhase\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\"|\n\x0bSecAggReply\x12&\n\x05phase\x18\x01 \x01(\x0e\x32\x17.edgefed.v1.SecAggPhase\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0c\n\x04wait\x18\x03 \x01(\x08\x12\x15\n\rretry_after_s\x18\x04 \x01(\x02\x12\x0f\n\x07message\x18\x05 \x01(\t*;\n\nUpdateKind\x12\x1b\n\x17UPDATE_KIND_UNSPECIFIED\x10\x00\x12\x08\n\x04LORA\x10\x01\x12\x06\n\x02ZO\x10\x02*\x89\x01\n\x0bSecAggPhase\x12\x1c\n\x18SECAGG_PHASE_UNSPECIFIED\x10\x00\x12\x19\n\x15SECAGG_ADVERTISE_KEYS\x10\x01\x12\x15\n\x11SECAGG_SHARE_KEYS\x10\x02\x12\x17\n\x13SECAGG_MASKED_INPUT\x10\x03\x12\x11\n\rSECAGG_UNMASK\x10\x04\x32\xa2\x04\n\nFederation\x12\x42\n\x08Register\x12\x1b.edgefed.v1.RegisterRequest\x1a\x19.edgefed.v1.RegisterReply\x12\x34\n\x07GetTask\x12\x17.edgefed.v1.TaskRequest\x1a\x10.edgefed.v1.Task\x12\x42\n\x0e\x44ownloadGlobal\x12\x1b.edgefed.v1.DownloadRequest\x1a\x11.edgefed.v1.Chunk0\x01\x12\x42\n\x0cUploadUpdate\x12\x17.edgefed.v1.UploadChunk\x1a\x17.edgefed.v1.UploadReply(\x01\x12N\n\x0cUploadStatus\x12\x1f.edgefed.v1.UploadStatusRequest\x1a\x1d.edgefed.v1.UploadStatusReply\x12\x45\n\tHeartbeat\x12\x1c.edgefed.v1.HeartbeatRequest\x1a\x1a.edgefed.v1.HeartbeatReply\x12\x39\n\x08SubmitZO\x12\x14.edgefed.v1.ZoUpdate\x1a\x17.edgefed.v1.UploadReply\x12@\n\nSecAggStep\x12\x19.edgefed.v1.SecAggRequest\x1a\x17.edgefed.v1.SecAggReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ZOUPDATE'].fields_by_name['seeds']._serialized_options = b'\020\001'
   _globals['_ZOUPDATE'].fields_by_name['grads']._loaded_options = None
   _globals['_ZOUPDATE'].fields_by_name['grads']._serialized_options = b'\020\001'
-  _globals['_UPDATEKIND']._serialized_start=2049
-  _globals['_UPDATEKIND']._serialized_end=2108
+  _globals['_UPDATEKIND']._serialized_start=2345
+  _globals['_UPDATEKIND']._serialized_end=2404
+  _globals['_SECAGGPHASE']._serialized_start=2407
+  _globals['_SECAGGPHASE']._serialized_end=2544
   _globals['_REGISTERREQUEST']._serialized_start=32
   _globals['_REGISTERREQUEST']._serialized_end=136
   _globals['_TRAININGCONFIG']._serialized_start=139
@@ -46,31 +48,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKREQUEST']._serialized_start=502
   _globals['_TASKREQUEST']._serialized_end=534
   _globals['_TASK']._serialized_start=537
-  _globals['_TASK']._serialized_end=934
-  _globals['_TASK_STATE']._serialized_start=873
-  _globals['_TASK_STATE']._serialized_end=934
-  _globals['_DOWNLOADREQUEST']._serialized_start=936
-  _globals['_DOWNLOADREQUEST']._serialized_end=1008
-  _globals['_CHUNK']._serialized_start=1010
-  _globals['_CHUNK']._serialized_end=1083
-  _globals['_TRAINSTATS']._serialized_start=1086
-  _globals['_TRAINSTATS']._serialized_end=1272
-  _globals['_UPLOADHEADER']._serialized_start=1275
-  _globals['_UPLOADHEADER']._serialized_end=1454
-  _globals['_UPLOADCHUNK']._serialized_start=1456
-  _globals['_UPLOADCHUNK']._serialized_end=1541
-  _globals['_UPLOADREPLY']._serialized_start=1543
-  _globals['_UPLOADREPLY']._serialized_end=1614
-  _globals['_UPLOADSTATUSREQUEST']._serialized_start=1616
-  _globals['_UPLOADSTATUSREQUEST']._serialized_end=1674
-  _globals['_UPLOADSTATUSREPLY']._serialized_start=1676
-  _globals['_UPLOADSTATUSREPLY']._serialized_end=1738
-  _globals['_HEARTBEATREQUEST']._serialized_start=1740
-  _globals['_HEARTBEATREQUEST']._serialized_end=1823
-  _globals['_HEARTBEATREPLY']._serialized_start=1825
-  _globals['_HEARTBEATREPLY']._serialized_end=1890
-  _globals['_ZOUPDATE']._serialized_start=1893
-  _globals['_ZOUPDATE']._serialized_end=2047
-  _globals['_FEDERATION']._serialized_start=2111
-  _globals['_FEDERATION']._serialized_end=2591
+  _globals['_TASK']._serialized_end=997
+  _globals['_TASK_STATE']._serialized_start=936
+  _globals['_TASK_STATE']._serialized_end=997
+  _globals['_DOWNLOADREQUEST']._serialized_start=999
+  _globals['_DOWNLOADREQUEST']._serialized_end=1071
+  _globals['_CHUNK']._serialized_start=1073
+  _globals['_CHUNK']._serialized_end=1146
+  _globals['_TRAINSTATS']._serialized_start=1149
+  _globals['_TRAINSTATS']._serialized_end=1335
+  _globals['_UPLOADHEADER']._serialized_start=1338
+  _globals['_UPLOADHEADER']._serialized_end=1517
+  _globals['_UPLOADCHUNK']._serialized_start=1519
+  _globals['_UPLOADCHUNK']._serialized_end=1604
+  _globals['_UPLOADREPLY']._serialized_start=1606
+  _globals['_UPLOADREPLY']._serialized_end=1677
+  _globals['_UPLOADSTATUSREQUEST']._serialized_start=1679
+  _globals['_UPLOADSTATUSREQUEST']._serialized_end=1737
+  _globals['_UPLOADSTATUSREPLY']._serialized_start=1739
+  _globals['_UPLOADSTATUSREPLY']._serialized_end=1801
+  _globals['_HEARTBEATREQUEST']._serialized_start=1803
+  _globals['_HEARTBEATREQUEST']._serialized_end=1886
+  _globals['_HEARTBEATREPLY']._serialized_start=1888
+  _globals['_HEARTBEATREPLY']._serialized_end=1953
+  _globals['_ZOUPDATE']._serialized_start=1956
+  _globals['_ZOUPDATE']._serialized_end=2110
+  _globals['_SECAGGREQUEST']._serialized_start=2112
+  _globals['_SECAGGREQUEST']._serialized_end=2217
+  _globals['_SECAGGREPLY']._serialized_start=2219
+  _globals['_SECAGGREPLY']._serialized_end=2343
+  _globals['_FEDERATION']._serialized_start=2547
+  _globals['_FEDERATION']._serialized_end=3093
 # @@protoc_insertion_point(module_scope)

@@ -12,9 +12,22 @@ class UpdateKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UPDATE_KIND_UNSPECIFIED: _ClassVar[UpdateKind]
     LORA: _ClassVar[UpdateKind]
     ZO: _ClassVar[UpdateKind]
+
+class SecAggPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SECAGG_PHASE_UNSPECIFIED: _ClassVar[SecAggPhase]
+    SECAGG_ADVERTISE_KEYS: _ClassVar[SecAggPhase]
+    SECAGG_SHARE_KEYS: _ClassVar[SecAggPhase]
+    SECAGG_MASKED_INPUT: _ClassVar[SecAggPhase]
+    SECAGG_UNMASK: _ClassVar[SecAggPhase]
 UPDATE_KIND_UNSPECIFIED: UpdateKind
 LORA: UpdateKind
 ZO: UpdateKind
+SECAGG_PHASE_UNSPECIFIED: SecAggPhase
+SECAGG_ADVERTISE_KEYS: SecAggPhase
+SECAGG_SHARE_KEYS: SecAggPhase
+SECAGG_MASKED_INPUT: SecAggPhase
+SECAGG_UNMASK: SecAggPhase
 
 class RegisterRequest(_message.Message):
     __slots__ = ("profile_json", "plan_json", "enrolment_token", "device_name")
@@ -75,7 +88,7 @@ class TaskRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("round_id", "state", "assigned_rank", "local_steps", "lr", "seed", "deadline_unix", "download_id", "download_size", "download_sha256", "nonce", "mode", "retry_after_s", "lora_alpha", "use_rslora", "message")
+    __slots__ = ("round_id", "state", "assigned_rank", "local_steps", "lr", "seed", "deadline_unix", "download_id", "download_size", "download_sha256", "nonce", "mode", "retry_after_s", "lora_alpha", "use_rslora", "message", "secagg", "secagg_params", "secagg_payload")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[Task.State]
@@ -102,6 +115,9 @@ class Task(_message.Message):
     LORA_ALPHA_FIELD_NUMBER: _ClassVar[int]
     USE_RSLORA_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     state: Task.State
     assigned_rank: int
@@ -118,7 +134,10 @@ class Task(_message.Message):
     lora_alpha: float
     use_rslora: bool
     message: str
-    def __init__(self, round_id: _Optional[int] = ..., state: _Optional[_Union[Task.State, str]] = ..., assigned_rank: _Optional[int] = ..., local_steps: _Optional[int] = ..., lr: _Optional[float] = ..., seed: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., download_id: _Optional[str] = ..., download_size: _Optional[int] = ..., download_sha256: _Optional[str] = ..., nonce: _Optional[str] = ..., mode: _Optional[str] = ..., retry_after_s: _Optional[float] = ..., lora_alpha: _Optional[float] = ..., use_rslora: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+    secagg: bool
+    secagg_params: bytes
+    secagg_payload: bytes
+    def __init__(self, round_id: _Optional[int] = ..., state: _Optional[_Union[Task.State, str]] = ..., assigned_rank: _Optional[int] = ..., local_steps: _Optional[int] = ..., lr: _Optional[float] = ..., seed: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., download_id: _Optional[str] = ..., download_size: _Optional[int] = ..., download_sha256: _Optional[str] = ..., nonce: _Optional[str] = ..., mode: _Optional[str] = ..., retry_after_s: _Optional[float] = ..., lora_alpha: _Optional[float] = ..., use_rslora: _Optional[bool] = ..., message: _Optional[str] = ..., secagg: _Optional[bool] = ..., secagg_params: _Optional[bytes] = ..., secagg_payload: _Optional[bytes] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
     __slots__ = ("round_id", "download_id", "offset")
@@ -251,3 +270,29 @@ class ZoUpdate(_message.Message):
     num_examples: int
     stats: TrainStats
     def __init__(self, round_id: _Optional[int] = ..., nonce: _Optional[str] = ..., seeds: _Optional[_Iterable[int]] = ..., grads: _Optional[_Iterable[float]] = ..., lr: _Optional[float] = ..., num_examples: _Optional[int] = ..., stats: _Optional[_Union[TrainStats, _Mapping]] = ...) -> None: ...
+
+class SecAggRequest(_message.Message):
+    __slots__ = ("round_id", "nonce", "phase", "payload")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    round_id: int
+    nonce: str
+    phase: SecAggPhase
+    payload: bytes
+    def __init__(self, round_id: _Optional[int] = ..., nonce: _Optional[str] = ..., phase: _Optional[_Union[SecAggPhase, str]] = ..., payload: _Optional[bytes] = ...) -> None: ...
+
+class SecAggReply(_message.Message):
+    __slots__ = ("phase", "payload", "wait", "retry_after_s", "message")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_S_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    phase: SecAggPhase
+    payload: bytes
+    wait: bool
+    retry_after_s: float
+    message: str
+    def __init__(self, phase: _Optional[_Union[SecAggPhase, str]] = ..., payload: _Optional[bytes] = ..., wait: _Optional[bool] = ..., retry_after_s: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...

@@ -71,6 +71,11 @@ class FederationStub:
                 request_serializer=federation__pb2.ZoUpdate.SerializeToString,
                 response_deserializer=federation__pb2.UploadReply.FromString,
                 _registered_method=True)
+        self.SecAggStep = channel.unary_unary(
+                '/edgefed.v1.Federation/SecAggStep',
+                request_serializer=federation__pb2.SecAggRequest.SerializeToString,
+                response_deserializer=federation__pb2.SecAggReply.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -120,6 +125,13 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SecAggStep(self, request, context):
+        """Secure aggregation (Task.secagg): the four SecAgg phases, polled until each phase closes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -157,6 +169,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.SubmitZO,
                     request_deserializer=federation__pb2.ZoUpdate.FromString,
                     response_serializer=federation__pb2.UploadReply.SerializeToString,
+            ),
+            'SecAggStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAggStep,
+                    request_deserializer=federation__pb2.SecAggRequest.FromString,
+                    response_serializer=federation__pb2.SecAggReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -350,6 +367,33 @@ class Federation:
             '/edgefed.v1.Federation/SubmitZO',
             federation__pb2.ZoUpdate.SerializeToString,
             federation__pb2.UploadReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAggStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefed.v1.Federation/SecAggStep',
+            federation__pb2.SecAggRequest.SerializeToString,
+            federation__pb2.SecAggReply.FromString,
             options,
             channel_credentials,
             insecure,

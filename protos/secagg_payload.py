@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from protos.secagg import Wire
+
 B_SUFFIX = ".lora_B.weight"
 
 
@@ -117,3 +119,48 @@ def zo_unpack(total: np.ndarray, pool: Sequence[int]) -> tuple[list[tuple[int, f
     if not weight > 0:
         raise ValueError(f"summed weight is {weight}; no device contributed")
     return [(int(s), float(g) / weight) for s, g in zip(pool, total[:-1]) if g != 0.0], weight
+
+
+# ----------------------------------------------------------------------------- one gRPC round
+@dataclass(frozen=True)
+class RoundPayload(Wire):
+    """Coordinator -> devices (in the Task): how every device forms its payload vector this round.
+
+    layout: public (key, global shape) entries (see PayloadLayout); weight_cap: weight = min(n, cap) / cap;
+    fold_scale: multiply B by the device's own LoRA scale (the selected devices' scales differ);
+    ignore_extra: the device may hold tensors outside the layout (fedsa keeps B on the device).
+    """
+
+    layout: tuple[tuple[str, tuple[int, ...]], ...]
+    weight_cap: float
+    fold_scale: bool = False
+    ignore_extra: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.layout:
+            raise ValueError("secure-aggregation payload layout is empty")
+        if not (math.isfinite(self.weight_cap) and self.weight_cap >= 1):
+            raise ValueError(f"weight_cap must be a finite number >= 1, got {self.weight_cap}")
+
+    @property
+    def payload_layout(self) -> PayloadLayout:
+        return PayloadLayout(self.layout)
+
+    @property
+    def vector_len(self) -> int:
+        return self.payload_layout.vector_len
+
+
+def device_payload(state: Mapping[str, torch.Tensor], rp: RoundPayload, num_examples: int,
+                   scale: float) -> tuple[np.ndarray, float]:
+    """A device's (vector_len,) float64 input for the round, and the weight it used.
+
+    state: the device's trained adapter (peft keys, its own rank); scale: its LoRA scale s_k.
+    The weight min(num_examples, cap) / cap keeps weighted values inside the clip range.
+    """
+    if num_examples < 1:
+        raise ValueError(f"num_examples must be >= 1, got {num_examples}")
+    weight = min(float(num_examples), rp.weight_cap) / rp.weight_cap
+    vec = pack_state(state, rp.payload_layout, weight=weight, b_scale=scale if rp.fold_scale else 1.0,
+                     ignore_extra=rp.ignore_extra)
+    return vec, weight

@@ -1,0 +1,251 @@
+"""One secure-aggregation round driven over gRPC: phase timing around a `SecAggServer`.
+
+Devices call SecAggStep once per phase with their message, then poll (empty payload) until the
+phase closes. A phase closes when every device still in the protocol that is alive has sent its
+message, or when the phase deadline passes (the round's training deadline for the first phase,
+then `phase_timeout_s` after the previous close). Devices missing at a close have dropped out;
+the `SecAggServer` recovers them (or aborts below the threshold).
+
+`global_from_sum` turns the unmasked sum into the round's aggregate for the linear strategies.
+The coordinator never holds an individual device's unmasked input, and stores nothing per device.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from protos.secagg import (AdvertiseKeys, MaskedInput, SecAggError, ShareKeys, UnmaskShares,
+                           check_strategy_supports_secagg)
+from protos.secagg_payload import RoundPayload, unpack_average
+
+from . import rounds as R
+from . import strategy as S
+from .aggregation import GlobalState, LoraUpdate, lora_scale, slice_for_device
+from .secagg_server import SecAggResult, SecAggServer
+
+log = logging.getLogger("coordinator.secagg")
+PHASES = ("advertise", "share_keys", "masked_input", "unmask")  # index = SecAggPhase - 1
+_MESSAGES = (AdvertiseKeys, ShareKeys, MaskedInput, UnmaskShares)
+MAX_MESSAGE_BYTES = 8 << 20  # coordinator.server.MAX_MESSAGE: one masked input must fit in one message
+
+
+class SecAggRejected(R.RoundError):
+    """A SecAggStep the protocol refuses (wrong phase, excluded device, malformed or inconsistent message)."""
+
+    code = "FAILED_PRECONDITION"
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """`--secagg` options. threshold 0: a majority of the selected devices (at least 2)."""
+
+    threshold: int = 0
+    neighbours: int | None = None
+    clip: float = 8.0
+    phase_timeout_s: float = 60.0
+    weight_cap: int = 0  # 0: local_steps x the largest plan batch of the selected devices
+
+    def threshold_for(self, n_selected: int) -> int:
+        if self.threshold:
+            return self.threshold
+        t = max(2, n_selected // 2 + 1)
+        return min(t, self.neighbours + 1) if self.neighbours else t
+
+
+def check_secagg_config(strategy: str, s: SecAggSettings, min_devices: int, defences_active: bool) -> None:
+    """Raise ValueError naming the option that cannot run under secure aggregation, and what to do."""
+    check_strategy_supports_secagg(strategy)
+    if min_devices < 2:
+        raise ValueError(f"--secagg needs --min-devices >= 2 (got {min_devices}): masks only hide one device's "
+                         "update among several")
+    if s.threshold and not 2 <= s.threshold <= min_devices:
+        raise ValueError(f"--secagg-threshold {s.threshold} must be in [2, --min-devices={min_devices}] so every "
+                         "round can reach it; use 0 for a majority of the selected devices")
+    if s.neighbours is not None and (s.neighbours < 2 or s.neighbours % 2):
+        raise ValueError(f"--secagg-neighbours must be an even number >= 2 (SecAgg+ ring graph), got {s.neighbours}")
+    if s.neighbours and s.threshold > s.neighbours + 1:
+        raise ValueError(f"--secagg-threshold {s.threshold} exceeds --secagg-neighbours + 1 ({s.neighbours + 1}): "
+                         "each secret is shared only among a device and its neighbours")
+    if not (math.isfinite(s.clip) and s.clip > 0):
+        raise ValueError(f"--secagg-clip must be a positive number, got {s.clip}")
+    if not s.phase_timeout_s > 0:
+        raise ValueError(f"--secagg-phase-timeout must be positive seconds, got {s.phase_timeout_s}")
+    if s.weight_cap < 0:
+        raise ValueError(f"--secagg-weight-cap must be >= 0 (0 = automatic), got {s.weight_cap}")
+    if defences_active:
+        raise ValueError("--secagg cannot be combined with --robust / --clip-norm / --dp-noise on the coordinator: "
+                         "they need each device's individual update, and secure aggregation only reveals the sum. "
+                         "Clip and add noise on the devices instead")
+
+
+def round_payload(g: GlobalState, cfg: S.StrategyConfig, ranks: Iterable[int], weight_cap: int) -> RoundPayload:
+    """The public payload description of a round: the global adapter's keys at the global rank."""
+    state = slice_for_device(g, cfg.max_rank, cfg.lora_alpha, cfg.use_rslora).state
+    only_a = cfg.name == "fedsa"
+    keys = sorted(k for k in state if not (only_a and k.endswith(S.B_SUFFIX)))
+    layout = tuple((k, tuple(int(d) for d in state[k].shape)) for k in keys)
+    scales = {lora_scale(cfg.lora_alpha, int(r), cfg.use_rslora) for r in ranks}
+    return RoundPayload(layout=layout, weight_cap=float(weight_cap), fold_scale=not only_a and len(scales) > 1,
+                        ignore_extra=only_a)
+
+
+def check_message_size(rp: RoundPayload) -> None:
+    """A masked input travels base64 in JSON in one gRPC message: refuse layouts that cannot fit."""
+    need = 16 * rp.vector_len // 3 + 4096
+    if need > MAX_MESSAGE_BYTES:
+        raise ValueError(f"secure aggregation of {rp.vector_len} values needs about {need / 2**20:.1f} MiB per masked "
+                         f"input, above the {MAX_MESSAGE_BYTES >> 20} MiB gRPC message limit; lower --max-rank, "
+                         "target fewer modules (--target-modules) or turn --secagg off")
+
+
+def global_from_sum(total: np.ndarray, rp: RoundPayload, cfg: S.StrategyConfig, ranks: Iterable[int],
+                    g: GlobalState) -> GlobalState:
+    """The round's aggregate from the unmasked sum: the weighted average, as `RoundFold.result` gives it.
+
+    Scales: when the payload folded each device's scale into B the average has scale 1.0; otherwise
+    every selected device had the same scale s, which the average keeps. fedsa: A only (B zeros).
+    g: the current global (fedsa reads each module's output size from it).
+    """
+    avg, weight = unpack_average(total, rp.payload_layout)
+    bad = [k for k, t in avg.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"unmasked sum has non-finite values in {bad[:3]}")
+    scale = 1.0
+    if cfg.name != "fedsa" and not rp.fold_scale:
+        scale = lora_scale(cfg.lora_alpha, int(next(iter(ranks))), cfg.use_rslora)
+    mods: dict[str, LoraUpdate] = {}
+    for key in [k for k in avg if k.endswith(S.A_SUFFIX)]:
+        mod = key[: -len(S.A_SUFFIX)]
+        A = avg[key]  # (R, in)
+        if cfg.name == "fedsa":
+            mods[mod] = LoraUpdate(A=A, B=torch.zeros(g.modules[mod].shape[0], A.shape[0]), scale=1.0, weight=weight)
+        else:
+            mods[mod] = LoraUpdate(A=A, B=avg[mod + S.B_SUFFIX], scale=scale, weight=weight)  # B (out, R)
+    extra = {k: v for k, v in sorted(avg.items()) if not (k.endswith(S.A_SUFFIX) or k.endswith(S.B_SUFFIX))}
+    return GlobalState("fedavg" if cfg.name == "zo" else cfg.name, mods, extra, weight)
+
+
+@dataclass
+class SecAggRound:
+    """Phase bookkeeping of one round around a SecAggServer (not thread-safe: the Coordinator's lock guards it)."""
+
+    round_id: int
+    payload: RoundPayload
+    server: SecAggServer
+    deadline: float  # when the current phase closes at the latest
+    phase_timeout_s: float
+    phase: int = 0  # index into PHASES of the phase being collected
+    members: set[str] = field(default_factory=set)  # devices still in the protocol
+    sent: dict[int, set[str]] = field(default_factory=lambda: {i: set() for i in range(4)})
+    outputs: dict[int, object] = field(default_factory=dict)  # phase -> its result (broadcast or per device)
+    result: SecAggResult | None = None
+    abort_reason: str = ""
+    bytes_in: int = 0
+    bytes_out: int = 0
+    started: float | None = None
+    finished_at: float | None = None
+
+    @classmethod
+    def open(cls, round_id: int, selected: Iterable[str], payload: RoundPayload, settings: SecAggSettings,
+             deadline: float) -> "SecAggRound":
+        ids = sorted(selected)
+        srv = SecAggServer(ids, settings.threshold_for(len(ids)), payload.vector_len, round_id=round_id,
+                           clip=settings.clip, neighbours=settings.neighbours)
+        return cls(round_id, payload, srv, deadline, settings.phase_timeout_s, members=set(ids))
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None or bool(self.abort_reason)
+
+    def submit(self, device_id: str, phase: int, data: bytes, now: float) -> None:
+        """Record a device's message for `phase` (0-based). Re-sent messages are ignored (retries)."""
+        if self.abort_reason:
+            raise SecAggRejected(f"round {self.round_id}: secure aggregation aborted: {self.abort_reason}")
+        if device_id in self.sent[phase]:
+            return
+        if phase != self.phase:
+            where = "closed" if phase < self.phase else "not open yet"
+            raise SecAggRejected(f"round {self.round_id}: secure-aggregation phase {PHASES[phase]!r} is {where} "
+                                 f"(now at {PHASES[self.phase] if not self.done else 'done'!r}); this device is "
+                                 "out of the round, pick up the next one with GetTask")
+        if device_id not in self.members:
+            raise SecAggRejected(f"device {device_id} dropped out of round {self.round_id}'s secure aggregation")
+        try:
+            msg = _MESSAGES[phase].from_bytes(data)
+            if getattr(msg, "device_id", device_id) != device_id:
+                raise SecAggError(f"message names device {msg.device_id!r}, the caller is {device_id!r}")
+            getattr(self.server, ("receive_advertise", "receive_share_keys", "receive_masked_input",
+                                  "receive_unmask")[phase])(msg)
+        except (ValueError, SecAggError) as e:
+            raise SecAggRejected(f"round {self.round_id}: {PHASES[phase]} message refused: {e}") from None
+        if self.started is None:
+            self.started = now
+        self.sent[phase].add(device_id)
+        self.bytes_in += len(data)
+
+    def reply(self, device_id: str, phase: int) -> bytes | None:
+        """This device's result of `phase`, or None while the phase is open."""
+        if phase >= self.phase and phase < 3 and not self.done:
+            return None
+        if device_id not in self.sent[phase]:
+            raise SecAggRejected(f"round {self.round_id}: device {device_id} sent nothing in phase {PHASES[phase]!r}")
+        if phase == 3:
+            return b""  # unmasking shares received: this device is done with the round
+        if phase not in self.outputs:
+            if self.result is None:
+                raise SecAggRejected(f"round {self.round_id}: secure aggregation aborted: {self.abort_reason}")
+            out = b""  # unmask: the sum is unmasked, nothing to return
+        else:
+            res = self.outputs[phase]
+            if isinstance(res, Mapping):
+                if device_id not in res:
+                    raise SecAggRejected(f"device {device_id} is not in round {self.round_id}'s key-sharing set")
+                res = res[device_id]
+            out = res.to_bytes()
+        self.bytes_out += len(out)
+        return out
+
+    def advance(self, now: float, alive: set[str]) -> None:
+        """Close the current phase when every live member has sent, or at its deadline."""
+        while not self.done:
+            waiting = (self.members & alive) - self.sent[self.phase]
+            if waiting and now < self.deadline:
+                return
+            self._close_phase(now)
+
+    def _close_phase(self, now: float) -> None:
+        srv, p = self.server, self.phase
+        try:
+            if p == 0:
+                self.outputs[0] = srv.close_advertise()
+            elif p == 1:
+                self.outputs[1] = srv.close_share_keys()
+            elif p == 2:
+                self.outputs[2] = srv.close_masked_input()
+            else:
+                self.result, self.finished_at = srv.finish(), now
+                return
+        except SecAggError as e:  # SecAggAbort: too few devices left
+            self.abort_reason = str(e)
+            self.finished_at = now
+            return
+        missing = sorted(self.members - self.sent[p])
+        if missing:
+            log.info("round %d: secure aggregation phase %s closed without %s", self.round_id, PHASES[p], missing)
+        self.members = set(self.sent[p])
+        self.phase = p + 1
+        self.deadline = now + self.phase_timeout_s
+
+    def metrics(self) -> dict[str, float]:
+        """Round metrics: protocol bytes (payloads both ways), seconds from the first message to the end."""
+        secs = (self.finished_at or 0.0) - (self.started or self.finished_at or 0.0)
+        out = {"secagg_bytes_in": self.bytes_in, "secagg_bytes_out": self.bytes_out, "secagg_seconds": secs,
+               "secagg_threshold": self.server.params.threshold, "secagg_vector_len": self.payload.vector_len}
+        if self.result is not None:
+            out.update(secagg_survivors=len(self.result.survivors), secagg_dropped=len(self.result.dropped))
+        return out

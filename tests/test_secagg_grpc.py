@@ -1,0 +1,266 @@
+"""Secure aggregation inside real gRPC rounds: a coordinator on 127.0.0.1:0 with its SQLite store,
+devices driving `edge_runtime.secagg_join.SecAggSession` over SecAggStep (and the real join loop
+with a tiny BERT). The secure aggregate equals the plain one, dropouts are recovered, the store
+never holds an individual update, and stack / svd are refused at start-up."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from coordinator import strategy as S
+from coordinator.cli import main as coordinator_main
+from coordinator.server import create_server
+from coordinator.service import Coordinator, CoordinatorConfig
+from edge_runtime.secagg_join import SecAggSession
+from protos import federation_pb2 as pb
+from protos import wire
+from protos.secagg import encode_fixed
+from test_reliability_support import SimDevice, tiny_model
+
+torch.set_num_threads(1)
+EXAMPLES = [10, 30, 20, 25, 15]  # per device; weights are n / cap under secagg, n in the plain round
+CAP = 50
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return tiny_model(tmp_path_factory.mktemp("secagg_grpc"))
+
+
+def device_update(state: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    """Device i's 'trained' adapter: the download plus a seeded change (the same in every run)."""
+    g = torch.Generator().manual_seed(1000 + i)
+    return {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in sorted(state.items())}
+
+
+class Federation:
+    """A coordinator serving one round on 127.0.0.1:0 and simulated devices (real gRPC clients)."""
+
+    def __init__(self, model: Path, store: Path, strategy: str, ranks: list[int], secagg: bool, **cfg):
+        self.c = Coordinator(CoordinatorConfig(
+            model=str(model), store=str(store), strategy=strategy, rounds=1, min_devices=len(ranks), max_rank=4,
+            poll_interval_s=0.1, heartbeat_timeout_s=2.5, secagg=secagg, secagg_weight_cap=CAP, **cfg))
+        self.server, port = create_server("127.0.0.1:0", self.c, tick_interval_s=0.1)
+        self.server.start()
+        self.devices = [SimDevice(f"127.0.0.1:{port}", f"dev{i}", rank=r) for i, r in enumerate(ranks)]
+        for d in self.devices:
+            d.register()
+        self.updates: dict[str, dict[str, torch.Tensor]] = {}
+        self.reports: dict[str, dict] = {}
+
+    def device_round(self, i: int, stop_after: str | None = None) -> None:
+        """Download, 'train', then upload (plain) or run the SecAgg phases; stop_after emulates a crash."""
+        d = self.devices[i]
+        t = d.wait_task()
+        upd = device_update(d.download_state(t), i)
+        self.updates[d.client.device_id] = upd
+        if not t.secagg:
+            d.client.upload(t, wire.encode_tensors(upd), pb.TrainStats(num_examples=EXAMPLES[i]))
+            return
+        s = SecAggSession(d.client, t, max_wait_s=30)
+        vec = s.vector(upd, EXAMPLES[i])
+        self.reports[d.client.device_id] = {"vector": vec, "params": s.params}
+        directory = s.advertise()
+        routed = s.share_keys(directory)
+        if stop_after == "share_keys":
+            return  # the process dies before its masked input
+        request = s.masked_input(routed, vec)
+        if stop_after == "masked_input":
+            return  # the process dies after its masked input arrived
+        s.unmask(request)
+        self.reports[d.client.device_id].update(sent=s.bytes_sent, received=s.bytes_received)
+
+    def run(self, stop: dict[int, str] | None = None, timeout_s: float = 40.0,
+            errors: list[BaseException] | None = None) -> float:
+        """Every device in its own thread; returns when round 1 closed (seconds from start).
+
+        errors: collects the devices' exceptions (default: any exception fails the test).
+        """
+        t0 = time.perf_counter()
+        check, errors = errors is None, [] if errors is None else errors
+
+        def target(i: int) -> None:
+            try:
+                self.device_round(i, (stop or {}).get(i))
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=target, args=(i,), daemon=True) for i in range(len(self.devices))]
+        for th in threads:
+            th.start()
+        end = time.time() + timeout_s
+        while time.time() < end and not self.closed(1):
+            time.sleep(0.05)
+        for th in threads:
+            th.join(timeout=5)
+        assert not (check and errors), errors
+        assert self.closed(1), f"round 1 did not close within {timeout_s}s"
+        return time.perf_counter() - t0
+
+    def closed(self, round_id: int) -> bool:
+        return any(r["round_id"] == round_id and r["state"] != "open" for r in self.c.store.rounds())
+
+    def close(self) -> None:
+        for d in self.devices:
+            d.close()
+        self.server.stop(0)
+        self.c.close()
+
+
+def assert_same_global(a, b, atol: float) -> float:
+    """Effective factors (A, scale * B) and extras agree within atol; returns the max difference."""
+    err = 0.0
+    assert a.modules.keys() == b.modules.keys() and a.extra.keys() == b.extra.keys()
+    for m, u in a.modules.items():
+        v = b.modules[m]
+        err = max(err, float((u.A - v.A).abs().max()), float((u.B * u.scale - v.B * v.scale).abs().max()))
+    for k, t in a.extra.items():
+        err = max(err, float((t - b.extra[k]).abs().max()))
+    assert err < atol, f"secure aggregate differs from the plain one by {err:.3g}"
+    return err
+
+
+def windows(t: torch.Tensor | np.ndarray, dtype: str, width: int = 48) -> list[bytes]:
+    """Byte strings from an array's little-endian encoding, as any file storing the array would contain."""
+    b = np.asarray(t, dtype=dtype).reshape(-1).tobytes()
+    return [b[i:i + width] for i in range(0, max(len(b) - width, 1), max(len(b) // 4, width)) if len(b) >= width]
+
+
+def leaked(store: Path, fed: Federation) -> list[str]:
+    """Devices whose unmasked update (float32 tensors, float64 payload, its fixed-point form) is in a store file."""
+    blobs = [p.read_bytes() for p in store.rglob("*") if p.is_file()]
+    found = []
+    for dev, upd in fed.updates.items():
+        needles = [w for t in upd.values() if t.numel() >= 12 for w in windows(t.numpy(), "<f4")]
+        rep = fed.reports.get(dev)
+        if rep is not None:
+            p = rep["params"]
+            needles += windows(rep["vector"], "<f8") + windows(encode_fixed(rep["vector"], p.clip, p.scale_bits)[0], "<u4")
+        if any(n in blob for n in needles for blob in blobs):
+            found.append(dev)
+    return found
+
+
+@pytest.mark.parametrize("strategy,ranks", [("zero_pad", [2, 4, 4]), ("fedavg", [4, 4, 4])])
+def test_secagg_round_matches_plain_round_and_store_holds_no_update(model, tmp_path, strategy, ranks):
+    plain = Federation(model, tmp_path / "plain", strategy, ranks, secagg=False)
+    secure = Federation(model, tmp_path / "secure", strategy, ranks, secagg=True)
+    try:
+        plain_s = plain.run()
+        secure_s = secure.run()
+        assert [r["state"] for r in secure.c.store.rounds()] == ["aggregated"]
+        err = assert_same_global(plain.c.global_state, secure.c.global_state, atol=1e-6)
+        m = secure.c.store.rounds()[0]["metrics"]
+        plain_bytes = sum(u["wire_bytes"] for u in plain.c.store.updates(1))
+        dev_bytes = sum(r["sent"] + r["received"] for r in secure.reports.values())
+        print(f"\n{strategy} ranks {ranks}: max |secure - plain| = {err:.2e}; vector_len {m['secagg_vector_len']}; "
+              f"plain uploads {plain_bytes} B in {plain_s:.2f}s, secagg protocol {dev_bytes} B (devices, both ways) "
+              f"in {secure_s:.2f}s (coordinator: {m['secagg_bytes_in']} B in, {m['secagg_bytes_out']} B out, "
+              f"protocol {m['secagg_seconds']:.2f}s)")
+        assert m["secagg_survivors"] == 3 and m["uploads"] == 3
+        # (c) nothing in the secure store is any device's unmasked update; the detector finds them in the plain store
+        assert secure.c.store.updates() == []
+        assert leaked(tmp_path / "secure", secure) == []
+        assert sorted(leaked(tmp_path / "plain", plain)) == sorted(plain.updates)
+    finally:
+        plain.close()
+        secure.close()
+
+
+def test_dropouts_are_recovered_from_the_survivors_shares(model, tmp_path):
+    """dev4 dies after its masked input (its input counts: its self-mask is rebuilt from shares);
+    dev3 dies after sharing keys (excluded: its pairwise masks are removed via its key shares)."""
+    fed = Federation(model, tmp_path / "store", "zero_pad", [4, 2, 4, 4, 2], secagg=True, secagg_threshold=3,
+                     secagg_phase_timeout_s=20, quorum=0.6)
+    try:
+        fed.run(stop={3: "share_keys", 4: "masked_input"})
+        rounds = fed.c.store.rounds()
+        assert rounds[0]["state"] == "aggregated", fed.c.store.events("secagg_abort")
+        done = fed.c.store.events("secagg_done")[0]
+        ids = [d.client.device_id for d in fed.devices]
+        assert sorted(done["survivors"]) == sorted(ids[:3] + [ids[4]]) and done["dropped"] == [ids[3]]
+        g0 = S.global_from_bytes(fed.c.store.read_blob("rounds/0000/global.safetensors"))
+        uploads = [S.RoundUpload(ids[i], fed.updates[ids[i]], EXAMPLES[i]) for i in (0, 1, 2, 4)]
+        want = S.aggregate_round(g0, uploads, fed.c.scfg)
+        assert_same_global(want, fed.c.global_state, atol=1e-6)
+        assert leaked(tmp_path / "store", fed) == []
+    finally:
+        fed.close()
+
+
+def test_below_threshold_the_round_fails_and_keeps_the_global(model, tmp_path, caplog):
+    fed = Federation(model, tmp_path / "store", "fedavg", [4, 4, 4, 4], secagg=True, secagg_threshold=3,
+                     secagg_phase_timeout_s=20, quorum=0.6)
+    try:
+        before = {m: u.A.clone() for m, u in fed.c.global_state.modules.items()}
+        errors: list[BaseException] = []
+        with caplog.at_level(logging.WARNING, logger="coordinator"):
+            fed.run(stop={0: "share_keys", 1: "share_keys"}, errors=errors)
+        assert fed.c.store.rounds()[0]["state"] == "failed"
+        reason = fed.c.store.events("secagg_abort")[0]["reason"]
+        assert "only 2 of 4 devices sent masked inputs; the threshold is 3" in reason
+        assert any("failed: secure aggregation aborted" in r.getMessage() for r in caplog.records)
+        # the two waiting survivors are told why (FAILED_PRECONDITION: they move on to the next round)
+        assert len(errors) == 2 and all(isinstance(e, grpc.RpcError) for e in errors)
+        assert all(e.code() == grpc.StatusCode.FAILED_PRECONDITION and "threshold is 3" in e.details() for e in errors)
+        assert fed.c.global_round == 0 and all(torch.equal(u.A, before[m]) for m, u in fed.c.global_state.modules.items())
+    finally:
+        fed.close()
+
+
+@pytest.mark.parametrize("strategy", ["stack", "svd"])
+def test_secagg_refuses_stack_and_svd_at_start_up(model, tmp_path, strategy, capsys):
+    with pytest.raises(ValueError, match="individual|sum of the products") as ei:
+        CoordinatorConfig(model=str(model), store=str(tmp_path / "s"), strategy=strategy, min_devices=3, secagg=True)
+    assert "fedavg" in str(ei.value) and "turn secure aggregation off" in str(ei.value)
+    rc = coordinator_main(["serve", "--model", str(model), "--store", str(tmp_path / "cli"), "--strategy", strategy,
+                           "--secagg", "--min-devices", "3", "--insecure", "--port", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"strategy {strategy!r} cannot run under secure aggregation" in err and "Use one of" in err
+    assert not (tmp_path / "cli").exists()  # refused before anything was created
+
+
+def test_join_loop_trains_and_runs_secagg(model, tmp_path):
+    """Three real devices (`run_join`, LocalTrainer on the tiny BERT) through two secure rounds."""
+    from edge_runtime.client import JoinConfig, run_join
+    from edge_runtime.data import load_sst2
+    from edge_runtime.plan import Plan
+    from edge_runtime.profile import load_profile
+
+    c = Coordinator(CoordinatorConfig(model=str(model), store=str(tmp_path / "store"), strategy="fedsa", rounds=2,
+                                      min_devices=3, max_rank=4, local_steps=2, lr=1e-2, poll_interval_s=0.1,
+                                      secagg=True))
+    server, port = create_server("127.0.0.1:0", c, tick_interval_s=0.1)
+    server.start()
+    profile = load_profile(Path(__file__).resolve().parents[1] / "profiles" / "laptop-cpu-16gb.yaml")
+    records = load_sst2("train", limit=48)
+    results: dict[int, dict] = {}
+    threads = []
+    for i, rank in enumerate([4, 2, 4]):
+        plan = Plan(mode="lora", rank=rank, target_modules=["query", "value"], batch_size=4, seq_len=16)
+        cfg = JoinConfig(target=f"127.0.0.1:{port}", model=str(model), plan=plan, profile=profile,
+                         records=records[i * 16:(i + 1) * 16], name=f"join{i}", threads=1, max_poll_s=0.2,
+                         heartbeat_s=0.5)
+        th = threading.Thread(target=lambda i=i, cfg=cfg: results.update({i: run_join(cfg)}), daemon=True)
+        th.start()
+        threads.append(th)
+    try:
+        for th in threads:
+            th.join(timeout=120)
+        assert len(results) == 3, "a device did not finish"
+        assert [r["state"] for r in c.store.rounds()] == ["aggregated", "aggregated"]
+        for r in results.values():
+            assert [x["accepted"] for x in r["rounds"]] == [True, True]
+            assert all(x["upload_bytes"] > 0 for x in r["rounds"])
+        assert c.store.updates() == []  # nothing per device was stored
+        assert c.global_state.strategy == "fedsa" and c.global_round == 2
+    finally:
+        server.stop(0)
+        c.close()
