@@ -251,7 +251,7 @@ def _device_name(cfg: JoinConfig) -> str:
     return f"{cfg.profile.name}-{uuid.uuid4().hex[:8]}"
 
 
-class _DeltaTracker:
+class DeltaTracker:
     """stack: the coordinator sends the cumulative base delta; merge only what is new.
 
     merged[module] = (B (out, R), A (R, in)) already added to the base weights.
@@ -329,7 +329,7 @@ def _make_trainer(cfg: JoinConfig, conf: Any, plan: Any, task: dict,
 def _participate(client: FederationClient, cfg: JoinConfig, reply: Any, conf: Any, plan: Any, task: dict,
                  name: str, trainer_factory: Callable[..., Any] | None, hb: _Heartbeat) -> dict[str, Any]:
     trainer = None  # loaded at the first training task (_make_trainer)
-    tracker = _DeltaTracker()
+    tracker = DeltaTracker()
     local_b: dict[str, torch.Tensor] = {}
     reports: list[dict[str, Any]] = []
     last_upload_s = 0.0
@@ -397,7 +397,7 @@ def _secagg_upload(client: FederationClient, trainer: Any, t: pb.Task, strategy:
     return pb.UploadReply(accepted=True, received_bytes=report["bytes_sent"]), report["bytes_sent"]
 
 
-def _one_round(client: FederationClient, trainer: Any, t: pb.Task, strategy: str, tracker: _DeltaTracker,
+def _one_round(client: FederationClient, trainer: Any, t: pb.Task, strategy: str, tracker: DeltaTracker,
                local_b: dict[str, torch.Tensor], cfg: JoinConfig, hb: _Heartbeat, last_upload_s: float,
                drops: bool = False) -> dict:
     import torch

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from flwr.client import ClientApp, NumPyClient
 
-from edge_runtime.client import _DeltaTracker
+from edge_runtime.client import DeltaTracker
 from protos.wire import split_download
 from edge_runtime.data import load_records
 from edge_runtime.modelspec import load_model_spec
@@ -83,7 +83,7 @@ class DeviceRuntime:
             self.plan = replace(self.plan, rank=int(settings.max_rank),
                                 reasons=self.plan.reasons + [f"rank capped at {settings.max_rank} by the operator"])
         self.trainer: Any = None
-        self.tracker = _DeltaTracker()
+        self.tracker = DeltaTracker()
         self.local_b: dict[str, torch.Tensor] = {}
         self.lock = threading.Lock()
         log.info("%s: plan %s rank %d (%s, batch %d, seq %d)", self.profile.name, self.plan.mode, self.plan.rank,
@@ -124,7 +124,7 @@ class DeviceRuntime:
                     "num_labels": int(config.get(P.CFG_LABELS, 2))}
             t = LocalTrainer(self.settings.model, plan, task, memory_budget_bytes=self._budget(),
                              seed=int(config.get(P.CFG_SEED, 0)), threads=self.settings.threads)
-            self.trainer, self.tracker = t, _DeltaTracker()
+            self.trainer, self.tracker = t, DeltaTracker()
         if t.rank != rank or t.lora_alpha != alpha or t.use_rslora != rslora:
             t.configure(rank=rank, lora_alpha=alpha, use_rslora=rslora, seed=int(config.get(P.CFG_SEED, 0)))
         return t

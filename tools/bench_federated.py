@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from coordinator import strategy as S  # noqa: E402
 from coordinator.model import Evaluator, initial_adapter_state, load_base_model, resolve_target_modules  # noqa: E402
-from edge_runtime.client import _DeltaTracker  # noqa: E402
+from edge_runtime.client import DeltaTracker  # noqa: E402
 from edge_runtime.data import load_records, load_sst2, partition  # noqa: E402
 from edge_runtime.modelspec import load_model_spec  # noqa: E402
 from edge_runtime.planner import plan as make_plan  # noqa: E402
@@ -91,7 +91,7 @@ class Fleet:
         self.zo = (LocalTrainer(model, replace(zo_plans[0], learning_rate=zo_lr, zo_eps=eps),
                                 {"kind": "classification", "num_labels": 2}, seed=seed, threads=1)
                    if zo_plans else None)
-        self.trackers = {"lora": _DeltaTracker(), "zo": _DeltaTracker()}
+        self.trackers = {"lora": DeltaTracker(), "zo": DeltaTracker()}
 
 
 def run_federated(strategy: str, devices: list[dict[str, Any]], shards: list[list[dict]], fleet: Fleet,
@@ -103,7 +103,7 @@ def run_federated(strategy: str, devices: list[dict[str, Any]], shards: list[lis
     init = {k: (v[:max_rank] if k.endswith(A_SUFFIX) else v[:, :max_rank] if k.endswith(B_SUFFIX) else v)
             for k, v in init_state.items()}
     g = S.initial_global(init, scfg)
-    fleet.trackers = {"lora": _DeltaTracker(), "zo": _DeltaTracker()}
+    fleet.trackers = {"lora": DeltaTracker(), "zo": DeltaTracker()}
     for t in (fleet.lora, fleet.zo):  # fresh bases: undo any earlier run's stack merges
         if t is not None:
             t.base, t.model = t.model.unload(), None

@@ -29,7 +29,7 @@ import fleet  # noqa: E402  (tools/fleet.py)
 console = Console()
 DEVICES = [{"profile": "profiles/emu-large-1200mb.yaml", "count": 2},
            {"profile": "profiles/emu-medium-700mb.yaml", "count": 1},
-           {"profile": "profiles/emu-small-450mb.yaml", "count": 1}]
+           {"profile": "profiles/emu-tiny-210mb.yaml", "count": 1}]  # 5 GFLOP/s, rank 2: the straggler
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -67,6 +67,7 @@ def run_pair(args: argparse.Namespace) -> dict[str, Any]:
                                 strategy=args.strategy, rounds=args.rounds, local_steps=args.local_steps,
                                 lr=1e-3, max_rank=args.max_rank, quorum=0.5, round_timeout_s=args.round_timeout,
                                 heartbeat_timeout_s=args.heartbeat_timeout, devices=DEVICES,
+                                host_gflops=args.host_gflops,
                                 extra_coordinator_args=extra)
         console.rule(f"{name}: deadline {args.round_timeout:.0f}s, {args.local_steps} local steps")
         res = fleet.run(cfg, Path(args.out) / name, args.timeout)
@@ -117,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--strategy", default="zero_pad")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--host-gflops", type=float, default=40.0,
+                    help="pace devices against this host speed (fixed, so both runs are slowed alike)")
     ap.add_argument("--local-steps", type=int, default=12)
     ap.add_argument("--max-rank", type=int, default=8)
     ap.add_argument("--round-timeout", type=float, default=45.0)

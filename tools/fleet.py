@@ -62,6 +62,7 @@ class FleetConfig:
     round_timeout_s: float = 240.0
     heartbeat_timeout_s: float = 30.0
     seed: int = 0
+    host_gflops: float | None = None  # pace against this host speed instead of measuring it (reproducible pacing)
     devices: list[dict[str, Any]] = field(default_factory=list)
     extra_coordinator_args: list[str] = field(default_factory=list)
 
@@ -320,8 +321,9 @@ def run(cfg: FleetConfig, out: Path, timeout_s: float) -> dict[str, Any]:
         raise SystemExit("no device has a feasible plan; see the refusals above")
     shards, eval_path, sizes = prepare_data(cfg, len(admitted), out)
     print_plans(admitted, refused, sizes)
-    gflops = host_gflops()
-    console.print(f"host: {gflops:.1f} GFLOP/s fp32; devices are slowed to their profile's speed")
+    gflops = cfg.host_gflops or host_gflops()
+    console.print(f"host: {gflops:.1f} GFLOP/s fp32 ({'given' if cfg.host_gflops else 'measured'}); "
+                  "devices are slowed to their profile's speed")
     port = free_port()
     coord = start_coordinator(cfg, model, port, store, eval_path, len(admitted), out / "logs" / "coordinator.log")
     with console.status("coordinator: loading the base model and evaluating the initial global model..."):
