@@ -133,7 +133,7 @@ def cmd_status(args) -> int:
         t.add_row("0", "initial", "", "", "", "", f"{m.get('loss', 0):.4f}", f"{m.get('accuracy', float('nan')):.3f}")
     for r in s["rounds"]:
         m = r["metrics"]
-        t.add_row(str(r["round_id"]), r["state"], str(len(r["selected"])), str(per_round.get(r["round_id"], 0)),
+        t.add_row(str(r["round_id"]), r["state"], str(len(r["selected"])), str(per_round.get(r["round_id"], m.get("uploads", 0))),  # secagg rounds store no update
                   str(len(r["dropped"])), str(r["late"]), f"{m['loss']:.4f}" if "loss" in m else "-",
                   f"{m['accuracy']:.3f}" if "accuracy" in m else "-")
     con.print(t)

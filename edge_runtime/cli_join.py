@@ -66,7 +66,10 @@ def _credentials(args):
 def _plan(args, profile):
     from edge_runtime.plan import Plan
 
-    if args.plan:
+    if args.plan:  # the model loads at the first task; fail now, not then, on a wrong path
+        if not Path(args.model).exists():
+            raise ValueError(f"model path {args.model} does not exist: give a Hugging Face model directory, "
+                             "a directory with a config.json, or a .gguf file")
         return Plan.load(args.plan)
     from edge_runtime.modelspec import load_model_spec
     from edge_runtime.planner import plan

@@ -16,9 +16,10 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported by the partition helpers only (an idle device never loads it)
+    import numpy as np
 
 SCHEMES = ("iid", "dirichlet", "quantity")
 DEFAULT_TEMPLATE = ("Is the sentiment of this movie review positive or negative?\n"
@@ -198,6 +199,8 @@ def partition(records: Sequence[dict[str, Any]], n: int, scheme: str = "iid", al
         raise ValueError(f"cannot split {len(records)} records into {n} non-empty shards")
     if scheme != "iid" and not alpha > 0:
         raise ValueError(f"alpha must be > 0, got {alpha!r}")
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     if scheme == "iid":
         idx = [list(s) for s in np.array_split(rng.permutation(len(records)), n)]
@@ -214,6 +217,8 @@ def partition(records: Sequence[dict[str, Any]], n: int, scheme: str = "iid", al
 
 def _sizes_with_floor(props: np.ndarray, total: int, floor: int) -> list[int]:
     """Integer sizes summing to `total`, proportional to `props`, each >= floor."""
+    import numpy as np
+
     n = len(props)
     extra = total - floor * n
     raw = props * extra
@@ -225,6 +230,8 @@ def _sizes_with_floor(props: np.ndarray, total: int, floor: int) -> list[int]:
 
 def _dirichlet_label_split(records: Sequence[dict[str, Any]], n: int, alpha: float,
                            rng: np.random.Generator) -> list[list[int]]:
+    import numpy as np
+
     missing = [i for i, r in enumerate(records) if "label" not in r]
     if missing:
         raise ValueError(f"dirichlet partition needs a 'label' on every record (record {missing[0]} has none); "

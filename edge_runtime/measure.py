@@ -201,8 +201,10 @@ def measure_device(quick: bool = True, coordinator: str | None = None, bulk_byte
 def _quant_precisions() -> list[str]:
     """Quantized base precisions whose libraries are importable here (no import side effects kept)."""
     from importlib.util import find_spec
+
+    from edge_runtime.training.imports import bitsandbytes_installed  # sees it even where this process hides it
     out = []
-    if find_spec("bitsandbytes") is not None:
+    if bitsandbytes_installed():
         out += ["int8", "nf4"]
     if find_spec("optimum") is not None and find_spec("optimum.quanto") is not None:
         out += ["int8", "int4"]

@@ -18,18 +18,18 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from . import federation_pb2 as pb
+
+if TYPE_CHECKING:  # torch / safetensors load on the first tensor call: chunking and shaping stay torch-free
+    import torch
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 CHUNK_SIZE = 1 << 20  # 1 MiB
 MAX_BLOB_BYTES = 512 << 20  # default cap on one upload / download
 SCALE_SUFFIX = ".__scale"
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 Throttle = Callable[[int], None]  # called with the byte count before each chunk is sent / after it is received
 
@@ -57,6 +57,8 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x (rows, cols) -> q int8 (rows, cols), scale float32 (rows, 1) or (1, cols) (broadcasts);
     1-D / 0-D tensors get a single scale of shape (1,). x ~= q * scale.
     """
+    import torch
+
     x = x.detach().to(torch.float32)
     if x.dim() == 2:
         dim = 1 if x.shape[0] <= x.shape[1] else 0  # reduce over the long axis
@@ -70,6 +72,8 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Inverse of quantize_int8: float32 tensor of q's shape."""
+    import torch
+
     return q.to(torch.float32) * scale.to(torch.float32)
 
 
@@ -93,9 +97,14 @@ def _front_decode(coded: list[list]) -> list[str]:
     return out
 
 
-_PACK_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8,
-                "I64": torch.int64, "I32": torch.int32, "BOOL": torch.bool}
-_PACK_CODES = {v: k for k, v in _PACK_DTYPES.items()}
+@lru_cache(maxsize=1)
+def _dtype_tables() -> tuple[dict[str, torch.dtype], dict[torch.dtype, str]]:
+    """(upload precision -> float dtype, storage dtype -> pack code)."""
+    import torch
+
+    pack = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8,
+            "I64": torch.int64, "I32": torch.int32, "BOOL": torch.bool}
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}, {v: k for k, v in pack.items()}
 
 
 def _scale_shape(shape: list[int]) -> list[int]:
@@ -115,6 +124,9 @@ def encode_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, o
     which keeps the header to a few hundred bytes.
     packed=False: one safetensors entry per tensor (peft export; int8 adds `<name>.__scale`).
     """
+    import torch
+    from safetensors.torch import save as st_save
+
     if precision not in PRECISIONS:
         raise WireError(f"upload precision {precision!r} is unknown; choose one of {PRECISIONS}")
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
@@ -136,8 +148,9 @@ def encode_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, o
             groups.setdefault("F32", []).append(scale.reshape(-1))
             code = "Q8"
         else:
-            t = t.to(_DTYPES[precision]).contiguous() if t.is_floating_point() else t.contiguous()
-            code = _PACK_CODES.get(t.dtype)
+            dtypes, codes = _dtype_tables()
+            t = t.to(dtypes[precision]).contiguous() if t.is_floating_point() else t.contiguous()
+            code = codes.get(t.dtype)
             if code is None:
                 raise WireError(f"tensor {name!r} has unsupported dtype {t.dtype}")
             entries[name] = t
@@ -177,6 +190,9 @@ def _unpack(raw: dict[str, torch.Tensor], index: str) -> dict[str, torch.Tensor]
 
 def decode_tensors(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """safetensors bytes (packed or not) -> (name -> float32 tensor, metadata). int8 is dequantized."""
+    import torch
+    from safetensors.torch import load as st_load
+
     try:
         raw = st_load(bytes(data))
         meta = read_metadata(data)

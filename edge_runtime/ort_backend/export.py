@@ -69,6 +69,9 @@ class LoraSpec:
 
 def add_lora(model: torch.nn.Module, task: str, spec: LoraSpec, seed: int = 0):
     """Wrap a transformers model with a peft LoRA adapter (dropout 0, head trainable for classification)."""
+    from edge_runtime.training.imports import quantized_with_bnb, use_bitsandbytes
+
+    use_bitsandbytes(quantized_with_bnb(model))  # before peft's first import
     from peft import LoraConfig, TaskType, get_peft_model
 
     _check_task(task)

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from edge_runtime.plan import Plan
+from edge_runtime.training.imports import (bitsandbytes_installed, needs_bitsandbytes, quantized_with_bnb,
+                                           use_bitsandbytes)
 
 log = logging.getLogger(__name__)
 
@@ -131,17 +133,26 @@ def quantize_quanto(model: nn.Module, precision: str) -> None:
 def load_base(model_src: str | Path, plan: Plan, task: Any, seed: int = 0,
               quant_backend: str = "auto") -> tuple[nn.Module, Any]:
     """(model, tokenizer) at `plan.base_precision`, frozen, with the task head (seeded) and
-    gradient checkpointing per plan. `quant_backend`: 'auto' | 'bnb' | 'quanto'."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    gradient checkpointing per plan. `quant_backend`: 'auto' | 'bnb' | 'quanto'.
 
+    bitsandbytes is hidden from this process unless the plan takes its route (see
+    `edge_runtime.training.imports`); with 'auto', a bitsandbytes that is installed but will
+    not import falls back to optimum-quanto (logged)."""
     t = resolve_task(task)
     directory, gguf = resolve_source(model_src)
     prec = plan.base_precision
+    use_bnb = needs_bitsandbytes(prec, quant_backend, bool(gguf))
+    bnb_ok = use_bitsandbytes(use_bnb)
+    if use_bnb and not bnb_ok and quant_backend == "auto" and bitsandbytes_installed():
+        log.warning("base_precision %s: bitsandbytes is installed but does not import here; using optimum-quanto "
+                    "(%s) instead", prec, "qint8" if prec == "int8" else "qint4")
+        use_bnb = False
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
     compute = _DTYPES[plan.compute_dtype]
     kwargs: dict[str, Any] = {}
     if gguf:
         kwargs["gguf_file"] = gguf
-    use_bnb = prec in ("int8", "nf4") and quant_backend in ("auto", "bnb") and not gguf
     use_quanto = prec == "int4" or (prec in ("int8", "nf4") and not use_bnb)
     if use_bnb:
         kwargs["quantization_config"] = _bnb_config(prec, compute)
@@ -200,6 +211,7 @@ def lora_config(plan: Plan, rank: int, lora_alpha: float, use_rslora: bool, head
 
 def apply_lora(base: nn.Module, plan: Plan, rank: int, lora_alpha: float, use_rslora: bool, seed: int) -> nn.Module:
     """Wrap `base` with a fresh LoRA adapter (seeded init); the head goes into modules_to_save."""
+    use_bitsandbytes(quantized_with_bnb(base))  # before peft's first import (a no-op after load_base)
     from peft import get_peft_model
 
     cfg = lora_config(plan, rank, lora_alpha, use_rslora, head_names(base))
