@@ -113,7 +113,7 @@ class FederationServicer(pbg.FederationServicer):
                 if header.kind != pb.LORA:
                     self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "malformed",
                                  "UploadUpdate takes LORA updates; use SubmitZO")
-                self._guard(context, self.c.upload_precheck, dev, header.round_id, header.nonce)
+                self._guard(context, self.c.upload_precheck, dev, header.round_id, header.nonce, _stats(header.stats))
             if header is None:
                 self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "malformed",
                              "the first UploadChunk must carry the header")

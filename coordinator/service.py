@@ -635,10 +635,18 @@ class Coordinator:
             raise
         return rnd
 
-    def upload_precheck(self, device_id: str, round_id: int, nonce: str) -> None:
-        """Refuse an upload stream at its header (wrong/closed round, stale nonce) before bytes flow."""
+    def upload_precheck(self, device_id: str, round_id: int, nonce: str, stats: dict[str, Any] | None = None) -> None:
+        """Refuse an upload stream at its header (wrong/closed round, stale nonce) before bytes flow.
+
+        A late upload's header still carries the device's measurements (`stats`): with --replan
+        they re-plan that straggler at once, the device that most needs it."""
         with self._lock:
-            self._precheck(device_id, round_id, nonce)
+            try:
+                self._precheck(device_id, round_id, nonce)
+            except R.LateUpload:
+                if stats and self.cfg.replan:
+                    self._replan_late(device_id, round_id, stats)
+                raise
 
     def finish_upload(self, device_id: str, header: dict[str, Any], wire_bytes: int) -> int:
         """Validate the assembled upload and accept it; returns its size. Raises domain errors."""
@@ -757,6 +765,26 @@ class Coordinator:
                 self.fed.devices[d] = replace(self.fed.devices[d], assigned_rank=rank)
         self.store.event("replan", rnd.round_id, assignments={d: list(v) for d, v in new.items()})
         log.info("round %d re-planned (rank, steps): %s", rnd.round_id, new)
+
+    def _replan_late(self, device_id: str, round_id: int, stats: dict[str, Any]) -> None:
+        """Re-fit one straggler from the report its refused late upload carried."""
+        from .replan import RoundReport, replan
+
+        dev = self.fed.devices.get(device_id)
+        rep = RoundReport.from_stats(stats, dev.assigned_rank) if dev else None
+        if rep is None:
+            return
+        current = {device_id: (dev.assigned_rank, self._steps.get(device_id, self.cfg.local_steps))}
+        new = replan({device_id: rep}, self.cfg.round_timeout_s, current, plan_ranks={device_id: dev.plan_rank},
+                     target_steps=self.cfg.local_steps, max_rank=self.cfg.max_rank, margin=self.cfg.replan_margin)
+        rank, steps = new[device_id]
+        self._steps[device_id] = steps
+        if self.cfg.strategy not in R.COMMON_RANK_STRATEGIES:
+            self.fed.devices[device_id] = replace(dev, assigned_rank=rank)
+        self.store.event("replan", round_id, device_id, assignments={device_id: [rank, steps]}, late=True,
+                         reported_train_s=rep.train_time_s, reported_steps=rep.steps)
+        log.info("round %d: late device %s re-planned from its report (%.1fs for %d steps): rank %d, %d steps",
+                 round_id, device_id, rep.train_time_s, rep.steps, rank, steps)
 
     def _accepted(self, rnd: R.Round, device_id: str, size: int) -> None:
         self.fed.current = R.accept(rnd, device_id)

@@ -209,7 +209,7 @@ class JoinConfig:
     on_retry: Callable[[str], None] | None = None  # called with the call's name each time one is retried
     # emulation hooks (edge_runtime.emulation): stretch compute time to the device's speed, and
     # decide per round (online?, drops out mid-round?)
-    pace: Callable[[float], float] | None = None
+    pace: Callable[..., float] | None = None  # pace(seconds, stop=callable) -> the device's extra seconds
     availability: Callable[[int], tuple[bool, bool]] | None = None
     offline_s: float = 30.0  # an offline / dropped-out device stays silent this long (no heartbeat, no poll)
     stepdown: bool = True  # on out-of-memory, step down the plan and resume (edge_runtime.stepdown)
@@ -221,6 +221,7 @@ class _Heartbeat:
     def __init__(self, client: FederationClient, every_s: float):
         self.client, self.every_s = client, every_s
         self.status = "idle"
+        self.current_round = 0  # the newest round the coordinator has opened, from the last reply
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
@@ -229,7 +230,7 @@ class _Heartbeat:
             if self.status == "offline":
                 continue
             try:
-                self.client.heartbeat(self.status)
+                self.current_round = max(self.current_round, int(self.client.heartbeat(self.status).current_round))
             except grpc.RpcError as e:
                 log.debug("heartbeat failed: %s", e.code().name)
 
@@ -425,7 +426,13 @@ def _one_round(client: FederationClient, trainer: Any, t: pb.Task, strategy: str
     records = cfg.records
     lr = float(t.lr) if t.lr > 0 else None
     result = trainer.train(records, int(t.local_steps), lr=lr, seed=int(t.seed), progress=cfg.progress)
-    paced_s = cfg.pace(result.seconds) if cfg.pace else 0.0
+    # a straggler stops emulating its slowness once the coordinator has moved past its round; it still
+    # reports what the round would have cost, so the coordinator can re-plan it (--replan)
+    t_pace = time.perf_counter()
+    paced_s = cfg.pace(result.seconds, stop=lambda: hb.current_round > t.round_id) if cfg.pace else 0.0
+    if paced_s and time.perf_counter() - t_pace < paced_s - 0.5:
+        log.warning("round %d closed while this device was still computing (%.0fs of %.0fs emulated); "
+                    "reporting and moving on", t.round_id, time.perf_counter() - t_pace, paced_s)
     if drops:
         hb.status = "idle"
         log.warning("round %d: device drops out before uploading (emulated dropout)", t.round_id)

@@ -15,6 +15,7 @@ import random
 import resource
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,12 +59,19 @@ class ComputePacer:
         """How many times slower the device is than this host (>= 1; faster devices run at host speed)."""
         return max(1.0, self.host_gflops / self.device_gflops)
 
-    def pace(self, seconds: float) -> float:
+    def pace(self, seconds: float, stop: Callable[[], bool] | None = None) -> float:
+        """Sleep the extra time a `factor`-times slower device needs after `seconds` of compute.
+
+        Returns that extra time (what the device's round really costs, for its report), even
+        when `stop()` turns true first and the sleep is cut short (its round has closed)."""
         extra = seconds * (self.factor - 1.0)
-        if extra > 0:
-            time.sleep(extra)
-            self.slept_s += extra
-        return extra
+        end = time.monotonic() + max(0.0, extra)
+        while (left := end - time.monotonic()) > 0:
+            if stop is not None and stop():
+                break
+            time.sleep(min(left, 0.25))
+        self.slept_s += max(0.0, extra - max(0.0, end - time.monotonic()))
+        return max(0.0, extra)
 
 
 @dataclass

@@ -59,3 +59,17 @@ def test_hard_memory_cap_stops_a_runaway_process():
     assert "not stopped" not in proc.stdout, proc.stdout
     assert proc.returncode != 0
     print("cap:", proc.stdout.strip().splitlines()[0], "rc:", proc.returncode)
+
+
+def test_pacing_stops_when_the_round_has_closed_but_reports_the_full_cost():
+    """A straggler stops sleeping once told its round is over, yet returns the extra time its
+    round really needs (what it reports for re-planning)."""
+    import time as _time
+
+    from edge_runtime.emulation import ComputePacer
+
+    p = ComputePacer(device_gflops=5.0, host_gflops=40.0)  # x8 slower
+    t0 = _time.monotonic()
+    assert p.pace(1.0, stop=lambda: _time.monotonic() - t0 > 0.3) == pytest.approx(7.0)
+    assert _time.monotonic() - t0 < 1.5 and 0.2 < p.slept_s < 1.0
+    assert p.pace(0.01) == pytest.approx(0.07) and p.slept_s < 1.2

@@ -85,3 +85,41 @@ def test_coordinator_replans_after_a_round(tmp_path):
     kinds = [e["kind"] for e in c.store.events()]
     assert "plan_stepped_down" in kinds and "replan" in kinds
     c.close()
+
+
+def test_late_upload_report_replans_the_straggler(tmp_path):
+    """A device that misses the deadline gets no accepted update, but its refused late upload's
+    header carries its measured train time: the coordinator re-plans it from that report at
+    once (measured fit, not a blind halving) and the next task carries the fitted steps."""
+    import grpc  # noqa: F401  (the domain error maps to FAILED_PRECONDITION in the servicer)
+
+    from coordinator import rounds as R
+    from coordinator.service import Coordinator, CoordinatorConfig
+    from edge_runtime.training.tiny import make_tiny_bert
+
+    model = make_tiny_bert(tmp_path / "bert", hidden=32, vocab_size=300)
+    clock = [1000.0]
+    c = Coordinator(CoordinatorConfig(model=str(model), store=str(tmp_path / "s"), strategy="zero_pad", rounds=4,
+                                      min_devices=2, quorum=0.5, local_steps=20, max_rank=8, round_timeout_s=100.0,
+                                      replan=True), clock=lambda: clock[0])
+    plan = json.dumps({"rank": 8, "mode": "lora"})
+    fast = c.register("{}", plan, "", "fast")["device_id"]
+    slow = c.register("{}", plan, "", "slow")["device_id"]
+    tf, ts = c.get_task(fast), c.get_task(slow)
+    assert ts["local_steps"] == 20
+    from protos import wire
+    state = wire.decode_tensors(c.download(fast, tf["round_id"], tf["download_id"]))[0]
+    data = wire.encode_tensors(state, {"rank": 8})
+    c.upload_append(fast, "f1", 0, data, len(data))
+    c.finish_upload(fast, {"round_id": tf["round_id"], "nonce": tf["nonce"], "upload_id": "f1",
+                           "total_size": len(data), "sha256": wire.sha256_hex(data),
+                           "stats": {"num_examples": 5, "steps": 20, "train_time_s": 10.0}}, len(data))
+    clock[0] += 101.0  # the deadline passes without the slow device
+    c.tick()
+    assert c.get_task(slow)["local_steps"] == 10  # blind halving at the close: no report yet
+    with pytest.raises(R.LateUpload):  # 20 steps took 400 s: 20 s/step; budget 0.8 * 100 s -> 4 steps
+        c.upload_precheck(slow, ts["round_id"], ts["nonce"], {"steps": 20, "train_time_s": 400.0})
+    assert c.get_task(slow)["local_steps"] == 4
+    late = [e for e in c.store.events("replan") if e.get("late")]
+    assert late and late[0]["device_id"] == slow and late[0]["assignments"][slow] == [8, 4]
+    c.close()
