@@ -222,6 +222,7 @@ class _Heartbeat:
         self.client, self.every_s = client, every_s
         self.status = "idle"
         self.current_round = 0  # the newest round the coordinator has opened, from the last reply
+        self.server_offset_s = 0.0  # coordinator clock - this clock, from the last reply
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
@@ -230,9 +231,17 @@ class _Heartbeat:
             if self.status == "offline":
                 continue
             try:
-                self.current_round = max(self.current_round, int(self.client.heartbeat(self.status).current_round))
+                r = self.client.heartbeat(self.status)
+                self.current_round = max(self.current_round, int(r.current_round))
+                if r.server_time_unix:
+                    self.server_offset_s = float(r.server_time_unix) - time.time()
             except grpc.RpcError as e:
                 log.debug("heartbeat failed: %s", e.code().name)
+
+    def round_over(self, t: pb.Task) -> bool:
+        """True once the coordinator has opened a later round or `t`'s deadline has passed."""
+        late = bool(t.deadline_unix) and time.time() + self.server_offset_s > t.deadline_unix
+        return self.current_round > t.round_id or late
 
     def __enter__(self) -> "_Heartbeat":
         self._t.start()
@@ -429,7 +438,7 @@ def _one_round(client: FederationClient, trainer: Any, t: pb.Task, strategy: str
     # a straggler stops emulating its slowness once the coordinator has moved past its round; it still
     # reports what the round would have cost, so the coordinator can re-plan it (--replan)
     t_pace = time.perf_counter()
-    paced_s = cfg.pace(result.seconds, stop=lambda: hb.current_round > t.round_id) if cfg.pace else 0.0
+    paced_s = cfg.pace(result.seconds, stop=lambda: hb.round_over(t)) if cfg.pace else 0.0
     if paced_s and time.perf_counter() - t_pace < paced_s - 0.5:
         log.warning("round %d closed while this device was still computing (%.0fs of %.0fs emulated); "
                     "reporting and moving on", t.round_id, time.perf_counter() - t_pace, paced_s)
