@@ -95,8 +95,9 @@ def round_payload(g: GlobalState, cfg: S.StrategyConfig, ranks: Iterable[int], w
 
 
 def check_message_size(rp: RoundPayload) -> None:
-    """A masked input travels base64 in JSON in one gRPC message: refuse layouts that cannot fit."""
-    need = 16 * rp.vector_len // 3 + 4096
+    """A masked input (4 raw bytes per value + a small header) travels in one gRPC message:
+    refuse layouts that cannot fit."""
+    need = 4 * rp.vector_len + 4096
     if need > MAX_MESSAGE_BYTES:
         raise ValueError(f"secure aggregation of {rp.vector_len} values needs about {need / 2**20:.1f} MiB per masked "
                          f"input, above the {MAX_MESSAGE_BYTES >> 20} MiB gRPC message limit; lower --max-rank, "

@@ -12,7 +12,6 @@ Masks are ChaCha20 keystreams (a cryptographic PRG) keyed by a 32-byte seed, rea
 """
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 import math
@@ -66,60 +65,84 @@ def check_strategy_supports_secagg(strategy: str) -> None:
 
 
 # ----------------------------------------------------------------------------- wire codec
-def _enc(value: object) -> object:
+_MAGIC = b"SAW2"  # secagg wire: magic, 4-byte big-endian header length, JSON header, raw blobs
+
+
+def _enc(value: object, blobs: list[bytes]) -> object:
+    """JSON-able form of `value`; bytes go to `blobs` (raw, not base64) as {"$b": index}."""
     if isinstance(value, bytes):
-        return base64.b64encode(value).decode("ascii")
+        blobs.append(value)
+        return {"$b": len(blobs) - 1}
     if dataclasses.is_dataclass(value):
-        return {f.name: _enc(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: _enc(getattr(value, f.name), blobs) for f in dataclasses.fields(value)}
     if isinstance(value, (tuple, list)):
-        return [_enc(v) for v in value]
+        return [_enc(v, blobs) for v in value]
     if isinstance(value, dict):
-        return {str(k): _enc(v) for k, v in value.items()}
+        return {str(k): _enc(v, blobs) for k, v in value.items()}
     return value
 
 
-def _dec(ann: object, value: object) -> object:
+def _dec(ann: object, value: object, blobs: Sequence[bytes]) -> object:
     origin, args = typing.get_origin(ann), typing.get_args(ann)
     if origin in (typing.Union, types.UnionType):
         if value is None:
             return None
-        return _dec(next(a for a in args if a is not type(None)), value)
+        return _dec(next(a for a in args if a is not type(None)), value, blobs)
     if ann is bytes:
-        return base64.b64decode(value, validate=True)
+        if not (isinstance(value, dict) and isinstance(value.get("$b"), int) and 0 <= value["$b"] < len(blobs)):
+            raise ValueError(f"bytes field refers to no blob: {str(value)[:40]}")
+        return blobs[value["$b"]]
     if ann in (int, float, str, bool):
         return ann(value)
     if origin is tuple:
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_dec(args[0], v) for v in value)
+            return tuple(_dec(args[0], v, blobs) for v in value)
         if len(args) != len(value):
             raise ValueError(f"expected {len(args)} items, got {len(value)}")
-        return tuple(_dec(a, v) for a, v in zip(args, value))
+        return tuple(_dec(a, v, blobs) for a, v in zip(args, value))
     if origin in (dict, Mapping):
-        return {str(k): _dec(args[1], v) for k, v in value.items()}
+        return {str(k): _dec(args[1], v, blobs) for k, v in value.items()}
     if dataclasses.is_dataclass(ann):
         hints = typing.get_type_hints(ann)
-        return ann(**{f.name: _dec(hints[f.name], value[f.name]) for f in dataclasses.fields(ann)})
+        return ann(**{f.name: _dec(hints[f.name], value[f.name], blobs) for f in dataclasses.fields(ann)})
     raise TypeError(f"cannot decode a value annotated {ann!r}")
 
 
 class Wire:
-    """Mixin: `to_bytes()` / `from_bytes()` as tagged JSON (bytes fields base64), for gRPC `bytes` fields."""
+    """Mixin: `to_bytes()` / `from_bytes()` for gRPC `bytes` fields: a tagged JSON header and the
+    message's bytes fields appended raw (a masked vector costs 4 bytes per value on the wire)."""
 
     def to_bytes(self) -> bytes:
-        return json.dumps({"type": type(self).__name__, "body": _enc(self)}, separators=(",", ":")).encode()
+        blobs: list[bytes] = []
+        body = _enc(self, blobs)
+        header = json.dumps({"type": type(self).__name__, "body": body, "blobs": [len(b) for b in blobs]},
+                            separators=(",", ":")).encode()
+        return b"".join([_MAGIC, len(header).to_bytes(4, "big"), header, *blobs])
 
     @classmethod
     def from_bytes(cls, data: bytes):
+        name = cls.__name__
+        if len(data) < 8 or data[:4] != _MAGIC:
+            raise ValueError(f"not a serialised {name}: missing the {_MAGIC!r} header")
+        n = int.from_bytes(data[4:8], "big")
         try:
-            doc = json.loads(data)
+            doc = json.loads(data[8:8 + n])
         except (ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"not a serialised {cls.__name__}: {e}") from e
-        if not isinstance(doc, dict) or doc.get("type") != cls.__name__:
-            raise ValueError(f"expected a serialised {cls.__name__}, got type {doc.get('type') if isinstance(doc, dict) else '?'!r}")
+            raise ValueError(f"not a serialised {name}: {e}") from e
+        if not isinstance(doc, dict) or doc.get("type") != name:
+            raise ValueError(f"expected a serialised {name}, got type {doc.get('type') if isinstance(doc, dict) else '?'!r}")
+        sizes = doc.get("blobs", [])
+        if not (isinstance(sizes, list) and all(isinstance(k, int) and k >= 0 for k in sizes)) \
+                or 8 + n + sum(sizes) != len(data):
+            raise ValueError(f"malformed {name}: blob sizes do not match the message length (truncated?)")
+        blobs, off = [], 8 + n
+        for k in sizes:
+            blobs.append(bytes(data[off:off + k]))
+            off += k
         try:
-            return _dec(cls, doc["body"])
+            return _dec(cls, doc["body"], blobs)
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"malformed {cls.__name__}: {e}") from e
+            raise ValueError(f"malformed {name}: {e}") from e
 
 
 # ----------------------------------------------------------------------------- messages

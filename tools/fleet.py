@@ -62,6 +62,7 @@ class FleetConfig:
     round_timeout_s: float = 240.0
     heartbeat_timeout_s: float = 30.0
     seed: int = 0
+    min_devices: int | None = None  # devices registered before round 1 opens (default: half the admitted fleet)
     host_gflops: float | None = None  # pace against this host speed instead of measuring it (reproducible pacing)
     devices: list[dict[str, Any]] = field(default_factory=list)
     extra_coordinator_args: list[str] = field(default_factory=list)
@@ -195,7 +196,7 @@ def start_coordinator(cfg: FleetConfig, model: str, port: int, store: Path, eval
                       log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "coordinator.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--model", model, "--strategy", cfg.strategy, "--rounds", str(cfg.rounds), "--store", str(store),
-           "--min-devices", str(max(1, n // 2)), "--quorum", str(cfg.quorum),
+           "--min-devices", str(min(n, cfg.min_devices) if cfg.min_devices else max(1, n // 2)), "--quorum", str(cfg.quorum),
            "--round-timeout", str(cfg.round_timeout_s), "--heartbeat-timeout", str(cfg.heartbeat_timeout_s),
            "--local-steps", str(cfg.local_steps), "--lr", str(cfg.lr), "--max-rank", str(cfg.max_rank),
            "--lora-alpha", str(cfg.lora_alpha), "--task", cfg.task, "--num-labels", str(cfg.num_labels),
