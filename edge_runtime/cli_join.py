@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--offline-s", type=float, default=30.0,
                    help="--emulate: how long an offline or dropped-out device stays silent")
     p.add_argument("--host-gflops", type=float, default=None,
-                   help="this host's fp32 GFLOP/s for --emulate (default: measured with a short GEMM)")
+                   help="fp32 GFLOP/s of one thread of this host for --emulate (default: measured with a short GEMM)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port (0: off)")
     p.add_argument("--metrics-host", default="127.0.0.1", help="interface for --metrics-port (0.0.0.0 to expose)")
@@ -89,8 +89,8 @@ def _emulation(args, profile, plan) -> dict:
              apply_memory_cap(int(budget * 1.3) + (128 << 20), profile.name))
     host = args.host_gflops
     if host is None:
-        from edge_runtime.measure import measure_device
-        host = measure_device(quick=True).compute_gflops["fp32"]
+        from edge_runtime.measure import single_thread_gflops
+        host = single_thread_gflops()
     pacer = ComputePacer(device_gflops=profile.compute_gflops["fp32"], host_gflops=host)
     log.info("compute: %s at %.1f GFLOP/s on a %.1f GFLOP/s host -> x%.2f slower", profile.name,
              profile.compute_gflops["fp32"], host, pacer.factor)

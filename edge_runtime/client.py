@@ -209,7 +209,7 @@ class JoinConfig:
     on_retry: Callable[[str], None] | None = None  # called with the call's name each time one is retried
     # emulation hooks (edge_runtime.emulation): stretch compute time to the device's speed, and
     # decide per round (online?, drops out mid-round?)
-    pace: Callable[..., float] | None = None  # pace(seconds, stop=callable) -> the device's extra seconds
+    pace: Callable[..., float] | None = None  # pace(seconds, stop=, cpu_seconds=) -> the device's extra seconds
     availability: Callable[[int], tuple[bool, bool]] | None = None
     offline_s: float = 30.0  # an offline / dropped-out device stays silent this long (no heartbeat, no poll)
     stepdown: bool = True  # on out-of-memory, step down the plan and resume (edge_runtime.stepdown)
@@ -434,11 +434,13 @@ def _one_round(client: FederationClient, trainer: Any, t: pb.Task, strategy: str
     hb.status = "training"
     records = cfg.records
     lr = float(t.lr) if t.lr > 0 else None
+    cpu0 = time.process_time()
     result = trainer.train(records, int(t.local_steps), lr=lr, seed=int(t.seed), progress=cfg.progress)
+    cpu_s = time.process_time() - cpu0  # the work done, whatever the contention for cores was
     # a straggler stops emulating its slowness once the coordinator has moved past its round; it still
     # reports what the round would have cost, so the coordinator can re-plan it (--replan)
     t_pace = time.perf_counter()
-    paced_s = cfg.pace(result.seconds, stop=lambda: hb.round_over(t)) if cfg.pace else 0.0
+    paced_s = cfg.pace(result.seconds, stop=lambda: hb.round_over(t), cpu_seconds=cpu_s) if cfg.pace else 0.0
     if paced_s and time.perf_counter() - t_pace < paced_s - 0.5:
         log.warning("round %d closed while this device was still computing (%.0fs of %.0fs emulated); "
                     "reporting and moving on", t.round_id, time.perf_counter() - t_pace, paced_s)

@@ -47,8 +47,13 @@ class ShapedLink:
 
 @dataclass
 class ComputePacer:
-    """Emulate a slower device: after `seconds` of real compute, sleep so that the elapsed time
-    matches a device with `device_gflops` instead of this host's `host_gflops`."""
+    """Emulate a slower device: after a compute phase, sleep so that its wall time matches a device
+    with `device_gflops` instead of this host, whose `host_gflops` is the fp32 GFLOP/s of ONE
+    thread (what one CPU-second of the device process computes).
+
+    With `cpu_seconds` (the process CPU time of the phase) the work is measured, not its wall
+    time, so emulated devices sharing a few cores are not slowed twice (once by contention, once
+    by pacing): the device needs cpu_seconds * host_gflops / device_gflops seconds in all."""
 
     device_gflops: float
     host_gflops: float
@@ -56,22 +61,27 @@ class ComputePacer:
 
     @property
     def factor(self) -> float:
-        """How many times slower the device is than this host (>= 1; faster devices run at host speed)."""
+        """How many times slower the device is than one host thread (>= 1; faster devices run at host speed)."""
         return max(1.0, self.host_gflops / self.device_gflops)
 
-    def pace(self, seconds: float, stop: Callable[[], bool] | None = None) -> float:
-        """Sleep the extra time a `factor`-times slower device needs after `seconds` of compute.
+    def target_s(self, seconds: float, cpu_seconds: float | None = None) -> float:
+        """Wall time the device needs for a phase that took `seconds` here (`cpu_seconds` of CPU)."""
+        work = seconds if cpu_seconds is None else cpu_seconds
+        return max(seconds, work * self.factor)
+
+    def pace(self, seconds: float, stop: Callable[[], bool] | None = None, cpu_seconds: float | None = None) -> float:
+        """Sleep the extra time the device needs after a phase of `seconds` wall (`cpu_seconds` CPU).
 
         Returns that extra time (what the device's round really costs, for its report), even
         when `stop()` turns true first and the sleep is cut short (its round has closed)."""
-        extra = seconds * (self.factor - 1.0)
-        end = time.monotonic() + max(0.0, extra)
+        extra = self.target_s(seconds, cpu_seconds) - seconds
+        end = time.monotonic() + extra
         while (left := end - time.monotonic()) > 0:
             if stop is not None and stop():
                 break
             time.sleep(min(left, 0.25))
         self.slept_s += max(0.0, extra - max(0.0, end - time.monotonic()))
-        return max(0.0, extra)
+        return extra
 
 
 @dataclass

@@ -118,6 +118,18 @@ def gemm_gflops(dtype: str = "fp32", n: int = 512, seconds: float = 0.5, device:
     return 2.0 * n ** 3 * iters / dt_s / 1e9
 
 
+def single_thread_gflops(seconds: float = 0.5) -> float:
+    """fp32 GEMM GFLOP/s of ONE torch thread (the host speed emulated devices are paced against)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return gemm_gflops("fp32", 512, seconds)
+    finally:
+        torch.set_num_threads(before)
+
+
 def probe_coordinator(address: str, bulk_bytes: int = 0, timeout: float = 3.0) -> dict[str, float]:
     """TCP connect latency to HOST:PORT (median of 3) and, when bulk_bytes > 0, the rate of a
     bulk send (Mbit/s; an upper bound on uplink since the peer may not read at line rate)."""

@@ -73,3 +73,15 @@ def test_pacing_stops_when_the_round_has_closed_but_reports_the_full_cost():
     assert p.pace(1.0, stop=lambda: _time.monotonic() - t0 > 0.3) == pytest.approx(7.0)
     assert _time.monotonic() - t0 < 1.5 and 0.2 < p.slept_s < 1.0
     assert p.pace(0.01) == pytest.approx(0.07) and p.slept_s < 1.2
+
+
+def test_pacing_counts_work_not_contention():
+    """A phase that took 2 s of wall but only 0.5 s of CPU (the core was shared) did 0.5 s of host
+    work: a device 4x slower than one host thread needs 2 s in all, so no extra sleep."""
+    from edge_runtime.emulation import ComputePacer
+
+    p = ComputePacer(device_gflops=10.0, host_gflops=40.0)
+    assert p.target_s(2.0, cpu_seconds=0.5) == pytest.approx(2.0)
+    assert p.pace(2.0, cpu_seconds=0.5) == 0.0
+    assert p.target_s(1.0, cpu_seconds=1.0) == pytest.approx(4.0)  # uncontended: x4
+    assert ComputePacer(device_gflops=80.0, host_gflops=40.0).target_s(1.0, cpu_seconds=1.0) == 1.0

@@ -116,9 +116,10 @@ def wait_listening(port: int, proc: subprocess.Popen, timeout_s: float) -> None:
 
 
 def host_gflops() -> float:
-    from edge_runtime.measure import measure_device
+    """One thread's fp32 GFLOP/s: devices run one thread each and are paced by their CPU time."""
+    from edge_runtime.measure import single_thread_gflops
 
-    return measure_device(quick=True).compute_gflops["fp32"]
+    return single_thread_gflops()
 
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
@@ -323,8 +324,8 @@ def run(cfg: FleetConfig, out: Path, timeout_s: float) -> dict[str, Any]:
     shards, eval_path, sizes = prepare_data(cfg, len(admitted), out)
     print_plans(admitted, refused, sizes)
     gflops = cfg.host_gflops or host_gflops()
-    console.print(f"host: {gflops:.1f} GFLOP/s fp32 ({'given' if cfg.host_gflops else 'measured'}); "
-                  "devices are slowed to their profile's speed")
+    console.print(f"host: {gflops:.1f} GFLOP/s fp32 per thread ({'given' if cfg.host_gflops else 'measured'}); "
+                  "devices are slowed to their profile's speed (paced by the CPU time they use)")
     port = free_port()
     coord = start_coordinator(cfg, model, port, store, eval_path, len(admitted), out / "logs" / "coordinator.log")
     with console.status("coordinator: loading the base model and evaluating the initial global model..."):
