@@ -61,6 +61,8 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_pair(args: argparse.Namespace) -> dict[str, Any]:
+    if args.host_gflops is None:  # measured once: both runs must pace their devices alike
+        args.host_gflops = round(fleet.host_gflops(), 1)
     out: dict[str, Any] = {"settings": vars(args).copy()}
     for name, extra in (("static", []), ("replan", ["--replan"])):
         cfg = fleet.FleetConfig(model=args.model, train_examples=args.train_examples, eval_examples=args.eval_examples,
@@ -118,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--strategy", default="zero_pad")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--host-gflops", type=float, default=40.0,
-                    help="pace devices against this host speed (fixed, so both runs are slowed alike)")
+    ap.add_argument("--host-gflops", type=float, default=None,
+                    help="one host thread's fp32 GFLOP/s to pace against (default: measured once per run)")
     ap.add_argument("--local-steps", type=int, default=12)
     ap.add_argument("--max-rank", type=int, default=8)
     ap.add_argument("--round-timeout", type=float, default=45.0)
