@@ -60,7 +60,24 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
             "total_wall_s": result["wall_s"], "steps": steps}
 
 
+def always_available(devices: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
+    """Copies of the profiles with availability 1 and dropout 0, so both runs select the same
+    devices every round and the comparison isolates the re-planning policy."""
+    import yaml
+
+    out.mkdir(parents=True, exist_ok=True)
+    res = []
+    for d in devices:
+        prof = yaml.safe_load((ROOT / d["profile"]).read_text())
+        prof.update(availability=1.0, dropout=0.0)
+        path = out / Path(d["profile"]).name
+        path.write_text(yaml.safe_dump(prof, sort_keys=False))
+        res.append({**d, "profile": str(path)})
+    return res
+
+
 def run_pair(args: argparse.Namespace) -> dict[str, Any]:
+    devices = DEVICES if args.keep_availability else always_available(DEVICES, Path(args.out) / "profiles")
     if args.host_gflops is None:  # measured once: both runs must pace their devices alike
         args.host_gflops = round(fleet.host_gflops(), 1)
     out: dict[str, Any] = {"settings": vars(args).copy()}
@@ -68,7 +85,7 @@ def run_pair(args: argparse.Namespace) -> dict[str, Any]:
         cfg = fleet.FleetConfig(model=args.model, train_examples=args.train_examples, eval_examples=args.eval_examples,
                                 strategy=args.strategy, rounds=args.rounds, local_steps=args.local_steps,
                                 lr=1e-3, max_rank=args.max_rank, quorum=0.5, round_timeout_s=args.round_timeout,
-                                heartbeat_timeout_s=args.heartbeat_timeout, devices=DEVICES,
+                                heartbeat_timeout_s=args.heartbeat_timeout, devices=devices,
                                 host_gflops=args.host_gflops,
                                 extra_coordinator_args=extra)
         console.rule(f"{name}: deadline {args.round_timeout:.0f}s, {args.local_steps} local steps")
@@ -120,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--strategy", default="zero_pad")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--keep-availability", action="store_true",
+                    help="keep the profiles' emulated availability/dropout (default: every device always online)")
     ap.add_argument("--host-gflops", type=float, default=None,
                     help="one host thread's fp32 GFLOP/s to pace against (default: measured once per run)")
     ap.add_argument("--local-steps", type=int, default=12)
