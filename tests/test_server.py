@@ -1,5 +1,6 @@
 """coordinator.server over a real socket: malformed requests map to status codes and the server keeps serving."""
 import json
+import time
 
 import grpc
 import pytest
@@ -126,7 +127,11 @@ def test_interrupted_upload_resumes_from_upload_status(env):
 
     def dropping():
         for i, ch in enumerate(wire.upload_chunks(h, data, chunk_size=2048)):
-            if i == 2:
+            if i == 2:  # drop the link once the server has persisted what was sent (else the race
+                # between cancellation and the server reading the stream decides what survives)
+                end = time.time() + 10
+                while c.upload_status(reg.device_id, "resume-1") < 2048 and time.time() < end:
+                    time.sleep(0.01)
                 raise ConnectionError("link dropped")
             yield ch
 
