@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import sys
 import time
@@ -31,6 +30,8 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+from fleet import load_train_dev  # noqa: E402  (tools/fleet.py)
 
 from coordinator import strategy as S  # noqa: E402
 from coordinator.model import Evaluator, initial_adapter_state, load_base_model, resolve_target_modules  # noqa: E402
@@ -56,17 +57,7 @@ def minilm() -> str:
 
 
 def load_data(args) -> tuple[list[dict], list[dict]]:
-    if args.data == "sst2":
-        train, dev = load_sst2("train"), load_sst2("dev")
-    else:
-        train = load_records(args.data)
-        dev = load_records(args.eval_data) if args.eval_data else []
-        if not dev:
-            random.Random(args.seed).shuffle(train)
-            cut = max(1, len(train) // 10)
-            dev, train = train[:cut], train[cut:]
-    rng = random.Random(args.seed)
-    return rng.sample(train, min(args.train_examples, len(train))), dev[: args.eval_examples]
+    return load_train_dev(args.data, args.eval_data, args.seed, args.train_examples, args.eval_examples)
 
 
 def fleet_plans(model: str, local_steps: int, zo_devices: int, max_batch: int = 0) -> list[dict[str, Any]]:

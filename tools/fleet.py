@@ -129,20 +129,27 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
             f.write(json.dumps(r) + "\n")
 
 
-def prepare_data(cfg: FleetConfig, n: int, out: Path) -> tuple[list[Path], Path, list[int]]:
-    """Per-device shards (seeded partition of a train subset) and the eval file."""
-    if cfg.data == "sst2":
+def load_train_dev(data: str, eval_data: str | None, seed: int, train_examples: int,
+                   eval_examples: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(seeded sample of <= train_examples training rows, first eval_examples held-out rows).
+
+    data: "sst2" (vendored) or a JSONL/CSV/TSV file; without eval_data, a seeded 10 % of it is held out."""
+    if data == "sst2":
         train, dev = load_sst2("train"), load_sst2("dev")
     else:
-        train = load_records(cfg.data)
-        dev = load_records(cfg.eval_data) if cfg.eval_data else []
+        train = load_records(data)
+        dev = load_records(eval_data) if eval_data else []
         if not dev:
-            rng = random.Random(cfg.seed)
-            rng.shuffle(train)
+            random.Random(seed).shuffle(train)
             cut = max(1, len(train) // 10)
             dev, train = train[:cut], train[cut:]
-    rng = random.Random(cfg.seed)
-    train = rng.sample(train, min(cfg.train_examples, len(train)))
+    train = random.Random(seed).sample(train, min(train_examples, len(train)))
+    return train, dev[:eval_examples]
+
+
+def prepare_data(cfg: FleetConfig, n: int, out: Path) -> tuple[list[Path], Path, list[int]]:
+    """Per-device shards (seeded partition of a train subset) and the eval file."""
+    train, dev = load_train_dev(cfg.data, cfg.eval_data, cfg.seed, cfg.train_examples, cfg.eval_examples)
     p = cfg.partition
     shards = partition(train, n, scheme=p.get("scheme", "iid"), alpha=float(p.get("alpha", 0.5)),
                        seed=int(p.get("seed", cfg.seed)))
@@ -151,7 +158,7 @@ def prepare_data(cfg: FleetConfig, n: int, out: Path) -> tuple[list[Path], Path,
         paths.append(out / "data" / f"device-{i}.jsonl")
         write_jsonl(paths[-1], shard)
     eval_path = out / "data" / "eval.jsonl"
-    write_jsonl(eval_path, dev[: cfg.eval_examples])
+    write_jsonl(eval_path, dev)
     return paths, eval_path, [len(s) for s in shards]
 
 
