@@ -758,13 +758,17 @@ class Coordinator:
         reports = {d: RoundReport.from_stats(stats[d], devs[d].assigned_rank) if d in stats else None for d in devs}
         new = replan(reports, self.cfg.round_timeout_s, current, plan_ranks={d: v.plan_rank for d, v in devs.items()},
                      target_steps=self.cfg.local_steps, max_rank=self.cfg.max_rank, margin=self.cfg.replan_margin)
+        self._apply_assignments(new)
+        self.store.event("replan", rnd.round_id, assignments={d: list(v) for d, v in new.items()})
+        log.info("round %d re-planned (rank, steps): %s", rnd.round_id, new)
+
+    def _apply_assignments(self, new: dict[str, tuple[int, int]]) -> None:
+        """Next rounds' local steps per device, and its rank unless the strategy needs one common rank."""
         common = self.cfg.strategy in R.COMMON_RANK_STRATEGIES
         for d, (rank, steps) in new.items():
             self._steps[d] = steps
             if not common:
                 self.fed.devices[d] = replace(self.fed.devices[d], assigned_rank=rank)
-        self.store.event("replan", rnd.round_id, assignments={d: list(v) for d, v in new.items()})
-        log.info("round %d re-planned (rank, steps): %s", rnd.round_id, new)
 
     def _replan_late(self, device_id: str, round_id: int, stats: dict[str, Any]) -> None:
         """Re-fit one straggler from the report its refused late upload carried."""
@@ -778,9 +782,7 @@ class Coordinator:
         new = replan({device_id: rep}, self.cfg.round_timeout_s, current, plan_ranks={device_id: dev.plan_rank},
                      target_steps=self.cfg.local_steps, max_rank=self.cfg.max_rank, margin=self.cfg.replan_margin)
         rank, steps = new[device_id]
-        self._steps[device_id] = steps
-        if self.cfg.strategy not in R.COMMON_RANK_STRATEGIES:
-            self.fed.devices[device_id] = replace(dev, assigned_rank=rank)
+        self._apply_assignments(new)
         self.store.event("replan", round_id, device_id, assignments={device_id: [rank, steps]}, late=True,
                          reported_train_s=rep.train_time_s, reported_steps=rep.steps)
         log.info("round %d: late device %s re-planned from its report (%.1fs for %d steps): rank %d, %d steps",
