@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from protos.output_head import ensure_output_head
+
 HEAD_NAMES = ("classifier", "score")
 TARGET_CANDIDATES = (("q_proj", "v_proj"), ("query", "value"), ("c_attn",), ("qkv_proj",))
 PEFT_PREFIX = "base_model.model."
@@ -55,7 +57,9 @@ def load_base_model(model_dir: str | Path, task: str, num_labels: int, seed: int
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32,
                                                                    **extra)
     elif task == "causal_lm":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True,
+                                                           **extra)
+        ensure_output_head(model, info.get("missing_keys", ()))
     else:
         raise ValueError(f"task {task!r} unknown; use 'classification' or 'causal_lm'")
     if getattr(model.config, "pad_token_id", None) is None:

@@ -37,7 +37,8 @@ def test_smollm2_gguf_loads_and_one_lora_step():
     rec = [{"instruction": "Say hello.", "input": "", "output": "Hello!"}]
     ex = t.encode(rec)[0]
     assert t.tokenizer.decode(ex.input_ids[ex.prompt_len:]).startswith("Hello!")
+    assert t.model.get_output_embeddings().weight is t.model.get_input_embeddings().weight  # the GGUF's tied head
     r = t.train(rec, steps=1, progress=False)
-    assert r.steps == 1 and 0 < r.loss_first < 20
+    assert r.steps == 1 and 0 < r.loss_first < 8  # ~2.6 nats; a random head gives ~21
     assert len(t.adapter_state()) == 30 * 2 * 2
     assert time.perf_counter() - t0 < 300

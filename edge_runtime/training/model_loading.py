@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from edge_runtime.plan import Plan
+from protos.output_head import ensure_output_head
 from edge_runtime.training.imports import (bitsandbytes_installed, needs_bitsandbytes, quantized_with_bnb,
                                            use_bitsandbytes)
 
@@ -173,7 +174,8 @@ def load_base(model_src: str | Path, plan: Plan, task: Any, seed: int = 0,
         if t.kind == "classification":
             model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=t.num_labels, **kwargs)
         else:
-            model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+            model, info = AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True, **kwargs)
+            ensure_output_head(model, info.get("missing_keys", ()))
     except (OSError, ValueError, ImportError, RuntimeError) as e:
         raise ModelLoadError(f"cannot load {directory}{'/' + gguf if gguf else ''} as {t.kind} at "
                              f"{prec}: {e}") from e
