@@ -31,7 +31,7 @@ from .secagg_server import SecAggResult, SecAggServer
 log = logging.getLogger("coordinator.secagg")
 PHASES = ("advertise", "share_keys", "masked_input", "unmask")  # index = SecAggPhase - 1
 _MESSAGES = (AdvertiseKeys, ShareKeys, MaskedInput, UnmaskShares)
-MAX_MESSAGE_BYTES = 8 << 20  # coordinator.server.MAX_MESSAGE: one masked input must fit in one message
+MAX_MASKED_INPUT_BYTES = 1 << 30  # one device's masked input (sent in chunks): 268 M values
 
 
 class SecAggRejected(R.RoundError):
@@ -94,13 +94,19 @@ def round_payload(g: GlobalState, cfg: S.StrategyConfig, ranks: Iterable[int], w
                         ignore_extra=only_a)
 
 
+def secagg_message_cap(vector_len: int) -> int:
+    """Largest secure-aggregation message a device may send this round: its masked input (4 raw
+    bytes per value) plus header room; the Shamir-share messages are far smaller."""
+    return 4 * int(vector_len) + (1 << 20)
+
+
 def check_message_size(rp: RoundPayload) -> None:
-    """A masked input (4 raw bytes per value + a small header) travels in one gRPC message:
-    refuse layouts that cannot fit."""
-    need = 4 * rp.vector_len + 4096
-    if need > MAX_MESSAGE_BYTES:
-        raise ValueError(f"secure aggregation of {rp.vector_len} values needs about {need / 2**20:.1f} MiB per masked "
-                         f"input, above the {MAX_MESSAGE_BYTES >> 20} MiB gRPC message limit; lower --max-rank, "
+    """Masked inputs travel in chunks of one gRPC message each; refuse only layouts whose masked
+    input alone would exceed MAX_MASKED_INPUT_BYTES (the coordinator holds one per device in flight)."""
+    need = secagg_message_cap(rp.vector_len)
+    if need > MAX_MASKED_INPUT_BYTES:
+        raise ValueError(f"secure aggregation of {rp.vector_len} values needs about {need / 2**20:.0f} MiB per masked "
+                         f"input, above the {MAX_MASKED_INPUT_BYTES >> 20} MiB limit; lower --max-rank, "
                          "target fewer modules (--target-modules) or turn --secagg off")
 
 
@@ -163,12 +169,10 @@ class SecAggRound:
     def done(self) -> bool:
         return self.result is not None or bool(self.abort_reason)
 
-    def submit(self, device_id: str, phase: int, data: bytes, now: float) -> None:
-        """Record a device's message for `phase` (0-based). Re-sent messages are ignored (retries)."""
+    def check_open(self, device_id: str, phase: int) -> None:
+        """Raise SecAggRejected unless `device_id` may send its `phase` (0-based) message now."""
         if self.abort_reason:
             raise SecAggRejected(f"round {self.round_id}: secure aggregation aborted: {self.abort_reason}")
-        if device_id in self.sent[phase]:
-            return
         if phase != self.phase:
             where = "closed" if phase < self.phase else "not open yet"
             raise SecAggRejected(f"round {self.round_id}: secure-aggregation phase {PHASES[phase]!r} is {where} "
@@ -176,6 +180,14 @@ class SecAggRound:
                                  "out of the round, pick up the next one with GetTask")
         if device_id not in self.members:
             raise SecAggRejected(f"device {device_id} dropped out of round {self.round_id}'s secure aggregation")
+
+    def submit(self, device_id: str, phase: int, data: bytes, now: float) -> None:
+        """Record a device's message for `phase` (0-based). Re-sent messages are ignored (retries)."""
+        if self.abort_reason:
+            raise SecAggRejected(f"round {self.round_id}: secure aggregation aborted: {self.abort_reason}")
+        if device_id in self.sent[phase]:
+            return
+        self.check_open(device_id, phase)
         try:
             msg = _MESSAGES[phase].from_bytes(data)
             if getattr(msg, "device_id", device_id) != device_id:

@@ -147,7 +147,7 @@ class FederationServicer(pbg.FederationServicer):
     def SecAggStep(self, request, context):
         dev = self._guard(context, self._auth, context)
         r = self._guard(context, self.c.secagg_step, dev, request.round_id, request.nonce, int(request.phase),
-                        request.payload)
+                        request.payload, int(request.offset), int(request.total_bytes))
         return pb.SecAggReply(**r)
 
 

@@ -27,7 +27,7 @@ from .enrolment import EnrolmentRegistry
 from .recovery import load_global
 from .round_fold import RoundFold
 from .secagg_round import (SecAggRejected, SecAggRound, SecAggSettings, check_message_size, check_secagg_config,
-                           global_from_sum, round_payload)
+                           global_from_sum, round_payload, secagg_message_cap)
 from .validation import RejectionLog, UpdateInvalid, validate_update
 from .metrics import CoordinatorMetrics
 from .store import Store, round_dir
@@ -141,6 +141,7 @@ class Coordinator:
         self._steps: dict[str, int] = {}  # device -> local steps when re-planned (--replan)
         self._fold: RoundFold | None = None  # streaming aggregate of the open round
         self._secagg: SecAggRound | None = None  # secure aggregation of the open round (--secagg)
+        self._secagg_parts: dict[tuple[str, int], tuple[int, int, bytearray]] = {}  # chunked messages in flight
         self._secagg_last: SecAggRound | None = None  # ... of the last closed round (tells late pollers why)
         self._resume_or_init()
         if cfg.secagg:
@@ -474,8 +475,13 @@ class Coordinator:
                          dropped=list(sa.result.dropped), **metrics)
         self._finish_close(rnd)
 
-    def secagg_step(self, device_id: str, round_id: int, nonce: str, phase: int, payload: bytes) -> dict[str, Any]:
-        """One SecAggStep: record this device's message for `phase` (1-4) if any; return the phase's result or WAIT."""
+    def secagg_step(self, device_id: str, round_id: int, nonce: str, phase: int, payload: bytes,
+                    offset: int = 0, total_bytes: int = 0) -> dict[str, Any]:
+        """One SecAggStep: record this device's message for `phase` (1-4) if any; return the phase's result or WAIT.
+
+        A message larger than one gRPC message arrives in chunks (`offset`, `total_bytes`); it is
+        processed once complete, and every earlier chunk is answered WAIT with `received_bytes`."""
+        received = 0
         with self._lock:
             rnd = self.fed.current
             last = self._secagg_last
@@ -494,6 +500,11 @@ class Coordinator:
                 raise SecAggRejected(f"round {round_id} is not a secure-aggregation round; use UploadUpdate / SubmitZO")
             if not 1 <= phase <= 4:
                 raise UploadRejected(f"unknown secure-aggregation phase {phase}; expected 1-4 (SecAggPhase)")
+            if total_bytes and payload:
+                payload, received = self._secagg_chunk(sa, device_id, phase, payload, offset, total_bytes)
+                if not payload:  # more chunks to come
+                    return {"phase": phase, "payload": b"", "wait": True, "retry_after_s": 0.0,
+                            "received_bytes": received}
             if payload:
                 sa.submit(device_id, phase - 1, payload, self.clock())
                 if phase == 3 and device_id not in rnd.accepted:  # the masked input is in the sum
@@ -502,7 +513,37 @@ class Coordinator:
         with self._lock:
             out = sa.reply(device_id, phase - 1)
         wait = min(0.25, self.cfg.poll_interval_s)
-        return {"phase": phase, "payload": out or b"", "wait": out is None, "retry_after_s": wait if out is None else 0.0}
+        return {"phase": phase, "payload": out or b"", "wait": out is None, "retry_after_s": wait if out is None else 0.0,
+                "received_bytes": received}
+
+    def _secagg_chunk(self, sa: SecAggRound, device_id: str, phase: int, data: bytes, offset: int,
+                      total: int) -> tuple[bytes, int]:
+        """Add one chunk of a device's `phase` message: (the whole message once complete else b'',
+        bytes held). A re-sent chunk is harmless; a gap is refused with the offset to resume from."""
+        key = (device_id, phase)
+        self._secagg_parts = {k: v for k, v in self._secagg_parts.items() if v[0] == sa.round_id}
+        if device_id in sa.sent[phase - 1]:  # the whole message is already in: a retry of its last chunk
+            return b"", total
+        sa.check_open(device_id, phase - 1)
+        cap = secagg_message_cap(sa.payload.vector_len)
+        if total > cap:
+            raise UploadTooLarge(f"secure-aggregation message of {total} B is larger than this round's {cap} B "
+                                 f"(vector of {sa.payload.vector_len} values)")
+        _, want, buf = self._secagg_parts.get(key, (sa.round_id, total, bytearray()))
+        if want != total:
+            raise UploadRejected(f"chunk says the message has {total} B, earlier chunks said {want} B; "
+                                 "resend the message from offset 0")
+        end = offset + len(data)
+        if offset > len(buf) or end > total:
+            raise UploadRejected(f"chunk [{offset}, {end}) of a {total} B message does not continue the "
+                                 f"{len(buf)} B the coordinator holds; resend from offset {len(buf)}")
+        if end > len(buf):
+            buf += data[len(buf) - offset:]
+        if len(buf) < total:
+            self._secagg_parts[key] = (sa.round_id, total, buf)
+            return b"", len(buf)
+        self._secagg_parts.pop(key, None)
+        return bytes(buf), total
 
     # -- RPC-level operations ---------------------------------------------------------------
     def register(self, profile_json: str, plan_json: str, enrolment_token: str, device_name: str) -> dict[str, Any]:

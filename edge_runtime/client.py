@@ -177,9 +177,12 @@ class FederationClient:
                 raise
         return self._call("SubmitZO", send)
 
-    def secagg_step(self, task: pb.Task, phase: int, payload: bytes) -> pb.SecAggReply:
-        """One secure-aggregation call (edge_runtime.secagg_join); re-sending a message is harmless."""
-        req = pb.SecAggRequest(round_id=task.round_id, nonce=task.nonce, phase=phase, payload=payload)
+    def secagg_step(self, task: pb.Task, phase: int, payload: bytes, offset: int = 0,
+                    total_bytes: int = 0) -> pb.SecAggReply:
+        """One secure-aggregation call (edge_runtime.secagg_join); re-sending a message is harmless.
+        `offset` / `total_bytes`: `payload` is one chunk of a larger message."""
+        req = pb.SecAggRequest(round_id=task.round_id, nonce=task.nonce, phase=phase, payload=payload,
+                               offset=offset, total_bytes=total_bytes)
         if self.throttle_up and payload:
             self.throttle_up(len(payload))
         return self._call("SecAggStep", lambda: self.stub.SecAggStep(req, metadata=self._md(), timeout=self.timeout))

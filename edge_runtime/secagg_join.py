@@ -4,8 +4,9 @@
     vector, weight = session.vector(adapter_state, num_examples)
     report = session.run(vector)                     # advertise -> share keys -> masked input -> unmask
 
-Each phase sends its message once, then polls with an empty payload until the coordinator
-closes the phase (the reply's `wait` flag). Only Shamir shares, public keys, ciphertexts and the
+Each phase sends its message once (a masked input larger than `chunk_bytes` in chunks, each
+one gRPC message), then polls with an empty payload until the coordinator closes the phase
+(the reply's `wait` flag). Only Shamir shares, public keys, ciphertexts and the
 masked vector leave the device; the coordinator learns the sum over the round's survivors.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from protos.secagg_payload import RoundPayload, device_payload
 from .secagg_client import SecAggClient
 
 log = logging.getLogger("edge_runtime.secagg")
+CHUNK_BYTES = 4 << 20  # one SecAggStep's payload; gRPC messages are capped at 8 MiB on both sides
 
 
 def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
@@ -36,10 +38,12 @@ def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
 class SecAggSession:
     """One device, one round: the four SecAgg phases through `FederationClient.secagg_step`."""
 
-    def __init__(self, client: Any, task: pb.Task, *, max_wait_s: float = 900.0):
+    def __init__(self, client: Any, task: pb.Task, *, max_wait_s: float = 900.0, chunk_bytes: int = CHUNK_BYTES):
         if not task.secagg:
             raise ValueError(f"task of round {task.round_id} is not a secure-aggregation round")
-        self.client, self.task, self.max_wait_s = client, task, max_wait_s
+        if chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+        self.client, self.task, self.max_wait_s, self.chunk_bytes = client, task, max_wait_s, int(chunk_bytes)
         self.params = SecAggParams.from_bytes(task.secagg_params)
         self.payload = RoundPayload.from_bytes(task.secagg_payload)
         if self.params.round_id != task.round_id or self.params.vector_len != self.payload.vector_len:
@@ -58,9 +62,24 @@ class SecAggSession:
                         int(self.payload.weight_cap))
         return vec
 
-    def _step(self, phase: int, data: bytes) -> bytes:
-        reply = self.client.secagg_step(self.task, phase, data)
+    def _send(self, phase: int, data: bytes) -> pb.SecAggReply:
+        """Send `data` in one call, or in chunks of `chunk_bytes` (resuming where the coordinator says it is)."""
         self.bytes_sent += len(data)
+        if len(data) <= self.chunk_bytes:
+            return self.client.secagg_step(self.task, phase, data)
+        off = 0
+        while True:
+            part = data[off:off + self.chunk_bytes]
+            reply = self.client.secagg_step(self.task, phase, part, offset=off, total_bytes=len(data))
+            if reply.received_bytes >= len(data):
+                return reply
+            if reply.received_bytes <= off:
+                raise SecAggError(f"round {self.task.round_id}: the coordinator holds {reply.received_bytes} B of a "
+                                  f"{len(data)} B message after a chunk at {off}; no progress")
+            off = int(reply.received_bytes)
+
+    def _step(self, phase: int, data: bytes) -> bytes:
+        reply = self._send(phase, data)
         end = time.monotonic() + self.max_wait_s
         while reply.wait:
             if time.monotonic() > end:

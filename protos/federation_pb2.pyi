@@ -272,27 +272,33 @@ class ZoUpdate(_message.Message):
     def __init__(self, round_id: _Optional[int] = ..., nonce: _Optional[str] = ..., seeds: _Optional[_Iterable[int]] = ..., grads: _Optional[_Iterable[float]] = ..., lr: _Optional[float] = ..., num_examples: _Optional[int] = ..., stats: _Optional[_Union[TrainStats, _Mapping]] = ...) -> None: ...
 
 class SecAggRequest(_message.Message):
-    __slots__ = ("round_id", "nonce", "phase", "payload")
+    __slots__ = ("round_id", "nonce", "phase", "payload", "offset", "total_bytes")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     nonce: str
     phase: SecAggPhase
     payload: bytes
-    def __init__(self, round_id: _Optional[int] = ..., nonce: _Optional[str] = ..., phase: _Optional[_Union[SecAggPhase, str]] = ..., payload: _Optional[bytes] = ...) -> None: ...
+    offset: int
+    total_bytes: int
+    def __init__(self, round_id: _Optional[int] = ..., nonce: _Optional[str] = ..., phase: _Optional[_Union[SecAggPhase, str]] = ..., payload: _Optional[bytes] = ..., offset: _Optional[int] = ..., total_bytes: _Optional[int] = ...) -> None: ...
 
 class SecAggReply(_message.Message):
-    __slots__ = ("phase", "payload", "wait", "retry_after_s", "message")
+    __slots__ = ("phase", "payload", "wait", "retry_after_s", "message", "received_bytes")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     WAIT_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_S_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     phase: SecAggPhase
     payload: bytes
     wait: bool
     retry_after_s: float
     message: str
-    def __init__(self, phase: _Optional[_Union[SecAggPhase, str]] = ..., payload: _Optional[bytes] = ..., wait: _Optional[bool] = ..., retry_after_s: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
+    received_bytes: int
+    def __init__(self, phase: _Optional[_Union[SecAggPhase, str]] = ..., payload: _Optional[bytes] = ..., wait: _Optional[bool] = ..., retry_after_s: _Optional[float] = ..., message: _Optional[str] = ..., received_bytes: _Optional[int] = ...) -> None: ...

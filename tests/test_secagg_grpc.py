@@ -43,7 +43,9 @@ def device_update(state: dict[str, torch.Tensor], i: int) -> dict[str, torch.Ten
 class Federation:
     """A coordinator serving one round on 127.0.0.1:0 and simulated devices (real gRPC clients)."""
 
-    def __init__(self, model: Path, store: Path, strategy: str, ranks: list[int], secagg: bool, **cfg):
+    def __init__(self, model: Path, store: Path, strategy: str, ranks: list[int], secagg: bool,
+                 chunk_bytes: int = 4 << 20, **cfg):
+        self.chunk_bytes = chunk_bytes
         self.c = Coordinator(CoordinatorConfig(
             model=str(model), store=str(store), strategy=strategy, rounds=1, min_devices=len(ranks), max_rank=4,
             poll_interval_s=0.1, heartbeat_timeout_s=2.5, secagg=secagg, secagg_weight_cap=CAP, **cfg))
@@ -64,14 +66,14 @@ class Federation:
         if not t.secagg:
             d.client.upload(t, wire.encode_tensors(upd), pb.TrainStats(num_examples=EXAMPLES[i]))
             return
-        s = SecAggSession(d.client, t, max_wait_s=30)
+        s = SecAggSession(d.client, t, max_wait_s=30, chunk_bytes=self.chunk_bytes)
         vec = s.vector(upd, EXAMPLES[i])
         self.reports[d.client.device_id] = {"vector": vec, "params": s.params}
         directory = s.advertise()
         routed = s.share_keys(directory)
         if stop_after == "share_keys":
             return  # the process dies before its masked input
-        request = s.masked_input(routed, vec)
+        request = gappy_masked_input(s, routed, vec) if stop_after == "gappy" else s.masked_input(routed, vec)
         if stop_after == "masked_input":
             return  # the process dies after its masked input arrived
         s.unmask(request)
@@ -112,6 +114,28 @@ class Federation:
             d.close()
         self.server.stop(0)
         self.c.close()
+
+
+def gappy_masked_input(s: SecAggSession, routed, vec: np.ndarray):
+    """The masked input in chunks sent out of order: a gap is refused with the offset to resume from,
+    a re-sent chunk is harmless, then the rest completes the message."""
+    from protos.secagg import UnmaskRequest
+
+    data, n, task, send = s.sa.masked_input(routed, vec).to_bytes(), s.chunk_bytes, s.task, s.client.secagg_step
+    assert len(data) > 3 * n
+    assert send(task, pb.SECAGG_MASKED_INPUT, data[:n], offset=0, total_bytes=len(data)).received_bytes == n
+    with pytest.raises(grpc.RpcError) as ei:
+        send(task, pb.SECAGG_MASKED_INPUT, data[2 * n:3 * n], offset=2 * n, total_bytes=len(data))
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and f"resend from offset {n}" in ei.value.details()
+    assert send(task, pb.SECAGG_MASKED_INPUT, data[:n], offset=0, total_bytes=len(data)).received_bytes == n
+    off, reply = n, None
+    while off < len(data):
+        reply = send(task, pb.SECAGG_MASKED_INPUT, data[off:off + n], offset=off, total_bytes=len(data))
+        off = reply.received_bytes
+    while reply.wait:
+        time.sleep(0.05)
+        reply = send(task, pb.SECAGG_MASKED_INPUT, b"")
+    return UnmaskRequest.from_bytes(reply.payload)
 
 
 def assert_same_global(a, b, atol: float) -> float:
@@ -169,6 +193,24 @@ def test_secagg_round_matches_plain_round_and_store_holds_no_update(model, tmp_p
         assert secure.c.store.updates() == []
         assert leaked(tmp_path / "secure", secure) == []
         assert sorted(leaked(tmp_path / "plain", plain)) == sorted(plain.updates)
+    finally:
+        plain.close()
+        secure.close()
+
+
+def test_masked_inputs_larger_than_a_message_travel_in_chunks(model, tmp_path):
+    """Chunks of 256 B (instead of 4 MiB) so the tiny model's masked inputs take many SecAggSteps; one
+    device sends a gap and a duplicate chunk on the way. The result equals the plain round."""
+    plain = Federation(model, tmp_path / "plain", "zero_pad", [2, 4, 4], secagg=False)
+    secure = Federation(model, tmp_path / "secure", "zero_pad", [2, 4, 4], secagg=True, chunk_bytes=256)
+    try:
+        plain.run()
+        secure.run(stop={1: "gappy"})
+        assert [r["state"] for r in secure.c.store.rounds()] == ["aggregated"]
+        m = secure.c.store.rounds()[0]["metrics"]
+        assert m["secagg_survivors"] == 3 and 4 * m["secagg_vector_len"] > 10 * 256
+        assert_same_global(plain.c.global_state, secure.c.global_state, atol=1e-6)
+        assert secure.c._secagg_parts == {}  # nothing left buffered
     finally:
         plain.close()
         secure.close()
