@@ -56,6 +56,8 @@ def _serve_parser(sub) -> None:
                    help="seconds each protocol phase after key advertisement waits for missing devices")
     p.add_argument("--secagg-weight-cap", type=int, default=0,
                    help="examples weights are capped at (0: local steps x largest plan batch)")
+    p.add_argument("--secagg-zo-pool", type=int, default=1024,
+                   help="zo strategy: shared seed pool; devices send pool+1 scalars instead of adapters (0: adapters)")
     add_serve_args(p)  # --insecure, --open-enrolment, --max-upload-bytes, --robust, --clip-norm, --dp-*
     p.add_argument("--keep-serving", action="store_true", help="do not exit after the last round")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics on this port (0: off)")
@@ -90,6 +92,7 @@ def cmd_serve(args) -> int:
         replan=getattr(args, "replan", False), secagg=args.secagg, secagg_threshold=args.secagg_threshold,
         secagg_neighbours=args.secagg_neighbours, secagg_clip=args.secagg_clip,
         secagg_phase_timeout_s=args.secagg_phase_timeout, secagg_weight_cap=args.secagg_weight_cap,
+        secagg_zo_pool=args.secagg_zo_pool,
         **serve_config(args))
     creds = _credentials(args)
     from .dashboard import start_ops_servers, stop_ops_servers

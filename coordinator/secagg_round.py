@@ -14,18 +14,18 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from protos.secagg import (AdvertiseKeys, MaskedInput, SecAggError, ShareKeys, UnmaskShares,
                            check_strategy_supports_secagg)
-from protos.secagg_payload import RoundPayload, unpack_average
+from protos.secagg_payload import RoundPayload, unpack_average, zo_pairs_from_sum
 
 from . import rounds as R
 from . import strategy as S
-from .aggregation import GlobalState, LoraUpdate, lora_scale, slice_for_device
+from .aggregation import GlobalState, LoraUpdate, lora_scale, slice_for_device, zo_replay_update
 from .secagg_server import SecAggResult, SecAggServer
 
 log = logging.getLogger("coordinator.secagg")
@@ -83,15 +83,37 @@ def check_secagg_config(strategy: str, s: SecAggSettings, min_devices: int, defe
                          "Clip and add noise on the devices instead")
 
 
-def round_payload(g: GlobalState, cfg: S.StrategyConfig, ranks: Iterable[int], weight_cap: int) -> RoundPayload:
-    """The public payload description of a round: the global adapter's keys at the global rank."""
+ZO_LR_REF = 5e-4  # scalars' lr unit when --zo-lr leaves each device its plan's lr (edge_runtime Plan default)
+
+
+@dataclass(frozen=True)
+class ZOScalars:
+    """Seed-scalar secure aggregation for the zo strategy: the round's shared pool and units.
+    lr_ref: the learning rate the coordinator replays with (devices scale their g by lr / lr_ref);
+    value_scale: g is divided by it so that sums of projected gradients fit the clip range."""
+
+    pool_seed: int
+    pool_size: int
+    lr_ref: float
+    value_scale: float = 16.0
+
+
+def round_payload(g: GlobalState, cfg: S.StrategyConfig, ranks: Iterable[int], weight_cap: int,
+                  zo: ZOScalars | None = None) -> RoundPayload:
+    """The public payload description of a round: the global adapter's keys at the global rank, or
+    (zo strategy, one rank, a pool smaller than the adapter) the seed-scalar mode."""
+    ranks = [int(r) for r in ranks]
     state = slice_for_device(g, cfg.max_rank, cfg.lora_alpha, cfg.use_rslora).state
     only_a = cfg.name == "fedsa"
     keys = sorted(k for k in state if not (only_a and k.endswith(S.B_SUFFIX)))
     layout = tuple((k, tuple(int(d) for d in state[k].shape)) for k in keys)
-    scales = {lora_scale(cfg.lora_alpha, int(r), cfg.use_rslora) for r in ranks}
-    return RoundPayload(layout=layout, weight_cap=float(weight_cap), fold_scale=not only_a and len(scales) > 1,
-                        ignore_extra=only_a)
+    scales = {lora_scale(cfg.lora_alpha, r, cfg.use_rslora) for r in ranks}
+    rp = RoundPayload(layout=layout, weight_cap=float(weight_cap), fold_scale=not only_a and len(scales) > 1,
+                      ignore_extra=only_a)
+    if zo is not None and cfg.name == "zo" and len(set(ranks)) == 1 and zo.pool_size + 1 < rp.vector_len:
+        rp = replace(rp, zo_pool_seed=zo.pool_seed, zo_pool_size=zo.pool_size, zo_lr_ref=zo.lr_ref,
+                     zo_value_scale=zo.value_scale)
+    return rp
 
 
 def secagg_message_cap(vector_len: int) -> int:
@@ -118,7 +140,13 @@ def global_from_sum(total: np.ndarray, rp: RoundPayload, cfg: S.StrategyConfig, 
     every selected device had the same scale s, which the average keeps. fedsa: A only (B zeros).
     g: the current global (fedsa reads each module's output size from it).
     """
-    avg, weight = unpack_average(total, rp.payload_layout)
+    if rp.zo_scalars:  # the weighted average of the ZO devices' replays = one replay of the averaged scalars
+        rank = int(next(iter(ranks)))
+        pairs, weight = zo_pairs_from_sum(total, rp)
+        start = slice_for_device(g, rank, cfg.lora_alpha, cfg.use_rslora).state
+        avg = zo_replay_update(start, pairs, rp.zo_lr_ref)
+    else:
+        avg, weight = unpack_average(total, rp.payload_layout)
     bad = [k for k, t in avg.items() if not bool(torch.isfinite(t).all())]
     if bad:
         raise ValueError(f"unmasked sum has non-finite values in {bad[:3]}")

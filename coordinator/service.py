@@ -27,7 +27,7 @@ from .enrolment import EnrolmentRegistry
 from .recovery import load_global
 from .round_fold import RoundFold
 from .secagg_round import (SecAggRejected, SecAggRound, SecAggSettings, check_message_size, check_secagg_config,
-                           global_from_sum, round_payload, secagg_message_cap)
+                           ZO_LR_REF, ZOScalars, global_from_sum, round_payload, secagg_message_cap)
 from .validation import RejectionLog, UpdateInvalid, validate_update
 from .metrics import CoordinatorMetrics
 from .store import Store, round_dir
@@ -91,8 +91,11 @@ class CoordinatorConfig:
     secagg_clip: float = 8.0  # payload entries are clipped to [-clip, clip] before fixed-point encoding
     secagg_phase_timeout_s: float = 60.0  # each phase after key advertisement closes at most this long after the last
     secagg_weight_cap: int = 0  # weights are min(n, cap) / cap; 0 = local_steps x largest plan batch
+    secagg_zo_pool: int = 1024  # zo strategy: the round's shared seed pool; devices send pool + 1 scalars (0: adapters)
 
     def __post_init__(self) -> None:
+        if self.secagg_zo_pool < 0:
+            raise ValueError(f"--secagg-zo-pool must be >= 0 (0: ZO devices send adapters), got {self.secagg_zo_pool}")
         if self.secagg:
             check_secagg_config(self.strategy, self.secagg_settings(), self.min_devices, self.defence_config().active)
 
@@ -433,7 +436,9 @@ class Coordinator:
 
     def _open_secagg(self, rnd: R.Round) -> SecAggRound:
         ranks = [self.fed.devices[d].assigned_rank for d in rnd.selected]
-        payload = round_payload(self.global_state, self.scfg, ranks, self._secagg_weight_cap(rnd))
+        zo = ZOScalars(self.cfg.seed + rnd.round_id, self.cfg.secagg_zo_pool, self.cfg.zo_lr or ZO_LR_REF) \
+            if self.cfg.secagg_zo_pool > 0 else None
+        payload = round_payload(self.global_state, self.scfg, ranks, self._secagg_weight_cap(rnd), zo)
         sa = SecAggRound.open(rnd.round_id, rnd.selected, payload, self.cfg.secagg_settings(), rnd.deadline)
         log.info("round %d: secure aggregation over %d devices, threshold %d, %d values per device",
                  rnd.round_id, len(rnd.selected), sa.server.params.threshold, payload.vector_len)

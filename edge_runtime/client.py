@@ -389,8 +389,9 @@ def _go_silent(hb: _Heartbeat, seconds: float) -> None:
 
 
 def _secagg_upload(client: FederationClient, trainer: Any, t: pb.Task, strategy: str,
-                   local_b: dict[str, torch.Tensor], n_examples: int) -> tuple[pb.UploadReply, int]:
-    """Secure aggregation instead of UploadUpdate / SubmitZO: the trained adapter (ZO: as trained locally) masked."""
+                   local_b: dict[str, torch.Tensor], n_examples: int, result: Any) -> tuple[pb.UploadReply, int]:
+    """Secure aggregation instead of UploadUpdate / SubmitZO: the trained adapter masked, or (a ZO device
+    in a seed-scalar round) its per-seed sums of projected gradients."""
     from protos.secagg import SecAggError
 
     from .secagg_join import SecAggSession
@@ -401,7 +402,11 @@ def _secagg_upload(client: FederationClient, trainer: Any, t: pb.Task, strategy:
         local_b.update({k: v for k, v in state.items() if k.endswith(B_SUFFIX)})
     try:
         session = SecAggSession(client, t)
-        report = session.run(session.vector(state, n_examples))
+        if session.payload.zo_scalars and t.mode == "zo":
+            vec = session.zo_vector(result.zo_pairs or [], float(result.zo_lr or t.lr), n_examples)
+        else:
+            vec = session.vector(state, n_examples)
+        report = session.run(vec)
     except SecAggError as e:  # too few devices left, or a check on the coordinator's messages failed
         log.warning("round %d: secure aggregation stopped: %s", t.round_id, e)
         return pb.UploadReply(accepted=False, reason=str(e)), 0
@@ -434,6 +439,11 @@ def _one_round(client: FederationClient, trainer: Any, t: pb.Task, strategy: str
                 b = local_b.get(k)
                 state[k] = b if b is not None and b.shape == current[k].shape else torch.zeros_like(current[k])
     trainer.load_adapter_state(state)
+    if t.secagg and t.mode == "zo":  # a seed-scalar secure round: train with the round's shared seed pool
+        from protos.secagg_payload import RoundPayload
+
+        rp = RoundPayload.from_bytes(t.secagg_payload)
+        trainer.zo_pool_seed, trainer.zo_pool_size = (rp.zo_pool_seed, rp.zo_pool_size) if rp.zo_scalars else (0, None)
     hb.status = "training"
     records = cfg.records
     lr = float(t.lr) if t.lr > 0 else None
@@ -464,7 +474,7 @@ def _one_round(client: FederationClient, trainer: Any, t: pb.Task, strategy: str
     t1 = time.perf_counter()
     try:
         if t.secagg:
-            reply, sent = _secagg_upload(client, trainer, t, strategy, local_b, n_examples)
+            reply, sent = _secagg_upload(client, trainer, t, strategy, local_b, n_examples, result)
         elif t.mode == "zo":
             pairs = result.zo_pairs or []
             reply = client.submit_zo(t, pairs, float(result.zo_lr or lr or 0.0), n_examples, stats)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,7 @@ import torch
 
 from protos import federation_pb2 as pb
 from protos.secagg import KeyDirectory, RoutedShares, SecAggError, SecAggParams, UnmaskRequest
-from protos.secagg_payload import RoundPayload, device_payload
+from protos.secagg_payload import RoundPayload, device_payload, device_zo_payload
 
 from .secagg_client import SecAggClient
 
@@ -60,6 +60,11 @@ class SecAggSession:
         if num_examples > self.payload.weight_cap:
             log.warning("round %d: %d examples counted as the coordinator's cap %d", t.round_id, num_examples,
                         int(self.payload.weight_cap))
+        return vec
+
+    def zo_vector(self, pairs: Sequence[tuple[int, float]], lr: float, num_examples: int) -> np.ndarray:
+        """(pool size + 1,) float64 payload of a ZO device in seed-scalar mode (`RoundPayload.zo_scalars`)."""
+        vec, self.weight = device_zo_payload(pairs, lr, self.payload, num_examples)
         return vec
 
     def _send(self, phase: int, data: bytes) -> pb.SecAggReply:

@@ -170,6 +170,9 @@ def grow_state(head: Mapping[str, torch.Tensor], tail: Mapping[str, tuple[torch.
 
 
 # ----- the trainer wrapper ------------------------------------------------------------------------
+_INNER_ATTRS = ("memory_budget_bytes", "zo_pool_seed", "zo_pool_size")  # set on the wrapper, kept by the trainer
+
+
 class AdaptiveTrainer:
     """A LocalTrainer whose `train` steps down the ladder instead of failing on out-of-memory.
 
@@ -193,7 +196,7 @@ class AdaptiveTrainer:
         return getattr(self.__dict__["inner"], name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("memory_budget_bytes",):
+        if name in _INNER_ATTRS:
             setattr(self.inner, name, value)
         self.__dict__[name] = value
 
@@ -304,12 +307,13 @@ class AdaptiveTrainer:
                 raise RuntimeError("step-down to a new base precision needs a rebuild function")
             state, rank = inner.adapter_state(), inner.rank
             conf = {**self._conf, "rank": rank, "lora_alpha": inner.lora_alpha, "use_rslora": inner.use_rslora}
-            budget = inner.memory_budget_bytes
+            kept = {a: getattr(inner, a) for a in _INNER_ATTRS if hasattr(inner, a)}
             self.__dict__["inner"] = None
             del inner
             gc.collect()
             inner = self.rebuild(inner_plan)
-            inner.memory_budget_bytes = budget
+            for a, v in kept.items():
+                setattr(inner, a, v)
             self.__dict__["inner"] = inner
             for m in self._merges:
                 inner.merge_base_delta(m)

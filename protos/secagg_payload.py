@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from protos.secagg import Wire
+from protos.zo import seed_pool
 
 B_SUFFIX = ".lora_B.weight"
 
@@ -129,18 +130,33 @@ class RoundPayload(Wire):
     layout: public (key, global shape) entries (see PayloadLayout); weight_cap: weight = min(n, cap) / cap;
     fold_scale: multiply B by the device's own LoRA scale (the selected devices' scales differ);
     ignore_extra: the device may hold tensors outside the layout (fedsa keeps B on the device).
+    zo_pool_size > 0: seed-scalar mode (strategy zo): every device trains with the pool
+    `protos.zo.seed_pool(zo_pool_seed, zo_pool_size)` and sends `zo_scalars` (pool size + 1
+    values) instead of its adapter; zo_lr_ref / zo_value_scale set the scalars' units.
     """
 
     layout: tuple[tuple[str, tuple[int, ...]], ...]
     weight_cap: float
     fold_scale: bool = False
     ignore_extra: bool = False
+    zo_pool_seed: int = 0
+    zo_pool_size: int = 0
+    zo_lr_ref: float = 0.0
+    zo_value_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.layout:
             raise ValueError("secure-aggregation payload layout is empty")
         if not (math.isfinite(self.weight_cap) and self.weight_cap >= 1):
             raise ValueError(f"weight_cap must be a finite number >= 1, got {self.weight_cap}")
+        if self.zo_pool_size < 0 or (self.zo_pool_size and not (self.zo_lr_ref > 0 and self.zo_value_scale > 0)):
+            raise ValueError(f"seed-scalar payload needs a pool size >= 1, zo_lr_ref > 0 and zo_value_scale > 0, got "
+                             f"{self.zo_pool_size}, {self.zo_lr_ref}, {self.zo_value_scale}")
+
+    @property
+    def zo_scalars(self) -> bool:
+        """Seed-scalar mode: devices send per-seed sums of projected gradients, not adapters."""
+        return self.zo_pool_size > 0
 
     @property
     def payload_layout(self) -> PayloadLayout:
@@ -148,7 +164,7 @@ class RoundPayload(Wire):
 
     @property
     def vector_len(self) -> int:
-        return self.payload_layout.vector_len
+        return self.zo_pool_size + 1 if self.zo_scalars else self.payload_layout.vector_len
 
 
 def device_payload(state: Mapping[str, torch.Tensor], rp: RoundPayload, num_examples: int,
@@ -164,3 +180,23 @@ def device_payload(state: Mapping[str, torch.Tensor], rp: RoundPayload, num_exam
     vec = pack_state(state, rp.payload_layout, weight=weight, b_scale=scale if rp.fold_scale else 1.0,
                      ignore_extra=rp.ignore_extra)
     return vec, weight
+
+
+def device_zo_payload(pairs: Sequence[tuple[int, float]], lr: float, rp: RoundPayload,
+                      num_examples: int) -> tuple[np.ndarray, float]:
+    """A ZO device's (pool size + 1,) float64 input in seed-scalar mode, and its weight:
+    w * sum of g * (lr / zo_lr_ref) / zo_value_scale at each pool seed's position, then w."""
+    if not rp.zo_scalars:
+        raise ValueError("this round's secure-aggregation payload is not in seed-scalar mode")
+    if num_examples < 1:
+        raise ValueError(f"num_examples must be >= 1, got {num_examples}")
+    weight = min(float(num_examples), rp.weight_cap) / rp.weight_cap
+    unit = float(lr) / rp.zo_lr_ref / rp.zo_value_scale
+    return zo_pack([(s, g * unit) for s, g in pairs], seed_pool(rp.zo_pool_seed, rp.zo_pool_size),
+                   weight=weight), weight
+
+
+def zo_pairs_from_sum(total: np.ndarray, rp: RoundPayload) -> tuple[list[tuple[int, float]], float]:
+    """Summed seed-scalar payload -> ((seed, g) pairs to replay at lr = zo_lr_ref, sum of weights)."""
+    pairs, weight = zo_unpack(total, seed_pool(rp.zo_pool_seed, rp.zo_pool_size))
+    return [(s, g * rp.zo_value_scale) for s, g in pairs], weight

@@ -22,6 +22,7 @@ from edge_runtime.secagg_join import SecAggSession
 from protos import federation_pb2 as pb
 from protos import wire
 from protos.secagg import encode_fixed
+from protos.zo import seed_pool
 from test_reliability_support import SimDevice, tiny_model
 
 torch.set_num_threads(1)
@@ -61,6 +62,8 @@ class Federation:
         """Download, 'train', then upload (plain) or run the SecAgg phases; stop_after emulates a crash."""
         d = self.devices[i]
         t = d.wait_task()
+        if t.mode == "zo":
+            return self.zo_round(i, d, t)
         upd = device_update(d.download_state(t), i)
         self.updates[d.client.device_id] = upd
         if not t.secagg:
@@ -78,6 +81,22 @@ class Federation:
             return  # the process dies after its masked input arrived
         s.unmask(request)
         self.reports[d.client.device_id].update(sent=s.bytes_sent, received=s.bytes_received)
+
+    def zo_round(self, i: int, d: SimDevice, t: pb.Task) -> None:
+        """A ZO device: (seed, g) pairs from the round's pool (seed + round id), then SubmitZO or seed scalars."""
+        pool = seed_pool(self.c.cfg.seed + t.round_id, self.c.cfg.secagg_zo_pool)
+        g = torch.Generator().manual_seed(2000 + i)
+        pairs = [(pool[int(j)], float(v)) for j, v in zip(torch.randint(len(pool), (12,), generator=g),
+                                                           3 * torch.randn(12, generator=g))]
+        lr = 1e-3 * (1 + 0.5 * i)  # devices' learning rates differ
+        if not t.secagg:
+            d.client.submit_zo(t, pairs, lr, EXAMPLES[i], pb.TrainStats(num_examples=EXAMPLES[i]))
+            return
+        s = SecAggSession(d.client, t, max_wait_s=30, chunk_bytes=self.chunk_bytes)
+        assert s.payload.zo_scalars
+        vec = s.zo_vector(pairs, lr, EXAMPLES[i])
+        self.reports[d.client.device_id] = {"vector": vec, "params": s.params}
+        s.run(vec)
 
     def run(self, stop: dict[int, str] | None = None, timeout_s: float = 40.0,
             errors: list[BaseException] | None = None) -> float:
@@ -216,6 +235,34 @@ def test_masked_inputs_larger_than_a_message_travel_in_chunks(model, tmp_path):
         secure.close()
 
 
+def test_zo_devices_send_seed_scalars_and_match_the_plain_replay(model, tmp_path):
+    """Strategy zo under secagg: each device sends pool + 1 masked scalars (not its adapter); the
+    coordinator's one replay of the averaged scalars equals the plain round's per-device replays."""
+    plain = Federation(model, tmp_path / "plain", "zo", [4, 4, 4], secagg=False, secagg_zo_pool=64)
+    secure = Federation(model, tmp_path / "secure", "zo", [4, 4, 4], secagg=True, secagg_zo_pool=64)
+    try:
+        plain.run()
+        secure.run()
+        assert [r["state"] for r in secure.c.store.rounds()] == ["aggregated"]
+        m = secure.c.store.rounds()[0]["metrics"]
+        adapter_len = round_payload_len(secure)
+        assert m["secagg_vector_len"] == 65 and adapter_len > 10 * 65
+        err = assert_same_global(plain.c.global_state, secure.c.global_state, atol=1e-6)
+        print(f"\nzo seed scalars: {m['secagg_vector_len']} values per device instead of {adapter_len}; "
+              f"max |secure - plain| = {err:.2e}")
+        assert secure.c.store.updates() == []
+    finally:
+        plain.close()
+        secure.close()
+
+
+def round_payload_len(fed: Federation) -> int:
+    """Values per device if the round sent adapters (the zo strategy without seed scalars)."""
+    from coordinator.secagg_round import round_payload
+
+    return round_payload(fed.c.global_state, fed.c.scfg, [4], 1).vector_len
+
+
 def test_dropouts_are_recovered_from_the_survivors_shares(model, tmp_path):
     """dev4 dies after its masked input (its input counts: its self-mask is rebuilt from shares);
     dev3 dies after sharing keys (excluded: its pairwise masks are removed via its key shares)."""
@@ -269,23 +316,25 @@ def test_secagg_refuses_stack_and_svd_at_start_up(model, tmp_path, strategy, cap
     assert not (tmp_path / "cli").exists()  # refused before anything was created
 
 
-def test_join_loop_trains_and_runs_secagg(model, tmp_path):
-    """Three real devices (`run_join`, LocalTrainer on the tiny BERT) through two secure rounds."""
+@pytest.mark.parametrize("strategy,pool", [("fedsa", 0), ("zo", 64)])
+def test_join_loop_trains_and_runs_secagg(model, tmp_path, strategy, pool):
+    """Three real devices (`run_join`, LocalTrainer on the tiny BERT) through two secure rounds; under
+    zo they train with the round's seed pool and send pool + 1 scalars instead of their adapters."""
     from edge_runtime.client import JoinConfig, run_join
     from edge_runtime.data import load_sst2
     from edge_runtime.plan import Plan
     from edge_runtime.profile import load_profile
 
-    c = Coordinator(CoordinatorConfig(model=str(model), store=str(tmp_path / "store"), strategy="fedsa", rounds=2,
+    c = Coordinator(CoordinatorConfig(model=str(model), store=str(tmp_path / "store"), strategy=strategy, rounds=2,
                                       min_devices=3, max_rank=4, local_steps=2, lr=1e-2, poll_interval_s=0.1,
-                                      secagg=True))
+                                      secagg=True, secagg_zo_pool=pool))
     server, port = create_server("127.0.0.1:0", c, tick_interval_s=0.1)
     server.start()
     profile = load_profile(Path(__file__).resolve().parents[1] / "profiles" / "laptop-cpu-16gb.yaml")
     records = load_sst2("train", limit=48)
     results: dict[int, dict] = {}
     threads = []
-    for i, rank in enumerate([4, 2, 4]):
+    for i, rank in enumerate([4, 2, 4] if strategy == "fedsa" else [4, 4, 4]):
         plan = Plan(mode="lora", rank=rank, target_modules=["query", "value"], batch_size=4, seq_len=16)
         cfg = JoinConfig(target=f"127.0.0.1:{port}", model=str(model), plan=plan, profile=profile,
                          records=records[i * 16:(i + 1) * 16], name=f"join{i}", threads=1, max_poll_s=0.2,
@@ -302,7 +351,9 @@ def test_join_loop_trains_and_runs_secagg(model, tmp_path):
             assert [x["accepted"] for x in r["rounds"]] == [True, True]
             assert all(x["upload_bytes"] > 0 for x in r["rounds"])
         assert c.store.updates() == []  # nothing per device was stored
-        assert c.global_state.strategy == "fedsa" and c.global_round == 2
+        assert c.global_round == 2 and c.global_state.strategy == ("fedavg" if strategy == "zo" else strategy)
+        lens = [r["metrics"]["secagg_vector_len"] for r in c.store.rounds()]
+        assert lens == [pool + 1] * 2 if pool else all(n > 500 for n in lens), lens
     finally:
         server.stop(0)
         c.close()

@@ -96,6 +96,7 @@ class LocalTrainer:
         self.memory_budget_bytes = memory_budget_bytes
         self.seed = seed
         self.zo_pool_seed = 0
+        self.zo_pool_size: int | None = None  # a round's shared pool (secure seed-scalar rounds); None: the plan's
         self.model_src = str(model_src)
         self.base, self.tokenizer = load_base(model_src, plan, self.task, seed=seed, quant_backend=quant_backend)
         self._head_init = {n: {k: v.detach().clone() for k, v in getattr(self.base, n).state_dict().items()}
@@ -316,7 +317,7 @@ class LocalTrainer:
     def _train_zo(self, batches, steps: int, lr: float, seed: int, guard: MemoryGuard, reporter: "_Reporter",
                   snap: _Snapshot):
         self.model.eval()
-        state = ZOState.create(self.zo_pool_seed, self.plan.zo_seed_pool, seed)
+        state = ZOState.create(self.zo_pool_seed, self.zo_pool_size or self.plan.zo_seed_pool, seed)
         params = {k: p.data for k, p in self._params.items()}
 
         def loss_on(batch: dict[str, torch.Tensor]) -> torch.Tensor:
