@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from protos.output_head import ensure_output_head
+from protos.model_load import LOAD_LOCK, ensure_output_head
 
 HEAD_NAMES = ("classifier", "score")
 TARGET_CANDIDATES = (("q_proj", "v_proj"), ("query", "value"), ("c_attn",), ("qkv_proj",))
@@ -52,16 +52,17 @@ def load_base_model(model_dir: str | Path, task: str, num_labels: int, seed: int
     tok = AutoTokenizer.from_pretrained(path, **extra)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
-    torch.manual_seed(seed)
-    if task == "classification":
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32,
-                                                                   **extra)
-    elif task == "causal_lm":
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True,
-                                                           **extra)
-        ensure_output_head(model, info.get("missing_keys", ()))
-    else:
+    if task not in ("classification", "causal_lm"):
         raise ValueError(f"task {task!r} unknown; use 'classification' or 'causal_lm'")
+    with LOAD_LOCK:  # transformers patches process globals while it loads (protos.model_load)
+        torch.manual_seed(seed)
+        if task == "classification":
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
+                                                                       dtype=torch.float32, **extra)
+        else:
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True,
+                                                               **extra)
+            ensure_output_head(model, info.get("missing_keys", ()))
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
     for p in model.parameters():
@@ -95,8 +96,9 @@ def initial_adapter_state(model: torch.nn.Module, target_modules: Sequence[str],
     heads = [n for n in HEAD_NAMES if isinstance(getattr(model, n, None), torch.nn.Module)]
     cfg = LoraConfig(r=rank, lora_alpha=lora_alpha, use_rslora=use_rslora, target_modules=list(target_modules),
                      lora_dropout=0.0, bias="none", modules_to_save=heads or None)
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(copy.deepcopy(model), cfg)
+    with LOAD_LOCK:  # the seed and the draws of the init stay together when threads load at once
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(copy.deepcopy(model), cfg)
     return {k: v.detach().float().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
 
 

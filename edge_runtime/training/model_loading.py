@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from edge_runtime.plan import Plan
-from protos.output_head import ensure_output_head
+from protos.model_load import LOAD_LOCK, ensure_output_head
 from edge_runtime.training.imports import (bitsandbytes_installed, needs_bitsandbytes, quantized_with_bnb,
                                            use_bitsandbytes)
 
@@ -169,13 +169,15 @@ def load_base(model_src: str | Path, plan: Plan, task: Any, seed: int = 0,
         raise ModelLoadError(f"cannot load a tokenizer from {directory}{'/' + gguf if gguf else ''}: {e}") from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
-    torch.manual_seed(seed)  # the new head is initialised inside from_pretrained
     try:
-        if t.kind == "classification":
-            model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=t.num_labels, **kwargs)
-        else:
-            model, info = AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True, **kwargs)
-            ensure_output_head(model, info.get("missing_keys", ()))
+        with LOAD_LOCK:  # transformers patches process globals while it loads (protos.model_load)
+            torch.manual_seed(seed)  # the new head is initialised inside from_pretrained
+            if t.kind == "classification":
+                model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=t.num_labels,
+                                                                           **kwargs)
+            else:
+                model, info = AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True, **kwargs)
+                ensure_output_head(model, info.get("missing_keys", ()))
     except (OSError, ValueError, ImportError, RuntimeError) as e:
         raise ModelLoadError(f"cannot load {directory}{'/' + gguf if gguf else ''} as {t.kind} at "
                              f"{prec}: {e}") from e
@@ -217,9 +219,10 @@ def apply_lora(base: nn.Module, plan: Plan, rank: int, lora_alpha: float, use_rs
     from peft import get_peft_model
 
     cfg = lora_config(plan, rank, lora_alpha, use_rslora, head_names(base))
-    torch.manual_seed(seed)
     try:
-        model = get_peft_model(base, cfg)
+        with LOAD_LOCK:  # the seed and the draws of the init stay together when threads load at once
+            torch.manual_seed(seed)
+            model = get_peft_model(base, cfg)
     except ValueError as e:
         raise ValueError(f"cannot apply LoRA to target_modules {plan.target_modules}: {e}") from e
     return model

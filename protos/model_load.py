@@ -1,19 +1,27 @@
-"""A causal LM's output head after `from_pretrained`: both sides load the same base model and
-must get the same, real head. Torch-only; no transformers import.
+"""What both sides need around `from_pretrained`. Torch-only; no transformers import.
 
-A checkpoint without an output head (GGUF files of tied-embedding models carry no
-`output.weight`) means the head *is* the input embedding matrix. If the loaded model was not
-tied, transformers leaves a randomly initialised head and only logs a load report; the model
-then produces garbage (loss ~21 nats on SmolLM2 instead of ~2.6). `ensure_output_head` ties it
-instead, or raises when it cannot."""
+`LOAD_LOCK`: transformers 5 loads a model inside context managers that monkeypatch globals
+(`PreTrainedModel.tie_weights` -> a no-op, torch's init functions, the default dtype) and restore
+them on exit. Two loads in one process at once (a coordinator loading its base while in-process
+devices load theirs, Flower's simulated clients in a thread pool, tests) interleave those patches,
+and the last exit can restore the *patched* function: from then on no model in the process ties its
+embeddings. Every load of ours holds this lock.
+
+`ensure_output_head`: a checkpoint without an output head (GGUF files of tied-embedding models
+carry no `output.weight`) means the head *is* the input embedding matrix. If the loaded model
+was not tied (the race above, or a config that says otherwise), transformers leaves a randomly
+initialised head and only logs a load report; the model then produces garbage (loss ~21 nats on
+SmolLM2 instead of ~2.6). `ensure_output_head` ties it instead, or raises when it cannot."""
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable
 
 from torch import nn
 
 log = logging.getLogger(__name__)
+LOAD_LOCK = threading.RLock()  # held around every from_pretrained of ours (see above)
 
 
 class MissingOutputHeadError(ValueError):
