@@ -24,7 +24,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError, MemoryError, RuntimeError) as e:
+    except MemoryError as e:  # the runtime's guard (training or model load) or a real allocation failure
+        if getattr(args, "debug", False):
+            raise
+        print(f"edge-runtime {args.command}: out of memory: {e}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         if getattr(args, "debug", False):
             raise
         print(f"edge-runtime {args.command}: error: {e}", file=sys.stderr)

@@ -85,8 +85,10 @@ def _emulation(args, profile, plan) -> dict:
     log = logging.getLogger("edge_runtime.emulation")
     budget = guard_budget(plan, profile)
     # hard backstop above the runtime's own guard (which stops training cleanly at `budget`)
-    log.info("memory: guard at %.0f MiB; hard cap %s", budget / 2**20,
-             apply_memory_cap(int(budget * 1.3) + (128 << 20), profile.name))
+    from edge_runtime.training.guard import hard_cap_bytes, load_limit_bytes
+
+    log.info("memory: guard at %.0f MiB (model load: %.0f MiB); hard cap %s", budget / 2**20,
+             load_limit_bytes(budget) / 2**20, apply_memory_cap(hard_cap_bytes(budget), profile.name))
     host = args.host_gflops
     if host is None:
         from edge_runtime.measure import single_thread_gflops

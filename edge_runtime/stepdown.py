@@ -368,7 +368,8 @@ def adaptive_for_join(trainer: Any, cfg: Any, task: Any, factory: Callable[..., 
         log.info("step-down without estimator (%s)", e)
 
     def rebuild(p: Plan) -> Any:
-        return factory(cfg.model, p, task, memory_budget_bytes=trainer.memory_budget_bytes, seed=trainer.seed,
-                       threads=cfg.threads)
+        # no load guard here: the old model's memory may not be back with the OS yet; `_apply` sets the
+        # budget on the new trainer for its training steps
+        return factory(cfg.model, p, task, memory_budget_bytes=None, seed=trainer.seed, threads=cfg.threads)
 
     return AdaptiveTrainer(trainer, cfg.profile, rebuild=rebuild, predict=predict)

@@ -61,3 +61,31 @@ def test_training_stops_and_keeps_last_good_adapter(tmp_path):
     m = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(src), tmp_path / "ckpt")
     saved = get_peft_model_state_dict(m)
     assert all(torch.equal(saved[k].float(), good[k]) for k in good)
+
+
+def test_model_load_is_guarded_and_reported_as_out_of_memory(tmp_path):
+    """The guard also watches the model load (limit = budget x1.25 + 96 MiB, below the emulator's hard
+    cap): over it, construction stops with LoadOutOfMemory; the CLI exits 3 with the reason."""
+    import subprocess
+    import sys
+
+    from edge_runtime.training.guard import LoadOutOfMemory, hard_cap_bytes, load_limit_bytes
+
+    src = make_tiny_llama(tmp_path / "m")
+    plan = Plan(rank=2, target_modules=["q_proj", "v_proj"], batch_size=2, seq_len=16)
+    assert load_limit_bytes(1000 * MiB) < hard_cap_bytes(1000 * MiB)
+    budget = int((rss_bytes() - 200 * MiB) / 1.25)  # limit already below this process's RSS
+    with pytest.raises(LoadOutOfMemory) as e:
+        LocalTrainer(src, plan, "causal_lm", memory_budget_bytes=budget)
+    assert "out of memory while loading m at fp32" in str(e.value) and "edge-runtime plan" in str(e.value)
+    t = LocalTrainer(src, plan, "causal_lm", memory_budget_bytes=rss_bytes() + 256 * MiB)  # room: loads
+    assert t.load_peak_sampled_bytes > 0
+    assert LocalTrainer(src, plan, "causal_lm", memory_budget_bytes=budget, guard_load=False).base is not None
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "Say hi.", "output": "hi"}\n')
+    (tmp_path / "plan.json").write_text(plan.to_json())
+    proc = subprocess.run([sys.executable, "-m", "edge_runtime.cli", "train", "--model", str(src), "--data", str(data),
+                           "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "out"), "--task", "causal_lm",
+                           "--budget", "1", "--steps", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-1500:]
+    assert "out of memory while loading" in proc.stderr

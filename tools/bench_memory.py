@@ -159,7 +159,8 @@ def worker(cfg: dict) -> dict:
         from edge_runtime.training.session import LocalTrainer
         from edge_runtime.training.guard import MemoryBudgetExceeded
         budget = int(cfg["budget_bytes"]) if cfg.get("budget_bytes") else None
-        trainer = LocalTrainer(cfg["model_path"], plan, cfg["task"], seed=0, threads=threads, memory_budget_bytes=budget)
+        trainer = LocalTrainer(cfg["model_path"], plan, cfg["task"], seed=0, threads=threads, memory_budget_bytes=budget,
+                               guard_load=False)  # --budget probes training floors, some below the load peak
         load_peak = _maxrss()
         after_model = _rss()
         split = _rss_split()

@@ -342,9 +342,15 @@ def run(cfg: FleetConfig, out: Path, timeout_s: float) -> dict[str, Any]:
                   f"(logs under {out / 'logs'})")
     shown: set[int] = set()
     summary: dict[str, Any] | None = None
+    told: set[int] = set()
     try:
         while True:
             time.sleep(2.0)
+            for i, p in enumerate(devices):
+                if i not in told and p.poll() not in (None, 0):
+                    told.add(i)
+                    console.print(f"[red]device {admitted[i]['name']} exited: {exit_reason(p.returncode)}[/] "
+                                  f"(log: {out / 'logs'})")
             summary = read_store(store)
             if summary:
                 for row in round_rows(summary, device_reports(out)):
@@ -376,7 +382,8 @@ def run(cfg: FleetConfig, out: Path, timeout_s: float) -> dict[str, Any]:
     result = {
         "config": {k: v for k, v in cfg.__dict__.items()}, "model_path": model, "coordinator_rc": coord.returncode,
         "devices": [{"name": d["name"], "profile": d["profile"].name, "plan": d["plan"].to_dict(),
-                     "examples": n, "exit_code": p.returncode, "rounds": reports.get(d["name"], [])}
+                     "examples": n, "exit_code": p.returncode, "exit_reason": exit_reason(p.returncode),
+                     "rounds": reports.get(d["name"], [])}
                     for d, n, p in zip(admitted, sizes, devices)],
         "refused": refused, "rounds": rows, "wall_s": time.time() - t_start,
     }
@@ -384,6 +391,13 @@ def run(cfg: FleetConfig, out: Path, timeout_s: float) -> dict[str, Any]:
     plot(rows, out / "rounds.png", f"{cfg.strategy}: {len(admitted)} emulated devices, {cfg.model}")
     console.print(f"wrote {out / 'summary.json'} and {out / 'rounds.png'} in {result['wall_s']:.0f}s")
     return result
+
+
+def exit_reason(code: int | None) -> str:
+    """A device process's exit code in words (edge-runtime: 2 error, 3 out of memory)."""
+    return {None: "still running", 0: "finished", 2: "error", 3: "out of memory (the runtime's guard)",
+            -9: "killed (SIGKILL: the memory cap's OOM killer, or the fleet's timeout)",
+            137: "killed (SIGKILL: the memory cap's OOM killer, or the fleet's timeout)"}.get(code, f"exit code {code}")
 
 
 def main(argv: list[str] | None = None) -> int:

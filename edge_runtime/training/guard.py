@@ -30,6 +30,35 @@ class MemoryBudgetExceeded(MemoryError):
             "(or use mode 'zo'), or re-plan with `edge-runtime plan`; the last good adapter checkpoint was kept")
 
 
+class LoadOutOfMemory(MemoryBudgetExceeded):
+    """Loading the base model (and building its adapter) went above the load limit (see `load_limit_bytes`)."""
+
+    def __init__(self, peak_bytes: int, limit_bytes: int, budget_bytes: int, what: str):
+        self.peak_bytes, self.budget_bytes, self.limit_bytes, self.result = peak_bytes, budget_bytes, limit_bytes, None
+        MemoryError.__init__(
+            self, f"out of memory while loading {what}: RSS reached {peak_bytes / MiB:.0f} MiB, over the load limit "
+            f"{limit_bytes / MiB:.0f} MiB (budget {budget_bytes / MiB:.0f} MiB x{LOAD_FACTOR} + {LOAD_SLACK // MiB} MiB "
+            "for the transient load peak); re-plan with `edge-runtime plan` (it accounts for the load peak), "
+            "use a smaller or pre-quantized model, or give the device more memory")
+
+
+# The emulator's hard cap (cgroup / RLIMIT_AS) sits above the guard so the guard acts first; the load
+# limit sits between them: a load peak the planner under-estimated by up to 25 % still passes, a
+# larger one stops cleanly as LoadOutOfMemory instead of being killed by the cap.
+HARD_CAP_FACTOR, HARD_CAP_SLACK = 1.3, 128 * MiB
+LOAD_FACTOR, LOAD_SLACK = 1.25, 96 * MiB
+
+
+def hard_cap_bytes(budget_bytes: int) -> int:
+    """The emulated device's hard memory cap for a guard budget."""
+    return int(budget_bytes * HARD_CAP_FACTOR) + HARD_CAP_SLACK
+
+
+def load_limit_bytes(budget_bytes: int) -> int:
+    """RSS the model load may reach (its peak is transient) for a guard budget; below `hard_cap_bytes`."""
+    return int(budget_bytes * LOAD_FACTOR) + LOAD_SLACK
+
+
 def rss_bytes() -> int:
     """Current resident set size of this process."""
     return psutil.Process().memory_info().rss

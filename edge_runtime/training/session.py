@@ -26,7 +26,8 @@ from torch import nn
 from edge_runtime.data import classification_to_instructions, record_kind
 from edge_runtime.plan import Plan
 from edge_runtime.training import batching, losses
-from edge_runtime.training.guard import MemoryBudgetExceeded, MemoryGuard, max_rss_bytes
+from edge_runtime.training.guard import (LoadOutOfMemory, MemoryBudgetExceeded, MemoryGuard, load_limit_bytes,
+                                         max_rss_bytes)
 from edge_runtime.training.model_loading import apply_lora, load_base, resolve_task
 from edge_runtime.training.zo import ZOState, zo_train
 
@@ -88,7 +89,9 @@ class LocalTrainer:
 
     def __init__(self, model_src: str | Path, plan: Plan, task: Any = "classification",
                  memory_budget_bytes: int | None = None, seed: int = 0, threads: int | None = None,
-                 quant_backend: str = "auto"):
+                 quant_backend: str = "auto", guard_load: bool = True):
+        """guard_load: watch the load against `load_limit_bytes(memory_budget_bytes)` (LoadOutOfMemory);
+        off only to measure training floors below the load peak (tools/bench_memory.py)."""
         if threads:
             torch.set_num_threads(int(threads))
         self.plan = plan
@@ -98,15 +101,26 @@ class LocalTrainer:
         self.zo_pool_seed = 0
         self.zo_pool_size: int | None = None  # a round's shared pool (secure seed-scalar rounds); None: the plan's
         self.model_src = str(model_src)
-        self.base, self.tokenizer = load_base(model_src, plan, self.task, seed=seed, quant_backend=quant_backend)
-        self._head_init = {n: {k: v.detach().clone() for k, v in getattr(self.base, n).state_dict().items()}
-                           for n in ("classifier", "score") if isinstance(getattr(self.base, n, None), nn.Module)}
         self._enc_cache: dict[tuple, tuple] = {}
         self._deltas: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._hooks: dict[str, Any] = {}
         self.model: nn.Module | None = None
         self.rank = plan.rank
-        self.configure(plan.rank, plan.lora_alpha, plan.use_rslora, seed)
+        limit = load_limit_bytes(memory_budget_bytes) if memory_budget_bytes and guard_load else None
+        guard = MemoryGuard(limit)
+        try:
+            with guard:  # on the main thread a load over the limit is interrupted, elsewhere checked after
+                self.base, self.tokenizer = load_base(model_src, plan, self.task, seed=seed,
+                                                      quant_backend=quant_backend)
+                self._head_init = {n: {k: v.detach().clone() for k, v in getattr(self.base, n).state_dict().items()}
+                                   for n in ("classifier", "score")
+                                   if isinstance(getattr(self.base, n, None), nn.Module)}
+                self.configure(plan.rank, plan.lora_alpha, plan.use_rslora, seed)
+                guard.check()
+        except MemoryBudgetExceeded as e:
+            raise LoadOutOfMemory(max(e.peak_bytes, guard.peak_bytes), int(limit or 0), int(memory_budget_bytes or 0),
+                                  f"{Path(self.model_src).name} at {plan.base_precision}") from None
+        self.load_peak_sampled_bytes = guard.peak_bytes
 
     # ----- adapter lifecycle -------------------------------------------------------------
     def configure(self, rank: int | None = None, lora_alpha: float | None = None, use_rslora: bool | None = None,
