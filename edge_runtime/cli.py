@@ -34,6 +34,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"edge-runtime {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if getattr(args, "debug", False) or not _is_rpc_error(e):
+            raise
+        code = e.code()  # type: ignore[attr-defined]
+        print(f"edge-runtime {args.command}: the coordinator answered {getattr(code, 'name', code)}: "
+              f"{e.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        return 2
+
+
+def _is_rpc_error(e: BaseException) -> bool:
+    """A gRPC status from the coordinator (grpc.RpcError), told apart without importing grpc here."""
+    return type(e).__module__.startswith("grpc") and callable(getattr(e, "details", None)) \
+        and callable(getattr(e, "code", None))
 
 
 if __name__ == "__main__":
