@@ -10,6 +10,10 @@ The ladder (each rung is tried only where it changes something the profile allow
 5. ``4bit``          4-bit base weights (``nf4``, else ``int4``, as the profile allows)
 6. ``zo``            zeroth-order training (no activations kept, no optimizer state)
 
+A plan already in zeroth-order mode (planned so, or stepped down) still has two knobs: its
+forward batch (``micro_batch`` halves ``batch_size``; ZO does not accumulate) and its base
+weights (``int8``, then ``4bit``, as the profile allows).
+
 `next_plan(plan, profile)` is the pure one-rung function; `step_down` applies rungs until an
 estimate fits; `AdaptiveTrainer` wraps a `LocalTrainer` so that `train()` survives
 `MemoryBudgetExceeded` / `torch.OutOfMemoryError`: it logs the estimator's error (predicted vs
@@ -41,7 +45,10 @@ A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 def _rung(name: str, plan: Plan, precisions: Sequence[str]) -> Plan | None:
     """`plan` moved down by rung `name`, or None when the rung does not apply."""
     if plan.mode == "zo":
-        return None
+        if name == "micro_batch" and plan.batch_size > 1:
+            return replace(plan, batch_size=plan.batch_size // 2, grad_accum=1)
+        if name not in ("int8", "4bit"):
+            return None
     if name == "micro_batch" and plan.batch_size > 1:
         b = plan.batch_size // 2
         eff = plan.batch_size * plan.grad_accum

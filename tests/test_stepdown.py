@@ -39,6 +39,20 @@ def test_ladder_order_and_end():
     assert next_plan(p, _profile()) is None
 
 
+def test_a_zeroth_order_plan_still_steps_down_its_batch_then_its_base():
+    p = Plan(mode="zo", rank=4, batch_size=2, base_precision="fp32", target_modules=["query"])
+    seen = []
+    while (r := next_rung(p, _profile())) is not None:
+        seen.append(r[0])
+        p = r[1]
+        assert p.mode == "zo" and p.grad_accum == 1
+    assert seen == ["micro_batch", "int8", "4bit"]
+    assert (p.batch_size, p.base_precision, p.rank) == (1, "nf4", 4)
+    only_fp32 = Plan(mode="zo", rank=4, batch_size=2, target_modules=["query"])
+    assert [n for n, _ in [next_rung(only_fp32, _profile(("fp32",)))]] == ["micro_batch"]
+    assert next_rung(replace(only_fp32, batch_size=1), _profile(("fp32",))) is None
+
+
 def test_ladder_respects_profile_precisions():
     p = Plan(rank=1, batch_size=1, gradient_checkpointing=True, target_modules=["query"])
     assert next_rung(p, _profile(("fp32", "int4")))[1].base_precision == "int4"  # no int8: straight to 4-bit
