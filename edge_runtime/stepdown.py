@@ -91,12 +91,17 @@ def next_plan(plan: Plan, profile: Any) -> Plan | None:
 def step_down(plan: Plan, profile: Any, predict: Callable[[Plan], int] | None = None,
               limit_bytes: int | None = None) -> tuple[Plan, list[str]] | None:
     """Take rungs until `predict(plan) <= limit_bytes` (at least one rung; exactly one without
-    `predict`). Returns (plan, rungs taken) or None when the ladder runs out first."""
+    `predict`). Returns (plan, rungs taken); when the estimate never fits, the bottom of the
+    ladder (measuring beats giving up on an estimate); None only when no rung is left at all."""
     taken: list[str] = []
     cur = plan
     while True:
         r = next_rung(cur, profile)
         if r is None:
+            if taken:
+                log.warning("the estimator says no rung fits %.0f MiB; trying the lowest: %s",
+                            (limit_bytes or 0) / MiB, "+".join(taken))
+                return cur, taken
             return None
         taken.append(r[0])
         cur = r[1]

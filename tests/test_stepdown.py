@@ -65,7 +65,9 @@ def test_step_down_skips_rungs_the_estimator_rejects():
     predict = lambda q: q.batch_size * 100 + (0 if q.gradient_checkpointing else 1000)  # noqa: E731
     new, taken = step_down(p, _profile(), predict, limit_bytes=1000)
     assert taken == ["micro_batch"] * 3 + ["checkpointing"] and new.batch_size == 1 and new.grad_accum == 8
-    assert step_down(p, _profile(), predict, limit_bytes=-1) is None
+    bottom, all_rungs = step_down(p, _profile(), predict, limit_bytes=-1)  # nothing fits: the lowest rung
+    assert all_rungs[-1] == "zo" and (bottom.mode, bottom.batch_size, bottom.base_precision) == ("zo", 1, "nf4")
+    assert step_down(bottom, _profile(), predict, limit_bytes=-1) is None
     assert step_down(p, _profile())[1] == ["micro_batch"]
     assert EstimatorError(100, 150, 120).to_dict()["error_bytes"] == 50
     assert is_oom(MemoryBudgetExceeded(2, 1)) and not is_oom(ValueError())
