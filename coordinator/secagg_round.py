@@ -211,9 +211,7 @@ class SecAggRound:
 
     def submit(self, device_id: str, phase: int, data: bytes, now: float) -> None:
         """Record a device's message for `phase` (0-based). Re-sent messages are ignored (retries)."""
-        if self.abort_reason:
-            raise SecAggRejected(f"round {self.round_id}: secure aggregation aborted: {self.abort_reason}")
-        if device_id in self.sent[phase]:
+        if device_id in self.sent[phase] and not self.abort_reason:
             return
         self.check_open(device_id, phase)
         try:

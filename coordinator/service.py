@@ -144,7 +144,7 @@ class Coordinator:
         self._steps: dict[str, int] = {}  # device -> local steps when re-planned (--replan)
         self._fold: RoundFold | None = None  # streaming aggregate of the open round
         self._secagg: SecAggRound | None = None  # secure aggregation of the open round (--secagg)
-        self._secagg_parts: dict[tuple[str, int], tuple[int, int, bytearray]] = {}  # chunked messages in flight
+        self._secagg_parts: dict[tuple[str, int], tuple[int, bytearray]] = {}  # this round's chunked messages in flight
         self._secagg_last: SecAggRound | None = None  # ... of the last closed round (tells late pollers why)
         self._resume_or_init()
         if cfg.secagg:
@@ -324,7 +324,7 @@ class Coordinator:
             self.fed.devices[d] = replace(self.fed.devices[d], last_seen=now)  # grace from round open
         self._ensure_downloads(rnd)
         if self.cfg.secagg:
-            self._secagg = self._open_secagg(rnd)
+            self._secagg, self._secagg_parts = self._open_secagg(rnd), {}
         self.store.put_round(rnd)
         self.store.event("round_open", rid, selected=list(rnd.selected))
         log.info("round %d open: %d devices selected, deadline in %.0fs", rid, len(rnd.selected),
@@ -458,7 +458,7 @@ class Coordinator:
         sa.advance(now, alive)
         if not sa.done:
             return
-        self._secagg, self._secagg_last = None, sa
+        self._secagg, self._secagg_last, self._secagg_parts = None, sa, {}
         metrics = sa.metrics()
         if sa.result is None:
             self.store.event("secagg_abort", rnd.round_id, reason=sa.abort_reason, **metrics)
@@ -526,7 +526,6 @@ class Coordinator:
         """Add one chunk of a device's `phase` message: (the whole message once complete else b'',
         bytes held). A re-sent chunk is harmless; a gap is refused with the offset to resume from."""
         key = (device_id, phase)
-        self._secagg_parts = {k: v for k, v in self._secagg_parts.items() if v[0] == sa.round_id}
         if device_id in sa.sent[phase - 1]:  # the whole message is already in: a retry of its last chunk
             return b"", total
         sa.check_open(device_id, phase - 1)
@@ -534,7 +533,7 @@ class Coordinator:
         if total > cap:
             raise UploadTooLarge(f"secure-aggregation message of {total} B is larger than this round's {cap} B "
                                  f"(vector of {sa.payload.vector_len} values)")
-        _, want, buf = self._secagg_parts.get(key, (sa.round_id, total, bytearray()))
+        want, buf = self._secagg_parts.get(key, (total, bytearray()))
         if want != total:
             raise UploadRejected(f"chunk says the message has {total} B, earlier chunks said {want} B; "
                                  "resend the message from offset 0")
@@ -545,7 +544,7 @@ class Coordinator:
         if end > len(buf):
             buf += data[len(buf) - offset:]
         if len(buf) < total:
-            self._secagg_parts[key] = (sa.round_id, total, buf)
+            self._secagg_parts[key] = (total, buf)
             return b"", len(buf)
         self._secagg_parts.pop(key, None)
         return bytes(buf), total

@@ -167,6 +167,13 @@ class RoundPayload(Wire):
         return self.zo_pool_size + 1 if self.zo_scalars else self.payload_layout.vector_len
 
 
+def device_weight(rp: RoundPayload, num_examples: int) -> float:
+    """min(num_examples, cap) / cap: in (0, 1], so weighted values stay inside the clip range."""
+    if num_examples < 1:
+        raise ValueError(f"num_examples must be >= 1, got {num_examples}")
+    return min(float(num_examples), rp.weight_cap) / rp.weight_cap
+
+
 def device_payload(state: Mapping[str, torch.Tensor], rp: RoundPayload, num_examples: int,
                    scale: float) -> tuple[np.ndarray, float]:
     """A device's (vector_len,) float64 input for the round, and the weight it used.
@@ -174,9 +181,7 @@ def device_payload(state: Mapping[str, torch.Tensor], rp: RoundPayload, num_exam
     state: the device's trained adapter (peft keys, its own rank); scale: its LoRA scale s_k.
     The weight min(num_examples, cap) / cap keeps weighted values inside the clip range.
     """
-    if num_examples < 1:
-        raise ValueError(f"num_examples must be >= 1, got {num_examples}")
-    weight = min(float(num_examples), rp.weight_cap) / rp.weight_cap
+    weight = device_weight(rp, num_examples)
     vec = pack_state(state, rp.payload_layout, weight=weight, b_scale=scale if rp.fold_scale else 1.0,
                      ignore_extra=rp.ignore_extra)
     return vec, weight
@@ -188,9 +193,7 @@ def device_zo_payload(pairs: Sequence[tuple[int, float]], lr: float, rp: RoundPa
     w * sum of g * (lr / zo_lr_ref) / zo_value_scale at each pool seed's position, then w."""
     if not rp.zo_scalars:
         raise ValueError("this round's secure-aggregation payload is not in seed-scalar mode")
-    if num_examples < 1:
-        raise ValueError(f"num_examples must be >= 1, got {num_examples}")
-    weight = min(float(num_examples), rp.weight_cap) / rp.weight_cap
+    weight = device_weight(rp, num_examples)
     unit = float(lr) / rp.zo_lr_ref / rp.zo_value_scale
     return zo_pack([(s, g * unit) for s, g in pairs], seed_pool(rp.zo_pool_seed, rp.zo_pool_size),
                    weight=weight), weight

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from edge_runtime.plan import Plan
-from protos.model_load import LOAD_LOCK, ensure_output_head
 from edge_runtime.training.imports import (bitsandbytes_installed, needs_bitsandbytes, quantized_with_bnb,
                                            use_bitsandbytes)
+from protos.model_load import LOAD_LOCK, ensure_output_head
 
 log = logging.getLogger(__name__)
 
