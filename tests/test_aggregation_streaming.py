@@ -22,8 +22,8 @@ def hetero():
     return [make(r, i, alpha=4.0 * (i + 1), rslora=i % 2 == 1, weight=1.0 + i) for i, r in enumerate([2, 4, 8, 16, 4])]
 
 
-def stream(strategy, ups, **kw):
-    agg = StreamingAggregator(strategy, **kw)
+def stream(kind, ups, **kw):
+    agg = StreamingAggregator(kind, **kw)
     for u in ups:
         agg.add(u)
     return agg
@@ -35,19 +35,19 @@ def close(x, y, tol=1e-6):
 
 def test_fedavg_streaming_equals_batch():
     for ups in ([make(4, i, weight=i + 1.0) for i in range(4)], [make(4, i, alpha=2.0 + i) for i in range(4)]):
-        s, b = stream("fedavg", ups).result(), fedavg(ups)
+        s, b = stream("mean", ups).result(), fedavg(ups)
         assert s.scale == b.scale and close(s.A, b.A) and close(s.B, b.B)
 
 
 def test_zero_pad_streaming_equals_batch():
     ups = hetero()
-    s, b = stream("zero_pad", ups, rank=16).result(), zero_pad(ups, 16)
+    s, b = stream("padded", ups, rank=16).result(), zero_pad(ups, 16)
     assert s.scale == b.scale == 1.0 and close(s.A, b.A) and close(s.B, b.B)
 
 
 def test_stack_streaming_exact_under_cap():
     ups = hetero()
-    agg = stream("stack", ups, max_rank=64)
+    agg = stream("stacked", ups, max_rank=64)
     s, b = agg.result(), stack(ups)
     assert agg.relative_error == 0.0 and s.rank == b.rank == 34
     assert close(s.A, b.A) and close(s.B, b.B)
@@ -57,13 +57,13 @@ def test_svd_streaming_exact_under_cap_and_bounded_over_cap():
     ups = hetero()
     ranks = [2, 8, 16]
     exact = svd_redistribute(ups, ranks)
-    agg = stream("svd", ups, max_rank=64)
-    for s, b in zip(agg.result(ranks), exact):
+    agg = stream("stacked", ups, max_rank=64)
+    for s, b in zip(agg.svd_result(ranks), exact):
         assert close(effective(s), effective(b), 1e-5)
     # recompression: cap 16 < total rank 34
-    capped = stream("svd", ups, max_rank=16)
-    full = stream("stack", ups, max_rank=64).result()
-    approx = capped.result([16])[0]
+    capped = stream("stacked", ups, max_rank=16)
+    full = stream("stacked", ups, max_rank=64).result()
+    approx = capped.svd_result([16])[0]
     true_err = float((effective(approx) - effective(full)).norm() / effective(full).norm())
     print(f"\nstreaming svd cap 16: reported bound {capped.relative_error:.4f}, true rel. error {true_err:.4f}")
     assert 0 < capped.relative_error and true_err <= capped.relative_error * (1 + 1e-6)
@@ -71,7 +71,7 @@ def test_svd_streaming_exact_under_cap_and_bounded_over_cap():
 
 
 def test_streaming_rejects_bad_input_with_index():
-    agg = StreamingAggregator("fedavg")
+    agg = StreamingAggregator("mean")
     agg.add(make(4, 0))
     with pytest.raises(ValueError, match="update 1: rank 8"):
         agg.add(make(8, 1))
@@ -80,9 +80,9 @@ def test_streaming_rejects_bad_input_with_index():
     with pytest.raises(ValueError, match="update 1: B contains non-finite"):
         agg.add(bad)
     with pytest.raises(ValueError, match="needs the target rank"):
-        StreamingAggregator("zero_pad")
+        StreamingAggregator("padded")
     with pytest.raises(ValueError, match="nothing to aggregate"):
-        StreamingAggregator("stack").result()
+        StreamingAggregator("stacked").result()
 
 
 def test_zo_replay_reproduces_device_and_aggregates():

@@ -4,15 +4,14 @@ Effective update of a device: dW_k = s_k B_k A_k with A (r, in), B (out, r); agg
 weights p_k = w_k / sum w. Strategies: `fedavg` (FedIT), `zero_pad` (HetLoRA), `stack`
 (FLoRA), `svd_redistribute` (FlexLoRA), `fedsa` (FedSA-LoRA), ZO replay (`zo`), plus
 robust (`robust`), differentially private (`dp`) and streaming (`streaming`) variants and
-the adapter-state-dict level (`state`).
+the adapter-state-dict level (`state`). Which method combines them how: `coordinator.methods`.
 """
 from .dp import DPConfig, DPResult, RDPAccountant, dp_aggregate, epsilon_per_round
 from .fedavg import fedavg
 from .fedsa import fedsa
 from .robust import clip_updates, coordinate_median, effective_norm, trimmed_mean
 from .stack import stack
-from .state import (STRATEGIES, DeviceDownload, DeviceState, GlobalState, aggregate_state, module_updates,
-                    slice_for_device, split_state)
+from .state import DeviceState, GlobalState, fresh_adapter, module_updates, split_state
 from .streaming import StreamingAggregator
 from .svd import factor_svd, svd_redistribute
 from .types import LoraUpdate, effective, lora_scale, pad, rescale_balanced, to_scale, truncate
@@ -24,8 +23,7 @@ __all__ = [
     "LoraUpdate", "fedavg", "zero_pad", "stack", "svd_redistribute", "fedsa",
     "to_scale", "truncate", "pad", "effective", "lora_scale", "rescale_balanced", "factor_svd", "validate_updates",
     "zo_replay_update", "zo_aggregate", "weighted_state_average",
-    "aggregate_state", "slice_for_device", "split_state", "module_updates",
-    "DeviceState", "GlobalState", "DeviceDownload", "STRATEGIES",
+    "split_state", "module_updates", "fresh_adapter", "DeviceState", "GlobalState",
     "effective_norm", "clip_updates", "trimmed_mean", "coordinate_median",
     "DPConfig", "DPResult", "RDPAccountant", "dp_aggregate", "epsilon_per_round",
     "StreamingAggregator",

@@ -1,9 +1,10 @@
 """Fold updates one at a time with memory O(global state) instead of O(all uploads).
 
-- fedavg / zero_pad: running weighted sums of (padded) A and B, plus the sum of s_k w_k B_k
+Kinds (maths, not method names):
+- mean / padded: running weighted sums of (padded) A and B, plus the sum of s_k w_k B_k
   so the scale convention of the batch functions is reproduced (kept when all scales are
   equal, otherwise folded into B with scale 1).
-- stack / svd: the unnormalised factor-space sum sum_k w_k s_k B_k A_k as concatenated
+- stacked: the unnormalised factor-space sum sum_k w_k s_k B_k A_k as concatenated
   factors Bs (out, R), As (R, in). When R exceeds `max_rank` the sum is recompressed by a
   factor-space SVD to `max_rank`; the Frobenius norm discarded is accumulated and
   `relative_error` reports (sum of discarded norms) / ||streamed sum||_F; the numerator
@@ -20,18 +21,18 @@ from .svd import factor_svd, factors_from_svd
 from .types import LoraUpdate, pad
 from .validation import validate_rank, validate_updates
 
-STREAMING_STRATEGIES = ("fedavg", "zero_pad", "stack", "svd")
+KINDS = ("mean", "padded", "stacked")  # one common rank | zero-padded to `rank` | factor-space sum
 
 
 class StreamingAggregator:
-    """`add(update)` one at a time, then `result()` (svd: `result(ranks, scales)`)."""
+    """`add(update)` one at a time, then `result()` (or `svd_result(ranks, scales)` for stacked)."""
 
-    def __init__(self, strategy: str, *, rank: int | None = None, max_rank: int = 256) -> None:
-        if strategy not in STREAMING_STRATEGIES:
-            raise ValueError(f"streaming supports {STREAMING_STRATEGIES}, got {strategy!r}")
-        if strategy == "zero_pad" and rank is None:
-            raise ValueError("streaming zero_pad needs the target rank up front (rank=...)")
-        self.strategy = strategy
+    def __init__(self, kind: str, *, rank: int | None = None, max_rank: int = 256) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"streaming supports {KINDS}, got {kind!r}")
+        if kind == "padded" and rank is None:
+            raise ValueError("streaming padded needs the target rank up front (rank=...)")
+        self.kind = kind
         self.rank = None if rank is None else validate_rank(rank)
         self.max_rank = validate_rank(max_rank, "max_rank")
         self.count = 0
@@ -55,10 +56,10 @@ class StreamingAggregator:
         self._scales_equal &= float(u.scale) == self._scale
         w = float(u.weight)
         A64, B64 = u.A.to(torch.float64), u.B.to(torch.float64)
-        if self.strategy in ("fedavg", "zero_pad"):
-            target = self.rank if self.strategy == "zero_pad" else (self._A.shape[0] if self._A is not None else u.rank)
-            if u.rank > target or (self.strategy == "fedavg" and u.rank != target):
-                raise ValueError(f"update {i}: rank {u.rank} does not fit {self.strategy} rank {target}")
+        if self.kind in ("mean", "padded"):
+            target = self.rank if self.kind == "padded" else (self._A.shape[0] if self._A is not None else u.rank)
+            if u.rank > target or (self.kind == "mean" and u.rank != target):
+                raise ValueError(f"update {i}: rank {u.rank} does not fit the {self.kind} aggregate's rank {target}")
             p = pad(LoraUpdate(A=A64, B=B64, scale=u.scale), target)
             if self._A is None:
                 self._A = torch.zeros_like(p.A)
@@ -95,19 +96,22 @@ class StreamingAggregator:
         norm = math.sqrt(max(float(torch.trace((B.T @ B) @ (A @ A.T))), 0.0))
         return self._discarded / norm if norm > 0 else math.inf
 
-    def result(self, ranks: Sequence[int] | None = None, scales: Sequence[float] | None = None):
-        """fedavg/zero_pad/stack: a LoraUpdate like the batch function; svd: list per rank."""
+    def result(self) -> LoraUpdate:
+        """The weighted average: mean/padded as the batch fedavg/zero_pad; stacked as the batch stack."""
         if self.count == 0:
             raise ValueError("no updates were added: nothing to aggregate")
         W = self.total_weight
-        if self.strategy in ("fedavg", "zero_pad"):
+        if self.kind in ("mean", "padded"):
             keep = self._scales_equal
             B = self._B / W if keep else self._Bs / W
             return LoraUpdate(A=(self._A / W).float(), B=B.float(), scale=self._scale if keep else 1.0, weight=W)
-        if self.strategy == "stack":
-            return LoraUpdate(A=self._A.float(), B=(self._B / W).float(), scale=1.0, weight=W)
-        if ranks is None:
-            raise ValueError("svd streaming result needs the requested ranks: result(ranks=[...])")
+        return LoraUpdate(A=self._A.float(), B=(self._B / W).float(), scale=1.0, weight=W)
+
+    def svd_result(self, ranks: Sequence[int], scales: Sequence[float] | None = None) -> list[LoraUpdate]:
+        """stacked only: the average's best rank-r approximation for each r in `ranks`."""
+        if self.kind != "stacked" or self.count == 0:
+            raise ValueError("svd_result needs a stacked aggregate with at least one update")
+        W = self.total_weight
         if scales is not None and len(scales) != len(ranks):
             raise ValueError(f"got {len(scales)} scales for {len(ranks)} ranks")
         U, S, Vh = factor_svd(self._B / W, self._A, k=max(int(r) for r in ranks))

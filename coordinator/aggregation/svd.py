@@ -129,3 +129,16 @@ def svd_redistribute(updates: Sequence[LoraUpdate], ranks: Sequence[int],
     total = float(sum(u.weight for u in ups))
     return [factors_from_svd(U, S, Vh, r, 1.0 if scales is None else float(scales[i]), total)
             for i, r in enumerate(ranks)]
+
+
+def recompress(u: LoraUpdate, cap: int) -> tuple[LoraUpdate, float]:
+    """(the same update at rank <= cap with scale 1, ||discarded||_F / ||s B @ A||_F).
+
+    Exact (error 0) when rank(B @ A) <= cap, else the best rank-cap approximation.
+    """
+    if u.rank <= cap:
+        return u, 0.0
+    U, S, Vh = factor_svd(u.B * u.scale, u.A)
+    total = float(S.pow(2).sum().sqrt())
+    err = float(S[cap:].pow(2).sum().sqrt()) / total if total > 0 else 0.0
+    return factors_from_svd(U, S, Vh, cap, 1.0, u.weight), err

@@ -1,0 +1,172 @@
+"""The one round engine: what each device downloads, one upload validator, the streaming fold,
+the next global. The gRPC coordinator, the Flower strategy and the benchmarks all run rounds
+through it, so they share one code path per method (`coordinator.methods`).
+
+Memory is O(global state), not O(devices x adapter): per module one streaming aggregator of the
+method's kind, plus a float64 running weighted sum of the non-LoRA extras. A batch aggregation
+is "fold every upload"; a restarted coordinator re-folds its stored uploads one at a time.
+
+    engine = RoundEngine(method, g, round_id)
+    sent = engine.download(rank, mode, seed)          # tensors a device trains from
+    engine.accept(device_id, upload, weight, sent, mode)   # validate + fold
+    g, metrics = engine.close()
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from protos.adapter import A_SUFFIX, B_SUFFIX, CONTRACT_META, State
+from protos.wire import BASE_DELTA, decode_tensors, encode_tensors, split_download
+
+from .aggregation import GlobalState, LoraUpdate, split_state, zo_replay_update
+from .methods import Method
+from .validation import UpdateInvalid, validate_update
+
+
+class RoundEngine:
+    """One round's downloads and running aggregate over `method`, starting from global `g`."""
+
+    def __init__(self, method: Method, g: GlobalState, round_id: int, norm_bound: float = math.inf) -> None:
+        self.method, self.g, self.round_id, self.norm_bound = method, g, round_id, norm_bound
+        self.devices: set[str] = set()
+        self._modules = {name: method.aggregator() for name in g.modules}
+        self._extra: dict[str, torch.Tensor] = {}  # key -> sum_k w_k extra_k (float64)
+        self.total_weight = 0.0
+
+    @property
+    def count(self) -> int:
+        return len(self.devices)
+
+    # -- downloads -------------------------------------------------------------------------
+    def download(self, rank: int, mode: str, seed: int, kept: Mapping[str, torch.Tensor] | None = None) -> State:
+        """The tensors a device of `rank` running `mode` downloads: its adapter (peft keys), the
+        extras, `base_delta.*` factors to merge, and what the coordinator kept for it (`kept`)."""
+        served = self.method.serve(self.g, rank, seed)
+        out: State = {}
+        for name, u in served.adapter.items():
+            out[name + A_SUFFIX] = u.A.contiguous()
+            if u.B is not None:
+                out[name + B_SUFFIX] = u.B.contiguous()
+        out.update({k: v.clone() for k, v in self.g.extra.items()})
+        for key, t in (kept or {}).items():
+            ref = out.get(key[: -len(B_SUFFIX)] + A_SUFFIX) if key.endswith(B_SUFFIX) else None
+            if key not in out and ref is not None and t.shape[1] == ref.shape[0]:
+                out[key] = t.clone()
+        for key in [k for k in out if k.endswith(A_SUFFIX) and k[: -len(A_SUFFIX)] + B_SUFFIX not in out]:
+            if not self.method.contract(mode).is_local(key[: -len(A_SUFFIX)] + B_SUFFIX):  # nothing kept yet
+                out[key[: -len(A_SUFFIX)] + B_SUFFIX] = torch.zeros(self.g.modules[key[: -len(A_SUFFIX)]].shape[0],
+                                                                    out[key].shape[0])
+        for name, (B, A) in served.base_delta.items():
+            out[BASE_DELTA + name + ".B"], out[BASE_DELTA + name + ".A"] = B, A
+        return out
+
+    def blob(self, tensors: Mapping[str, torch.Tensor], rank: int, mode: str) -> bytes:
+        """A download's wire bytes (float32 safetensors; the device contract in the metadata)."""
+        cfg = self.method.cfg
+        meta = {"strategy": self.method.name, "rank": rank, "lora_alpha": cfg.lora_alpha,
+                "use_rslora": int(cfg.use_rslora), "round_id": self.round_id,
+                CONTRACT_META: self.method.contract(mode).to_meta()}
+        return encode_tensors(tensors, meta, "fp32")
+
+    def kept_from(self, final: Mapping[str, torch.Tensor], mode: str) -> State:
+        """What the coordinator keeps of a device's accepted state to hand back next round."""
+        suffixes = self.method.coordinator_keeps(mode)
+        return {k: v for k, v in final.items() if any(k.endswith(s) for s in suffixes)}
+
+    # -- uploads ---------------------------------------------------------------------------
+    def validate(self, state: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor], mode: str,
+                 precision: str | None = None) -> float:
+        """The one upload validator: keys/shapes against what was sent, finite, norm. Returns the norm."""
+        return validate_update(state, self.method.upload_shapes(sent, mode), self.norm_bound, precision)
+
+    def accept(self, device_id: str, state: Mapping[str, torch.Tensor], weight: float,
+               sent: Mapping[str, torch.Tensor], mode: str, precision: str | None = None) -> float:
+        """Validate an upload against what the device downloaded, then fold it. Returns its norm."""
+        norm = self.validate(state, sent, mode, precision)
+        self.fold(device_id, state, weight)
+        return norm
+
+    @staticmethod
+    def replay_zo(sent: Mapping[str, torch.Tensor], pairs: Sequence[tuple[int, float]], lr: float) -> State:
+        """A ZO device's final adapter from exactly what it downloaded (base delta excluded)."""
+        start, _ = split_download(sent)
+        return zo_replay_update(start, pairs, lr)
+
+    def fold(self, device_id: str, state: Mapping[str, torch.Tensor], weight: float) -> None:
+        """Fold one validated upload (ZO: the replayed final adapter). Raises UpdateInvalid on mismatch."""
+        if device_id in self.devices:
+            raise UpdateInvalid("duplicate", f"device {device_id} was already folded into round {self.round_id}")
+        if not weight > 0:
+            raise UpdateInvalid("malformed", f"device {device_id}: aggregation weight must be positive, got {weight}")
+        try:
+            mods, extra = split_state(self.method.complete_upload(state, self.g))
+        except ValueError as e:
+            raise UpdateInvalid("keys", f"device {device_id}: {e}") from e
+        if set(mods) != set(self._modules):
+            raise UpdateInvalid("keys", f"device {device_id}: LoRA modules differ from the global's "
+                                        f"(missing {sorted(set(self._modules) - set(mods))[:3]})")
+        if self._extra and set(extra) != set(self._extra):
+            raise UpdateInvalid("keys", f"device {device_id}: non-LoRA keys differ from the first upload's")
+        for k, t in extra.items():
+            if not bool(torch.isfinite(t).all()):
+                raise UpdateInvalid("non_finite", f"device {device_id}: {k} contains non-finite values")
+        for name, (A, B) in mods.items():
+            s = self.method.cfg.scale(int(A.shape[0]))
+            try:
+                self._modules[name].add(LoraUpdate(A=A, B=B, scale=s, weight=float(weight)))
+            except ValueError as e:
+                raise UpdateInvalid("shape", f"device {device_id}, module {name!r}: {e}") from e
+        for k, t in extra.items():
+            w = float(weight) * t.to(torch.float64)
+            self._extra[k] = w if k not in self._extra else self._extra[k] + w
+        self.devices.add(device_id)
+        self.total_weight += float(weight)
+
+    # -- the next global -------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes held by the running aggregate (independent of the number of devices folded)."""
+        n = sum(t.numel() * t.element_size() for t in self._extra.values())
+        for agg in self._modules.values():
+            n += sum(t.numel() * t.element_size() for t in (agg._A, agg._B, agg._Bs) if t is not None)
+        return n
+
+    def close(self) -> tuple[GlobalState, dict[str, float]]:
+        """(next global, metrics) from the folded uploads and the round's starting global."""
+        if not self.devices:
+            raise ValueError(f"round {self.round_id}: no uploads were folded; nothing to aggregate")
+        W = self.total_weight
+        metrics = {"stream_rank": max(a.current_rank for a in self._modules.values()),
+                   "stream_rel_error": max(a.relative_error for a in self._modules.values())}
+        mods: dict[str, LoraUpdate] = {}
+        err = 0.0
+        for name, agg in sorted(self._modules.items()):
+            mods[name], e = self.method.finalise(self.g.modules[name], agg.result())
+            err = max(err, e)
+        metrics["recompress_rel_error"] = err
+        extra = {k: (v / W).float() for k, v in sorted(self._extra.items())}
+        return GlobalState(self.method.name, mods, extra, W), metrics
+
+
+# -- global state <-> bytes -----------------------------------------------------------------
+def global_to_bytes(g: GlobalState) -> bytes:
+    tensors: State = {}
+    mods = {}
+    for name, u in g.modules.items():
+        tensors[name + A_SUFFIX], tensors[name + B_SUFFIX] = u.A, u.B
+        mods[name] = [u.scale, u.weight]
+    tensors.update(g.extra)
+    meta = {"strategy": g.strategy, "modules": json.dumps(mods), "total_weight": g.total_weight}
+    return encode_tensors(tensors, meta)
+
+
+def global_from_bytes(data: bytes) -> GlobalState:
+    tensors, meta = decode_tensors(data)
+    mods = json.loads(meta["modules"])
+    modules = {name: LoraUpdate(A=tensors.pop(name + A_SUFFIX), B=tensors.pop(name + B_SUFFIX), scale=float(s),
+                                weight=float(w)) for name, (s, w) in mods.items()}
+    return GlobalState(strategy=meta["strategy"], modules=modules, extra=tensors,
+                       total_weight=float(meta.get("total_weight", 1.0)))

@@ -1,0 +1,151 @@
+"""What every aggregation method is: a config, and a `Method` whose hooks the round engine calls.
+
+A method decides, for its own global state (`GlobalState.modules`, one `LoraUpdate` per module):
+- `initial`: the round-1 global from a peft state dict at max_rank (A random, B zero, head);
+- `serve`: what a device of rank r trains from (its adapter, and optionally a base delta to merge);
+- `contract` / `upload_shapes` / `complete_upload`: what a device keeps, what it must upload,
+  and how an upload becomes a full adapter state before folding;
+- `aggregator` + `finalise`: the streaming fold of one module and the next global from it
+  (a batch aggregation is "fold every upload": there is no second code path);
+- `deltas`: what the global adds to the base weights (evaluation, export);
+- secure aggregation: `secagg_refusal` (why it cannot run, or None) and `shares_b`.
+
+Subclasses override only what differs from the default below (one common rank, plain average).
+The pure maths lives in `coordinator.aggregation`.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from protos.adapter import A_SUFFIX, B_SUFFIX, DeviceContract, State, module_of
+
+from ..aggregation import GlobalState, LoraUpdate, StreamingAggregator, lora_scale, split_state, to_scale
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """The knobs every method shares. cap_rank: the largest rank a factor-space global keeps."""
+
+    name: str
+    max_rank: int
+    lora_alpha: float = 16.0
+    use_rslora: bool = False
+    cap_rank: int = 64
+
+    def __post_init__(self) -> None:
+        if self.max_rank < 1 or self.cap_rank < self.max_rank:
+            raise ValueError(f"need 1 <= max_rank ({self.max_rank}) <= cap_rank ({self.cap_rank})")
+        if not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha}")
+
+    def scale(self, rank: int) -> float:
+        return lora_scale(self.lora_alpha, rank, self.use_rslora)
+
+
+@dataclass(frozen=True)
+class Served:
+    """What one device of rank r trains from: its adapter per module, and a base delta to merge.
+
+    adapter: module -> LoraUpdate at the device's rank and scale (B None: the device keeps its own).
+    base_delta: module -> (B (out, R) with the scale folded in, A (R, in)), merged as W += B @ A.
+    """
+
+    adapter: dict[str, LoraUpdate]
+    base_delta: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+class Method:
+    """Default behaviour: one global adapter at max_rank that every device trains (FedIT)."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    common_rank: ClassVar[bool] = True  # every device trains the global rank
+    all_zo: ClassVar[bool] = False  # every device trains zeroth-order
+    shares_b: ClassVar[bool] = True  # B leaves the device (False: only A and the head are aggregated)
+    factor_space: ClassVar[bool] = False  # the global is a factor-space sum capped at cap_rank
+    secagg_refusal: ClassVar[str | None] = None  # why secure aggregation cannot run it (None: it can)
+
+    def __init__(self, cfg: MethodConfig) -> None:
+        self.cfg = cfg
+
+    # -- global state ----------------------------------------------------------------------
+    def initial(self, init_state: Mapping[str, torch.Tensor]) -> GlobalState:
+        """The round-1 global from a peft state dict at max_rank."""
+        modules, extra = split_state(init_state)
+        s = self.cfg.scale(self.cfg.max_rank)
+        mods = {}
+        for name, (A, B) in sorted(modules.items()):
+            if A.shape[0] != self.cfg.max_rank:
+                raise ValueError(f"initial adapter module {name!r} has rank {A.shape[0]}, "
+                                 f"expected max_rank {self.cfg.max_rank}")
+            mods[name] = self.initial_module(A.float().clone(), B.float().clone(), s)
+        return GlobalState(self.name, mods, {k: v.float().clone() for k, v in extra.items()})
+
+    def initial_module(self, A: torch.Tensor, B: torch.Tensor, scale: float) -> LoraUpdate:
+        return LoraUpdate(A=A, B=B, scale=scale)
+
+    def global_rank(self) -> int:
+        """Rank of the global factors (defences compare updates in this space)."""
+        return self.cfg.cap_rank if self.factor_space else self.cfg.max_rank
+
+    def deltas(self, g: GlobalState) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Module -> (B (out, r) with the scale folded in, A (r, in)): what the global adds to W."""
+        return {n: (u.B * u.scale, u.A) for n, u in g.modules.items()}
+
+    # -- downloads -------------------------------------------------------------------------
+    def device_mode(self, plan_mode: str) -> str:
+        """What a device runs under this method: its plan's mode unless the method decides."""
+        return plan_mode
+
+    def serve(self, g: GlobalState, rank: int, seed: int) -> Served:
+        """What a device of `rank` trains from (the default: the global at its scale)."""
+        s = self.cfg.scale(rank)
+        out = {}
+        for name, u in g.modules.items():
+            if u.rank != rank:
+                raise ValueError(f"module {name!r}: {self.name} keeps one rank ({u.rank}); cannot serve rank {rank}")
+            out[name] = to_scale(u, s)
+        return Served(out, {})
+
+    def contract(self, mode: str) -> DeviceContract:
+        """What the device keeps local / frozen (see protos.adapter)."""
+        return DeviceContract()
+
+    def coordinator_keeps(self, mode: str) -> tuple[str, ...]:
+        """Key suffixes of a device's replayed state that the coordinator hands back next round
+        (a device that cannot keep them itself, e.g. a ZO device under FedSA-LoRA)."""
+        return ()
+
+    def upload_shapes(self, download: Mapping[str, torch.Tensor], mode: str) -> dict[str, tuple[int, ...]]:
+        """Key -> shape an upload must have: the downloaded adapter's, less what the device keeps."""
+        keep = self.contract(mode)
+        return {k: tuple(v.shape) for k, v in download.items()
+                if not k.startswith("base_delta.") and not keep.is_local(k)}
+
+    def complete_upload(self, state: Mapping[str, torch.Tensor], g: GlobalState) -> State:
+        """A full adapter state (A and B per module) from an accepted upload."""
+        return dict(state)
+
+    # -- aggregation -----------------------------------------------------------------------
+    def aggregator(self) -> StreamingAggregator:
+        """A fresh per-module streaming aggregator for one round."""
+        return StreamingAggregator("mean")
+
+    def finalise(self, old: LoraUpdate, step: LoraUpdate) -> tuple[LoraUpdate, float]:
+        """(next global module from the old one and this round's folded step, relative error)."""
+        return step, 0.0
+
+
+def fill_zero_b(state: Mapping[str, torch.Tensor], g: GlobalState) -> State:
+    """`state` with a zero B (out, r) for every module that uploaded only A."""
+    out = dict(state)
+    for key, t in state.items():
+        if key.endswith(A_SUFFIX):
+            mod = module_of(key)
+            out.setdefault(mod + B_SUFFIX, torch.zeros(g.modules[mod].shape[0], t.shape[0]))
+    return out

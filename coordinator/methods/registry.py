@@ -1,0 +1,32 @@
+"""Method name -> class. Adding a method: its module, plus one line here."""
+from __future__ import annotations
+
+from .base import Method, MethodConfig
+from .fedavg import FedAvg
+from .fedsa import FedSA
+from .stack import Stack
+from .svd import SvdRedistribute
+from .zero_pad import ZeroPad
+from .zo import ZerothOrder
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
+    FedAvg,
+    ZeroPad,
+    Stack,
+    SvdRedistribute,
+    FedSA,
+    ZerothOrder,
+)}
+NAMES = tuple(METHODS)
+
+
+def method_class(name: str) -> type[Method]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(NAMES)}") from None
+
+
+def make_method(cfg: MethodConfig) -> Method:
+    """The method object for a config (raises ValueError naming the choices for an unknown name)."""
+    return method_class(cfg.name)(cfg)
