@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .cli_security import add_admin_commands, add_serve_args, print_status_extras, serve_config, status_extras
-from .strategy import STRATEGIES
+from .methods import METHODS, NAMES
 
 
 def _serve_parser(sub) -> None:
@@ -16,7 +16,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--model", required=True, help="Hugging Face model directory (base model)")
-    p.add_argument("--strategy", choices=STRATEGIES, default="zero_pad")
+    p.add_argument("--strategy", choices=NAMES, default="zero_pad",
+                   help="aggregation method: " + "; ".join(f"{n}: {c.summary}" for n, c in METHODS.items()))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--store", required=True, help="directory for SQLite + safetensors state (resumed if present)")
     p.add_argument("--min-devices", type=int, default=1)
@@ -47,7 +48,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--client-ca", default=None, help="require client certificates signed by this CA (mTLS)")
     p.add_argument("--secagg", action="store_true",
                    help="secure aggregation (SecAgg/SecAgg+): the coordinator only learns the sum of the updates; "
-                        "fedavg, zero_pad, fedsa, zo only (docs/secure_aggregation.md)")
+                        "linear methods only: " + ", ".join(n for n, c in METHODS.items() if c.secagg_refusal is None)
+                        + " (docs/secure_aggregation.md)")
     p.add_argument("--secagg-threshold", type=int, default=0,
                    help="shares needed to unmask = minimum survivors (0: a majority of the selected devices)")
     p.add_argument("--secagg-neighbours", type=int, default=0, help="SecAgg+: even number of neighbours (0: all)")

@@ -70,7 +70,7 @@ def status_snapshot(coordinator: "Coordinator") -> dict[str, Any]:
         prof, plan = docs.get(d.device_id, ({}, {}))
         n, b = per_dev.get(d.device_id, [0, 0])
         dev_rows.append({
-            "device_id": d.device_id, "name": d.name, "mode": c.scfg.device_mode(d.mode), "plan_rank": d.plan_rank,
+            "device_id": d.device_id, "name": d.name, "mode": c.method.device_mode(d.mode), "plan_rank": d.plan_rank,
             "assigned_rank": d.assigned_rank, "active": d.device_id in active,
             "last_seen_s": round(max(0.0, now - d.last_seen), 1), "profile": _pick(prof, PROFILE_KEYS),
             "plan": {**_pick(plan, PLAN_KEYS), "memory_total_bytes": (plan.get("memory") or {}).get("total_bytes")},

@@ -1,4 +1,4 @@
-"""Robust aggregation and client-level DP for a round, for every strategy.
+"""Robust aggregation and client-level DP for a round, for every method.
 
 With a defence on (`--robust`, `--clip-norm`, `--dp-noise`), a round is aggregated on
 *updates*, i.e. the change of each device's effective adapter since what it downloaded:
@@ -6,14 +6,15 @@ With a defence on (`--robust`, `--clip-norm`, `--dp-noise`), a round is aggregat
     delta_k[m] = s_k B_k A_k - s_k B0_k A0_k        (out, in), kept as rank-2r factors
     delta_k[x] = x_k - x0_k                          non-LoRA tensors (head), flattened (1, n)
 
-(fedsa: only A is global, so delta_k[m] = A_k - A0_k, zero-padded to max_rank, flattened.)
+(a method that keeps B on the devices, `shares_b = False`: delta_k[m] = A_k - A0_k, zero-padded
+to max_rank, flattened.)
 Then, with the pure functions of `coordinator.aggregation`:
 1. clipping: each device's whole update (all keys jointly) is scaled to Frobenius norm <= C;
 2. combine: unweighted mean (`stack`), coordinate-wise `trimmed_mean` or `coordinate_median`,
    or the DP-FedAvg noisy mean (`dp_aggregate`, noise std sigma*C per entry);
 3. the global moves by the combined update: G + D, re-factorised by a factor SVD at the
-   strategy's global rank (max_rank for fedavg/zo/zero_pad, cap_rank for svd/stack); empty
-   rank slots of fedavg/zo/zero_pad get fresh peft-initialised A rows (B = 0, dW unchanged).
+   method's global rank (`Method.global_rank()`: cap_rank for factor-space methods, else max_rank);
+   empty rank slots of a non-factor-space global get fresh peft-initialised A rows (B = 0, dW unchanged).
 Devices weigh equally under a defence: a claimed example count is not trusted.
 """
 from __future__ import annotations
@@ -26,9 +27,21 @@ from typing import Any
 import torch
 
 from .aggregation import (DPConfig, GlobalState, LoraUpdate, RDPAccountant, coordinate_median, dp_aggregate,
-                          effective, effective_norm, factor_svd, lora_scale, stack, trimmed_mean)
+                          effective, effective_norm, factor_svd, stack, trimmed_mean)
 from .aggregation.svd import factors_from_svd
-from .strategy import A_SUFFIX, B_SUFFIX, RoundUpload, StrategyConfig, split_download
+from protos.adapter import A_SUFFIX, B_SUFFIX
+from protos.wire import split_download
+
+from .methods import Method
+
+@dataclass(frozen=True)
+class RoundUpload:
+    """One accepted update, decoded: the device's final adapter state (ZO: already replayed)."""
+
+    device_id: str
+    state: dict[str, torch.Tensor]
+    weight: float
+
 
 ROBUST = ("none", "trimmed_mean", "median")
 EXTRA = "extra:"
@@ -78,18 +91,18 @@ def _flat(x: torch.Tensor) -> LoraUpdate:
 
 
 def device_delta(state: Mapping[str, torch.Tensor], download: Mapping[str, torch.Tensor], g: GlobalState,
-                 cfg: StrategyConfig) -> dict[str, LoraUpdate]:
+                 method: Method) -> dict[str, LoraUpdate]:
     """One device's update as pseudo LoRA updates, key -> LoraUpdate (scale 1); see the module docstring."""
     start, _ = split_download(download)
     out: dict[str, LoraUpdate] = {}
     for name, gm in g.modules.items():
         A, A0 = state[name + A_SUFFIX].float(), start[name + A_SUFFIX].float()
-        if cfg.name == "fedsa":
+        if not method.shares_b:  # only A is global
             d = torch.zeros(gm.A.shape, dtype=torch.float64)  # (R, in)
             d[: A.shape[0]] = A.double() - A0.double()
             out[name] = _flat(d)
             continue
-        s = lora_scale(cfg.lora_alpha, int(A.shape[0]), cfg.use_rslora)
+        s = method.cfg.scale(int(A.shape[0]))
         B, B0 = state[name + B_SUFFIX].double() * s, start[name + B_SUFFIX].double() * s
         out[name] = LoraUpdate(A=torch.cat([A, A0], dim=0), B=torch.cat([B, -B0], dim=1).float(), scale=1.0)
     for key, x0 in g.extra.items():
@@ -109,10 +122,6 @@ def clip(delta: Mapping[str, LoraUpdate], c: float) -> tuple[dict[str, LoraUpdat
     if f == 1.0:
         return dict(delta), 1.0
     return {k: LoraUpdate(A=u.A, B=(u.B.double() * f).float(), scale=u.scale) for k, u in delta.items()}, f
-
-
-def _target_rank(cfg: StrategyConfig) -> int:
-    return cfg.max_rank if cfg.name in ("fedavg", "zo", "zero_pad") else cfg.cap_rank
 
 
 def combine(updates: Sequence[LoraUpdate], dcfg: DefenceConfig, rank: int, gen: torch.Generator) -> LoraUpdate:
@@ -142,14 +151,14 @@ def _fill_empty(u: LoraUpdate, gen: torch.Generator) -> LoraUpdate:
     return LoraUpdate(A=A, B=u.B, scale=u.scale, weight=u.weight)
 
 
-def apply_update(g: GlobalState, combined: Mapping[str, LoraUpdate], cfg: StrategyConfig, weight: float,
+def apply_update(g: GlobalState, combined: Mapping[str, LoraUpdate], method: Method, weight: float,
                  gen: torch.Generator) -> GlobalState:
-    """G + D per key, re-factorised at the strategy's global rank and scale."""
-    target = _target_rank(cfg)
+    """G + D per key, re-factorised at the method's global rank and scale."""
+    target = method.global_rank()
     mods = {}
     for name, gm in g.modules.items():
         d = combined[name]
-        if cfg.name == "fedsa":
+        if not method.shares_b:
             A = (gm.A.double() + effective(d).reshape(gm.A.shape)).float()
             mods[name] = LoraUpdate(A=A, B=gm.B, scale=gm.scale, weight=weight)
             continue
@@ -157,13 +166,13 @@ def apply_update(g: GlobalState, combined: Mapping[str, LoraUpdate], cfg: Strate
         A = torch.cat([gm.A.double(), d.A.double()], dim=0)  # (R + r, in)
         U, S, Vh = factor_svd(B, A, target)
         new = factors_from_svd(U, S, Vh, target, gm.scale, weight)
-        mods[name] = _fill_empty(new, gen) if cfg.name in ("fedavg", "zo", "zero_pad") else new
+        mods[name] = new if method.factor_space else _fill_empty(new, gen)
     extra = {k: (x.double() + effective(combined[EXTRA + k]).reshape(x.shape)).float() for k, x in g.extra.items()}
     return GlobalState(g.strategy, mods, extra, weight)
 
 
 def defended_round(g: GlobalState, uploads: Sequence[RoundUpload], downloads: Sequence[Mapping[str, torch.Tensor]],
-                   cfg: StrategyConfig, dcfg: DefenceConfig, seed: int) -> tuple[GlobalState, dict[str, Any]]:
+                   method: Method, dcfg: DefenceConfig, seed: int) -> tuple[GlobalState, dict[str, Any]]:
     """The next global from this round's uploads under `dcfg`, and a JSON-able report."""
     if not uploads:
         raise ValueError("cannot aggregate a round without accepted uploads")
@@ -171,7 +180,7 @@ def defended_round(g: GlobalState, uploads: Sequence[RoundUpload], downloads: Se
     deltas, norms, factors = [], [], []
     for u, dl in zip(uploads, downloads):
         try:
-            d = device_delta(u.state, dl, g, cfg)
+            d = device_delta(u.state, dl, g, method)
         except KeyError as e:
             raise ValueError(f"device {u.device_id}: upload lacks {e} needed for its update") from None
         norms.append(update_norm(d))
@@ -179,12 +188,12 @@ def defended_round(g: GlobalState, uploads: Sequence[RoundUpload], downloads: Se
             d, f = clip(d, dcfg.clip_norm)
             factors.append(f)
         deltas.append(d)
-    rank = _target_rank(cfg)
+    rank = method.global_rank()
     combined = {}
     for key in deltas[0]:
-        combined[key] = combine([d[key] for d in deltas], dcfg, 1 if key.startswith(EXTRA) or cfg.name == "fedsa"
+        combined[key] = combine([d[key] for d in deltas], dcfg, 1 if key.startswith(EXTRA) or not method.shares_b
                                 else rank, gen)
-    new = apply_update(g, combined, cfg, float(len(uploads)), gen)
+    new = apply_update(g, combined, method, float(len(uploads)), gen)
     report: dict[str, Any] = {"defence": dcfg.robust, "update_norms": [round(n, 6) for n in norms]}
     if dcfg.clip_norm > 0:
         report.update(clip_norm=dcfg.clip_norm, clipped=sum(f < 1.0 for f in factors))

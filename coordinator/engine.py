@@ -170,3 +170,12 @@ def global_from_bytes(data: bytes) -> GlobalState:
                                 weight=float(w)) for name, (s, w) in mods.items()}
     return GlobalState(strategy=meta["strategy"], modules=modules, extra=tensors,
                        total_weight=float(meta.get("total_weight", 1.0)))
+
+
+def aggregate(method: Method, g: GlobalState, uploads: Sequence[tuple[str, Mapping[str, torch.Tensor], float]],
+              round_id: int = 0) -> GlobalState:
+    """Batch aggregation = fold every (device_id, state, weight) upload, then close (no validation)."""
+    engine = RoundEngine(method, g, round_id)
+    for device_id, state, weight in uploads:
+        engine.fold(device_id, state, weight)
+    return engine.close()[0]

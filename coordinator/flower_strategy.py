@@ -2,17 +2,17 @@
 
 `HeteroLoraStrategy` is a stateful legacy `flwr.server.strategy.Strategy` (the API Flower
 1.42 runs through `ServerApp(server_fn=...)`). It keeps the global state exactly as our gRPC
-coordinator does (`coordinator.strategy`) and calls the same functions:
+coordinator does, through the same round engine (`coordinator.engine.RoundEngine`):
 
 - configure_fit: asks each sampled client once for its properties (plan rank, mode), assigns
   `min(plan rank, max_rank)` (`coordinator.rounds.assign_rank`), and sends it the global
-  adapter for that rank (`coordinator.strategy.download_tensors`) as arrays in sorted key
-  order, with the keys and the round settings in the FitIns config (`protos.flower_pack`).
+  adapter for that rank (`RoundEngine.download`) as arrays in sorted key order, with the keys,
+  the round settings and the method's device contract in the FitIns config (`protos.flower_pack`).
 - aggregate_fit: decodes each FitRes (adapter arrays, or ZO seeds + projected gradients that
-  it replays from exactly what it sent), validates them like the coordinator
-  (`validate_upload`) and folds them in with `coordinator.strategy.aggregate_round`.
+  it replays from exactly what it sent), and `RoundEngine.accept` validates and folds them.
 - returns the global as a self-contained adapter: per module `lora_B` with the scale folded
-  in (out, r) and `lora_A` (r, in), plus the averaged head (fedsa: A and head only).
+  in (out, r) and `lora_A` (r, in), plus the averaged head (a method that keeps B on the
+  devices: A and head only).
 
 Flower's own `Parameters` argument is ignored on the way in: the strategy's `global_state`
 is the source of truth (like FedOpt keeps its moments).
@@ -34,10 +34,13 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from coordinator import strategy as S
 from coordinator.aggregation import GlobalState
+from coordinator.defences import RoundUpload
+from coordinator.engine import RoundEngine
+from coordinator.methods import Method, MethodConfig, make_method, method_class
 from coordinator.rounds import EnrolmentRefused, RoundConfig, assign_rank
 from protos import flower_pack as P
+from protos.adapter import A_SUFFIX, B_SUFFIX
 
 log = logging.getLogger("coordinator.flower")
 State = dict[str, torch.Tensor]
@@ -76,9 +79,9 @@ class FlowerConfig:
         if self.task not in ("classification", "causal_lm"):
             raise ValueError(f"task {self.task!r}: expected 'classification' or 'causal_lm'")
 
-    def strategy_config(self) -> S.StrategyConfig:
-        return S.StrategyConfig(name=self.strategy, max_rank=self.max_rank, lora_alpha=self.lora_alpha,
-                                use_rslora=self.use_rslora, cap_rank=max(self.cap_rank, self.max_rank))
+    def method_config(self) -> MethodConfig:
+        return MethodConfig(name=self.strategy, max_rank=self.max_rank, lora_alpha=self.lora_alpha,
+                            use_rslora=self.use_rslora, cap_rank=max(self.cap_rank, self.max_rank))
 
 
 @dataclass(frozen=True)
@@ -108,13 +111,13 @@ class RoundRecord:
     round: int
     before: GlobalState
     results: dict[str, FitRes]
-    uploads: list[S.RoundUpload]
+    uploads: list[RoundUpload]
     sent: dict[str, Sent]
     rejected: dict[str, str] = field(default_factory=dict)
 
 
 class HeteroLoraStrategy(Strategy):
-    """fedavg / zero_pad / stack / svd / fedsa / zo over Flower clients of different LoRA ranks.
+    """Any registered method (`coordinator.methods`) over Flower clients of different LoRA ranks.
 
     init_state: the round-1 adapter (peft state dict at max_rank, e.g. from
     `coordinator.model.initial_adapter_state`). evaluate_fn(global_state) -> metrics dict
@@ -128,15 +131,16 @@ class HeteroLoraStrategy(Strategy):
         self.config = FlowerConfig(**overrides) if config is None else config
         if config is not None and overrides:
             raise ValueError("pass either config=FlowerConfig(...) or keyword settings, not both")
-        self.scfg = self.config.strategy_config()
-        self.rcfg = RoundConfig(max_rank=self.config.max_rank, strategy=self.config.strategy, seed=self.config.seed)
-        self.global_state = S.initial_global(init_state, self.scfg)
+        self.method: Method = make_method(self.config.method_config())
+        self.rcfg = RoundConfig(max_rank=self.config.max_rank, strategy=self.config.strategy,
+                                common_rank=method_class(self.config.strategy).common_rank, seed=self.config.seed)
+        self.global_state = self.method.initial(init_state)
         self.target_modules = list(target_modules or _targets_of(init_state))
         self.evaluate_fn = evaluate_fn
         self.clients: dict[str, ClientInfo] = {}
         self.refused: dict[str, str] = {}
         self.sent: dict[str, Sent] = {}
-        self.fedsa_b: dict[str, State] = {}
+        self.kept: dict[str, State] = {}  # client -> what the method keeps for it on the server
         self.last: RoundRecord | None = None  # only the last round: tensors are not kept forever
         self.rounds: list[dict[str, Scalar]] = []  # per-round aggregate metrics
         self.evaluations: list[dict[str, Scalar]] = []  # per-round federated evaluation
@@ -150,11 +154,8 @@ class HeteroLoraStrategy(Strategy):
 
     def global_parameters(self) -> Parameters:
         """The global as a self-contained adapter (scale folded into B), arrays in sorted key order."""
-        arrays, _ = P.state_to_arrays(export_state(self.global_state))
+        arrays, _ = P.state_to_arrays(export_state(self.global_state, self.method))
         return ndarrays_to_parameters(arrays)
-
-    def global_keys(self) -> list[str]:
-        return sorted(export_state(self.global_state))
 
     # -- fit ---------------------------------------------------------------------------------
     def configure_fit(self, server_round: int, parameters: Parameters,
@@ -178,9 +179,14 @@ class HeteroLoraStrategy(Strategy):
         t0 = time.perf_counter()
         uploads, rejected = [], {}
         losses = []
+        engine = RoundEngine(self.method, self.global_state, server_round, self.config.norm_bound)
         for proxy, res in sorted(results, key=lambda r: r[0].cid):
             try:
-                uploads.append(self.decode_fit(proxy.cid, res, server_round))
+                up = self.decode_fit(proxy.cid, res, server_round)
+                engine.accept(up.device_id, up.state, up.weight, self.sent[up.device_id].tensors,
+                              self.sent[up.device_id].mode)
+                uploads.append(up)
+                self.kept.update({up.device_id: engine.kept_from(up.state, self.sent[up.device_id].mode)})
                 if "train_loss" in res.metrics:
                     losses.append((float(res.metrics["train_loss"]), uploads[-1].weight))
             except ValueError as e:
@@ -191,7 +197,7 @@ class HeteroLoraStrategy(Strategy):
                         len(rejected), len(failures))
             return None, {"uploads": 0, "rejected": len(rejected), "failures": len(failures)}
         before = self.global_state
-        self.global_state = S.aggregate_round(before, uploads, self.scfg)
+        self.global_state, _ = engine.close()
         self.last = RoundRecord(server_round, before, {p.cid: r for p, r in results}, uploads, dict(self.sent), rejected)
         metrics: dict[str, Scalar] = {"uploads": len(uploads), "rejected": len(rejected), "failures": len(failures),
                                       "zo_uploads": sum(self.sent[u.device_id].mode == "zo" for u in uploads),
@@ -202,8 +208,8 @@ class HeteroLoraStrategy(Strategy):
         self.rounds.append({"round": server_round, **metrics})
         return self.global_parameters(), metrics
 
-    def decode_fit(self, cid: str, res: FitRes, server_round: int) -> S.RoundUpload:
-        """One client's final adapter state from its FitRes (ZO: replayed), validated; ValueError if bad."""
+    def decode_fit(self, cid: str, res: FitRes, server_round: int) -> RoundUpload:
+        """One client's final adapter state from its FitRes (ZO: replayed); ValueError if malformed."""
         sent = self.sent.get(cid)
         if sent is None or sent.round != server_round:
             raise ValueError(f"client {cid} was not sent a task in round {server_round}")
@@ -219,15 +225,10 @@ class HeteroLoraStrategy(Strategy):
             lr = float(res.metrics.get(P.ZO_LR, float("nan")))
             if not (math.isfinite(lr) and 0 < abs(lr) < 1e6):
                 raise ValueError(f"client {cid}: ZO learning rate {lr!r} is not a finite non-zero number")
-            state = S.replay_zo(sent.tensors, pairs, lr)
-            S.validate_upload(state, S.expected_upload_shapes(sent.tensors, self.scfg, "zo"), self.config.norm_bound)
-            if self.config.strategy == "fedsa":
-                self.fedsa_b[cid] = {k: v for k, v in state.items() if k.endswith(S.B_SUFFIX)}
+            state = RoundEngine.replay_zo(sent.tensors, pairs, lr)
         else:
             state = P.arrays_to_state(arrays, keys)
-            S.validate_upload(state, S.expected_upload_shapes(sent.tensors, self.scfg, "lora"),
-                              self.config.norm_bound)
-        return S.RoundUpload(device_id=cid, state=state, weight=float(max(int(res.num_examples), 1)))
+        return RoundUpload(device_id=cid, state=state, weight=float(max(int(res.num_examples), 1)))
 
     # -- evaluation --------------------------------------------------------------------------
     def configure_evaluate(self, server_round: int, parameters: Parameters,
@@ -285,7 +286,7 @@ class HeteroLoraStrategy(Strategy):
             self.refused[cid] = str(e)
             log.warning("client %s not enrolled: %s", cid, e)
             return None
-        info = ClientInfo(plan_rank=plan_rank, mode=self.scfg.device_mode(mode), rank=rank,
+        info = ClientInfo(plan_rank=plan_rank, mode=self.method.device_mode(mode), rank=rank,
                           profile=str(props.get(P.PROP_PROFILE, "")))
         self.clients[cid] = info
         log.info("client %s (%s): plan rank %d -> assigned rank %d, mode %s", cid, info.profile, plan_rank, rank,
@@ -293,9 +294,8 @@ class HeteroLoraStrategy(Strategy):
         return info
 
     def _download(self, cid: str, info: ClientInfo, server_round: int) -> State:
-        b = self.fedsa_b.get(cid) if self.config.strategy == "fedsa" else None
-        return S.download_tensors(self.global_state, self.scfg, info.rank, info.mode,
-                                  seed=self.config.seed + server_round, device_b=b)
+        engine = RoundEngine(self.method, self.global_state, server_round)
+        return engine.download(info.rank, info.mode, self.config.seed + server_round, self.kept.get(cid))
 
     def _fit_config(self, info: ClientInfo, server_round: int, tensors: Mapping[str, torch.Tensor]) -> dict[str, Scalar]:
         cfg = self.config
@@ -303,7 +303,8 @@ class HeteroLoraStrategy(Strategy):
                 P.CFG_RANK: info.rank, P.CFG_ALPHA: float(cfg.lora_alpha), P.CFG_RSLORA: bool(cfg.use_rslora),
                 P.CFG_TARGETS: json.dumps(self.target_modules), P.CFG_STEPS: int(cfg.local_steps),
                 P.CFG_LR: float(cfg.zo_lr if info.mode == "zo" else cfg.lr), P.CFG_SEED: int(cfg.seed + server_round),
-                P.CFG_ROUND: int(server_round), P.CFG_TASK: cfg.task, P.CFG_LABELS: int(cfg.num_labels)}
+                P.CFG_ROUND: int(server_round), P.CFG_TASK: cfg.task, P.CFG_LABELS: int(cfg.num_labels),
+                P.CFG_CONTRACT: self.method.contract(info.mode).to_meta()}
 
 
 def _params(tensors: Mapping[str, torch.Tensor]) -> tuple[Parameters, str]:
@@ -315,21 +316,21 @@ def _targets_of(state: Mapping[str, torch.Tensor]) -> list[str]:
     """Target module names (last component of each LoRA module key), in first-seen order."""
     names: dict[str, None] = {}
     for k in state:
-        if k.endswith(S.A_SUFFIX):
-            names.setdefault(k[: -len(S.A_SUFFIX)].rsplit(".", 1)[-1], None)
+        if k.endswith(A_SUFFIX):
+            names.setdefault(k[: -len(A_SUFFIX)].rsplit(".", 1)[-1], None)
     return list(names)
 
 
-def export_state(g: GlobalState) -> State:
+def export_state(g: GlobalState, method: Method) -> State:
     """The global as one adapter: `<module>.lora_B.weight` = B * scale (out, r), `lora_A` (r, in), + head.
 
-    fedsa has no global B: only A and the head are exported.
+    A method that keeps B on the devices has no global B: only A and the head are exported.
     """
     out: State = {}
     for name, u in g.modules.items():
-        out[name + S.A_SUFFIX] = u.A.contiguous()
-        if g.strategy != "fedsa":
-            out[name + S.B_SUFFIX] = (u.B.to(torch.float64) * u.scale).float().contiguous()
+        out[name + A_SUFFIX] = u.A.contiguous()
+        if method.shares_b:
+            out[name + B_SUFFIX] = (u.B.to(torch.float64) * u.scale).float().contiguous()
     out.update({k: v.contiguous() for k, v in g.extra.items()})
     return out
 
@@ -364,7 +365,8 @@ def server_fn(context: Any) -> Any:
     evaluate_fn = None
     if rc.get("eval-data"):
         ev = Evaluator(model, tok, load_eval_records(str(rc["eval-data"]), 512), task=cfg.task)
-        evaluate_fn = lambda g: ev.evaluate(S.effective_deltas(g), g.extra)  # noqa: E731
+        method = make_method(cfg.method_config())
+        evaluate_fn = lambda g: ev.evaluate(method.deltas(g), g.extra)  # noqa: E731
     strategy = HeteroLoraStrategy(init, cfg, evaluate_fn=evaluate_fn, target_modules=targets)
     server = Server(client_manager=SimpleClientManager(), strategy=strategy)
     if "max-workers" in rc:  # clients trained concurrently per round (Flower's thread pool)

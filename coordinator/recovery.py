@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass, replace
 
 from . import rounds as R
-from . import strategy as S
+from .engine import global_from_bytes
 from .aggregation import GlobalState
 from .store import Store, StoreError, round_dir
 
@@ -27,7 +27,7 @@ class Recovered:
 
 
 def _load(store: Store, rel: str, sha: str) -> GlobalState:
-    return S.global_from_bytes(store.read_blob(rel, sha))
+    return global_from_bytes(store.read_blob(rel, sha))
 
 
 def load_global(store: Store) -> Recovered:

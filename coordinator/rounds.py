@@ -22,7 +22,6 @@ import random
 from dataclasses import dataclass, field, replace
 
 OPEN, AGGREGATED, FAILED = "open", "aggregated", "failed"
-COMMON_RANK_STRATEGIES = ("fedavg", "zo")
 
 
 class RoundError(Exception):
@@ -66,7 +65,8 @@ class RoundConfig:
     round_timeout_s: float = 600.0
     heartbeat_timeout_s: float = 120.0
     max_rank: int = 8
-    strategy: str = "zero_pad"
+    strategy: str = ""  # the method's name (messages only)
+    common_rank: bool = False  # the method trains one rank on every device (`Method.common_rank`)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -115,15 +115,14 @@ class Round:
 def assign_rank(plan_rank: int, cfg: RoundConfig) -> int:
     """The rank asked of a device: never above its plan, never above max_rank.
 
-    Raises EnrolmentRefused for common-rank strategies when the plan cannot hold max_rank.
+    Raises EnrolmentRefused for a common-rank method when the plan cannot hold max_rank.
     """
     if plan_rank < 1:
         raise EnrolmentRefused(f"plan rank {plan_rank} is invalid: expected >= 1")
-    if cfg.strategy in COMMON_RANK_STRATEGIES and plan_rank < cfg.max_rank:
+    if cfg.common_rank and plan_rank < cfg.max_rank:
         raise EnrolmentRefused(
             f"strategy {cfg.strategy!r} trains one common rank {cfg.max_rank}, but this device's plan allows only "
-            f"rank {plan_rank}; start the coordinator with --max-rank {plan_rank} or a heterogeneous strategy "
-            "(zero_pad, stack, svd, fedsa)")
+            f"rank {plan_rank}; start the coordinator with --max-rank {plan_rank} or a rank-heterogeneous strategy")
     return min(plan_rank, cfg.max_rank)
 
 

@@ -6,7 +6,7 @@ message, or when the phase deadline passes (the round's training deadline for th
 then `phase_timeout_s` after the previous close). Devices missing at a close have dropped out;
 the `SecAggServer` recovers them (or aborts below the threshold).
 
-`global_from_sum` turns the unmasked sum into the round's aggregate for the linear strategies.
+`global_from_sum` turns the unmasked sum into the round's aggregate for the linear methods.
 The coordinator never holds an individual device's unmasked input, and stores nothing per device.
 """
 from __future__ import annotations
@@ -19,13 +19,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from protos.secagg import (AdvertiseKeys, MaskedInput, SecAggError, ShareKeys, UnmaskShares,
-                           check_strategy_supports_secagg)
+from protos.adapter import A_SUFFIX, B_SUFFIX
+from protos.secagg import AdvertiseKeys, MaskedInput, SecAggError, ShareKeys, UnmaskShares
 from protos.secagg_payload import RoundPayload, unpack_average, zo_pairs_from_sum
 
 from . import rounds as R
-from . import strategy as S
-from .aggregation import GlobalState, LoraUpdate, lora_scale, slice_for_device, zo_replay_update
+from .aggregation import GlobalState, LoraUpdate, zo_replay_update
+from .engine import RoundEngine
+from .methods import METHODS, Method, method_class
 from .secagg_server import SecAggResult, SecAggServer
 
 log = logging.getLogger("coordinator.secagg")
@@ -57,9 +58,18 @@ class SecAggSettings:
         return min(t, self.neighbours + 1) if self.neighbours else t
 
 
+def check_method_supports_secagg(name: str) -> None:
+    """Raise ValueError unless method `name`'s aggregate is linear in what devices send (a weighted SUM)."""
+    why = method_class(name).secagg_refusal
+    if why:
+        ok = [n for n, cls in METHODS.items() if cls.secagg_refusal is None]
+        raise ValueError(f"strategy {name!r} cannot run under secure aggregation: {why}. "
+                         f"Use one of {tuple(ok)} or turn secure aggregation off.")
+
+
 def check_secagg_config(strategy: str, s: SecAggSettings, min_devices: int, defences_active: bool) -> None:
     """Raise ValueError naming the option that cannot run under secure aggregation, and what to do."""
-    check_strategy_supports_secagg(strategy)
+    check_method_supports_secagg(strategy)
     if min_devices < 2:
         raise ValueError(f"--secagg needs --min-devices >= 2 (got {min_devices}): masks only hide one device's "
                          "update among several")
@@ -98,19 +108,20 @@ class ZOScalars:
     value_scale: float = 16.0
 
 
-def round_payload(g: GlobalState, cfg: S.StrategyConfig, ranks: Iterable[int], weight_cap: int,
+def round_payload(g: GlobalState, method: Method, ranks: Iterable[int], weight_cap: int,
                   zo: ZOScalars | None = None) -> RoundPayload:
     """The public payload description of a round: the global adapter's keys at the global rank, or
-    (zo strategy, one rank, a pool smaller than the adapter) the seed-scalar mode."""
+    (an all-ZO method, one rank, a pool smaller than the adapter) the seed-scalar mode."""
     ranks = [int(r) for r in ranks]
-    state = slice_for_device(g, cfg.max_rank, cfg.lora_alpha, cfg.use_rslora).state
-    only_a = cfg.name == "fedsa"
-    keys = sorted(k for k in state if not (only_a and k.endswith(S.B_SUFFIX)))
+    cfg = method.cfg
+    state = RoundEngine(method, g, 0).download(cfg.max_rank, "lora", 0)
+    only_a = not method.shares_b
+    keys = sorted(k for k in state if not (only_a and k.endswith(B_SUFFIX)))
     layout = tuple((k, tuple(int(d) for d in state[k].shape)) for k in keys)
-    scales = {lora_scale(cfg.lora_alpha, r, cfg.use_rslora) for r in ranks}
+    scales = {cfg.scale(r) for r in ranks}
     rp = RoundPayload(layout=layout, weight_cap=float(weight_cap), fold_scale=not only_a and len(scales) > 1,
                       ignore_extra=only_a)
-    if zo is not None and cfg.name == "zo" and len(set(ranks)) == 1 and zo.pool_size + 1 < rp.vector_len:
+    if zo is not None and method.all_zo and len(set(ranks)) == 1 and zo.pool_size + 1 < rp.vector_len:
         rp = replace(rp, zo_pool_seed=zo.pool_seed, zo_pool_size=zo.pool_size, zo_lr_ref=zo.lr_ref,
                      zo_value_scale=zo.value_scale)
     return rp
@@ -132,18 +143,19 @@ def check_message_size(rp: RoundPayload) -> None:
                          "target fewer modules (--target-modules) or turn --secagg off")
 
 
-def global_from_sum(total: np.ndarray, rp: RoundPayload, cfg: S.StrategyConfig, ranks: Iterable[int],
+def global_from_sum(total: np.ndarray, rp: RoundPayload, method: Method, ranks: Iterable[int],
                     g: GlobalState) -> GlobalState:
-    """The round's aggregate from the unmasked sum: the weighted average, as `RoundFold.result` gives it.
+    """The round's aggregate from the unmasked sum: the weighted average, as `RoundEngine.close` gives it.
 
     Scales: when the payload folded each device's scale into B the average has scale 1.0; otherwise
-    every selected device had the same scale s, which the average keeps. fedsa: A only (B zeros).
-    g: the current global (fedsa reads each module's output size from it).
+    every selected device had the same scale s, which the average keeps. A method that keeps B on
+    the devices gets its upload completed (`Method.complete_upload`) before it finalises.
+    g: the current global (the round's start).
     """
     if rp.zo_scalars:  # the weighted average of the ZO devices' replays = one replay of the averaged scalars
         rank = int(next(iter(ranks)))
         pairs, weight = zo_pairs_from_sum(total, rp)
-        start = slice_for_device(g, rank, cfg.lora_alpha, cfg.use_rslora).state
+        start = RoundEngine(method, g, 0).download(rank, "zo", 0)
         avg = zo_replay_update(start, pairs, rp.zo_lr_ref)
     else:
         avg, weight = unpack_average(total, rp.payload_layout)
@@ -151,18 +163,16 @@ def global_from_sum(total: np.ndarray, rp: RoundPayload, cfg: S.StrategyConfig, 
     if bad:
         raise ValueError(f"unmasked sum has non-finite values in {bad[:3]}")
     scale = 1.0
-    if cfg.name != "fedsa" and not rp.fold_scale:
-        scale = lora_scale(cfg.lora_alpha, int(next(iter(ranks))), cfg.use_rslora)
+    if method.shares_b and not rp.fold_scale:
+        scale = method.cfg.scale(int(next(iter(ranks))))
+    avg = method.complete_upload(avg, g)
     mods: dict[str, LoraUpdate] = {}
-    for key in [k for k in avg if k.endswith(S.A_SUFFIX)]:
-        mod = key[: -len(S.A_SUFFIX)]
-        A = avg[key]  # (R, in)
-        if cfg.name == "fedsa":
-            mods[mod] = LoraUpdate(A=A, B=torch.zeros(g.modules[mod].shape[0], A.shape[0]), scale=1.0, weight=weight)
-        else:
-            mods[mod] = LoraUpdate(A=A, B=avg[mod + S.B_SUFFIX], scale=scale, weight=weight)  # B (out, R)
-    extra = {k: v for k, v in sorted(avg.items()) if not (k.endswith(S.A_SUFFIX) or k.endswith(S.B_SUFFIX))}
-    return GlobalState("fedavg" if cfg.name == "zo" else cfg.name, mods, extra, weight)
+    for key in [k for k in avg if k.endswith(A_SUFFIX)]:
+        mod = key[: -len(A_SUFFIX)]
+        step = LoraUpdate(A=avg[key], B=avg[mod + B_SUFFIX], scale=scale, weight=weight)  # A (R, in), B (out, R)
+        mods[mod], _ = method.finalise(g.modules[mod], step)
+    extra = {k: v for k, v in sorted(avg.items()) if not (k.endswith(A_SUFFIX) or k.endswith(B_SUFFIX))}
+    return GlobalState(method.name, mods, extra, weight)
 
 
 @dataclass

@@ -22,11 +22,11 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from protos.secagg import (AdvertiseKeys, KeyDirectory, MaskedInput, RoutedShares, SecAggAbort, SecAggError,
-                           SecAggParams, ShareKeys, UnmaskRequest, UnmaskShares, check_strategy_supports_secagg,
+                           SecAggParams, ShareKeys, UnmaskRequest, UnmaskShares,
                            combine_secret, decode_fixed, make_params, neighbour_graph, pair_mask_sign, pair_seed,
                            prg, vector_from_bytes)
 
-__all__ = ["SecAggServer", "SecAggResult", "check_strategy_supports_secagg"]
+__all__ = ["SecAggServer", "SecAggResult"]
 
 
 @dataclass(frozen=True)

@@ -20,15 +20,15 @@ import torch
 from protos import wire
 
 from . import rounds as R
-from . import strategy as S
 from .aggregation import GlobalState
-from .defences import DefenceConfig, defended_round, dp_epsilon
+from .defences import DefenceConfig, RoundUpload, defended_round, dp_epsilon
+from .engine import RoundEngine, global_to_bytes
 from .enrolment import EnrolmentRegistry
+from .methods import MethodConfig, make_method, method_class
 from .recovery import load_global
-from .round_fold import RoundFold
 from .secagg_round import (SecAggRejected, SecAggRound, SecAggSettings, check_message_size, check_secagg_config,
                            ZO_LR_REF, ZOScalars, global_from_sum, round_payload, secagg_message_cap)
-from .validation import RejectionLog, UpdateInvalid, validate_update
+from .validation import RejectionLog, UpdateInvalid
 from .metrics import CoordinatorMetrics
 from .store import Store, round_dir
 
@@ -112,11 +112,12 @@ class CoordinatorConfig:
         return R.RoundConfig(total_rounds=self.rounds, min_devices=self.min_devices, fraction=self.fraction,
                              quorum=self.quorum, round_timeout_s=self.round_timeout_s,
                              heartbeat_timeout_s=self.heartbeat_timeout_s, max_rank=self.max_rank,
-                             strategy=self.strategy, seed=self.seed)
+                             strategy=self.strategy, common_rank=method_class(self.strategy).common_rank,
+                             seed=self.seed)
 
-    def strategy_config(self) -> S.StrategyConfig:
-        return S.StrategyConfig(name=self.strategy, max_rank=self.max_rank, lora_alpha=self.lora_alpha,
-                                use_rslora=self.use_rslora, cap_rank=max(self.cap_rank, self.max_rank))
+    def method_config(self) -> MethodConfig:
+        return MethodConfig(name=self.strategy, max_rank=self.max_rank, lora_alpha=self.lora_alpha,
+                            use_rslora=self.use_rslora, cap_rank=max(self.cap_rank, self.max_rank))
 
 
 def _hash_token(token: str) -> str:
@@ -129,7 +130,7 @@ class Coordinator:
     def __init__(self, cfg: CoordinatorConfig, clock=time.time):
         self.cfg = cfg
         self.clock = clock
-        self.scfg = cfg.strategy_config()
+        self.method = make_method(cfg.method_config())
         self.fed = R.Federation(cfg.round_config())
         self.store = Store(cfg.store)
         self.defence = cfg.defence_config()
@@ -142,13 +143,13 @@ class Coordinator:
         self._evaluator = None
         self._model = None
         self._steps: dict[str, int] = {}  # device -> local steps when re-planned (--replan)
-        self._fold: RoundFold | None = None  # streaming aggregate of the open round
+        self._fold: RoundEngine | None = None  # streaming aggregate of the open round
         self._secagg: SecAggRound | None = None  # secure aggregation of the open round (--secagg)
         self._secagg_parts: dict[tuple[str, int], tuple[int, bytearray]] = {}  # this round's chunked messages in flight
         self._secagg_last: SecAggRound | None = None  # ... of the last closed round (tells late pollers why)
         self._resume_or_init()
         if cfg.secagg:
-            check_message_size(round_payload(self.global_state, self.scfg, [cfg.max_rank], 1))
+            check_message_size(round_payload(self.global_state, self.method, [cfg.max_rank], 1))
 
     # -- start-up ---------------------------------------------------------------------------
     def _load_model(self):
@@ -177,7 +178,7 @@ class Coordinator:
             self.target_modules = resolve_target_modules(model, self.cfg.target_modules or None)
             init = initial_adapter_state(model, self.target_modules, self.cfg.max_rank, self.cfg.lora_alpha,
                                          self.cfg.use_rslora, self.cfg.seed)
-            self.global_state = S.initial_global(init, self.scfg)
+            self.global_state = self.method.initial(init)
             self.global_round = 0
             self._write_global(0, {})
             meta = asdict(self.cfg)
@@ -213,8 +214,8 @@ class Coordinator:
 
         d = round_dir(self.store.root, round_id)
         rel = self.store.rel(d / "global.safetensors")
-        sha = self.store.write_blob(rel, S.global_to_bytes(self.global_state))
-        cfg_json, tensors = peft_export_files(S.effective_deltas(self.global_state), self.global_state.extra,
+        sha = self.store.write_blob(rel, global_to_bytes(self.global_state))
+        cfg_json, tensors = peft_export_files(self.method.deltas(self.global_state), self.global_state.extra,
                                               self.target_modules, self.cfg.model, self.cfg.task)
         self.store.write_blob(self.store.rel(d / "peft" / "adapter_model.safetensors"),
                               wire.encode_tensors(tensors, {"format": "pt"}, packed=False))
@@ -234,7 +235,7 @@ class Coordinator:
             model, tok = self._load_model()
             self._evaluator = Evaluator(model, tok, load_eval_records(self.cfg.eval_data, self.cfg.eval_limit),
                                         task=self.cfg.task)
-        return self._evaluator.evaluate(S.effective_deltas(g), g.extra)
+        return self._evaluator.evaluate(self.method.deltas(g), g.extra)
 
     def authenticate(self, token: str) -> str:
         with self._lock:
@@ -253,17 +254,22 @@ class Coordinator:
 
     def _download_id(self, rnd: R.Round, device_id: str) -> str:
         dev = self.fed.devices[device_id]
-        mode = self.scfg.device_mode(dev.mode)
-        if self.cfg.strategy == "fedsa" and mode == "zo":
+        mode = self.method.device_mode(dev.mode)
+        if self.method.coordinator_keeps(mode):  # a per-device download: it carries what we kept for it
             return f"r{rnd.round_id:04d}-{device_id}"
         return f"r{rnd.round_id:04d}-{mode}-rank{dev.assigned_rank}"
 
-    def _fedsa_b(self, device_id: str) -> dict[str, torch.Tensor]:
-        """A ZO device's B after its last accepted upload (fedsa keeps B per device)."""
+    def _engine(self, round_id: int) -> RoundEngine:
+        """An empty engine for `round_id` from the current global (downloads, validation)."""
+        return RoundEngine(self.method, self.global_state, round_id, self.cfg.norm_bound)
+
+    def _kept(self, device_id: str, mode: str) -> dict[str, torch.Tensor]:
+        """What the method keeps on the coordinator for this device: from its last accepted upload."""
+        if not self.method.coordinator_keeps(mode):
+            return {}
         for u in reversed(self.store.updates()):
-            if u["device_id"] == device_id and u["kind"] == "ZO":
-                final = self._replayed(u)
-                return {k: v for k, v in final.items() if k.endswith(S.B_SUFFIX)}
+            if u["device_id"] == device_id:
+                return self._engine(0).kept_from(self._stored_state(u), mode)
         return {}
 
     def _ensure_downloads(self, rnd: R.Round) -> None:
@@ -272,12 +278,10 @@ class Coordinator:
             if self.store.download(did):
                 continue
             dev = self.fed.devices[d]
-            mode = self.scfg.device_mode(dev.mode)
-            tensors = S.download_tensors(self.global_state, self.scfg, dev.assigned_rank, mode,
-                                         seed=self.cfg.seed + rnd.round_id,
-                                         device_b=self._fedsa_b(d) if self.cfg.strategy == "fedsa" else None)
-            self.store.put_download(did, rnd.round_id, S.download_blob(tensors, self.scfg, dev.assigned_rank,
-                                                                       rnd.round_id))
+            mode = self.method.device_mode(dev.mode)
+            engine = self._engine(rnd.round_id)
+            tensors = engine.download(dev.assigned_rank, mode, self.cfg.seed + rnd.round_id, self._kept(d, mode))
+            self.store.put_download(did, rnd.round_id, engine.blob(tensors, dev.assigned_rank, mode))
 
     def _download_tensors(self, download_id: str) -> dict[str, torch.Tensor]:
         row = self.store.download(download_id)
@@ -285,9 +289,13 @@ class Coordinator:
             raise R.WrongRound(f"download {download_id!r} does not exist")
         return wire.decode_tensors(self.store.read_blob(row["path"], row["sha256"]))[0]
 
-    def _replayed(self, u: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def _stored_state(self, u: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """A stored upload's adapter state (ZO: replayed from what the device downloaded)."""
+        if u["kind"] != "ZO":
+            return wire.decode_tensors(self.store.read_blob(u["path"], u["sha256"]))[0]
         z = json.loads(self.store.read_blob(u["path"], u["sha256"]))
-        return S.replay_zo(self._download_tensors(u["download_id"]), list(zip(z["seeds"], z["grads"])), z["lr"])
+        return RoundEngine.replay_zo(self._download_tensors(u["download_id"]), list(zip(z["seeds"], z["grads"])),
+                                     z["lr"])
 
     # -- rounds -----------------------------------------------------------------------------
     def tick(self) -> None:
@@ -360,20 +368,16 @@ class Coordinator:
     def _stored_uploads(self, round_id: int):
         """Yield this round's accepted uploads from disk, decoded one at a time (ZO: replayed)."""
         for u in self.store.updates(round_id):
-            if u["kind"] == "ZO":
-                state = self._replayed(u)
-            else:
-                state = wire.decode_tensors(self.store.read_blob(u["path"], u["sha256"]))[0]
-            yield S.RoundUpload(u["device_id"], state, float(max(u["num_examples"], 1)))
+            yield RoundUpload(u["device_id"], self._stored_state(u), float(max(u["num_examples"], 1)))
 
-    def _round_fold(self, rnd: R.Round) -> RoundFold:
+    def _round_fold(self, rnd: R.Round) -> RoundEngine:
         """The streaming aggregate of `rnd`; rebuilt from the durable uploads when missing or stale."""
         accepted = {u["device_id"] for u in self.store.updates(rnd.round_id)}
         fold = self._fold
         if fold is None or fold.round_id != rnd.round_id or fold.devices != accepted:
-            fold = RoundFold(rnd.round_id, self.global_state, self.scfg)
+            fold = self._engine(rnd.round_id)
             for up in self._stored_uploads(rnd.round_id):
-                fold.add(up.device_id, up.state, up.weight)
+                fold.fold(up.device_id, up.state, up.weight)
             self._fold = fold
         return fold
 
@@ -386,7 +390,7 @@ class Coordinator:
             if fold is None or fold.round_id != rnd.round_id:
                 fold = self._round_fold(rnd)  # first upload of the round, or after a restart
             if device_id not in fold.devices:
-                fold.add(device_id, state, float(max(weight, 1)))
+                fold.fold(device_id, state, float(max(weight, 1)))
         except (ValueError, RuntimeError) as e:  # the close re-reads the round from disk
             log.warning("round %d: streaming fold of %s failed (%s); will rebuild from disk", rnd.round_id,
                         device_id, e)
@@ -398,7 +402,7 @@ class Coordinator:
         if self.defence.active:  # clipping / robust statistics / DP over updates (coordinator.defences)
             uploads = list(self._stored_uploads(rnd.round_id))
             dls = [self._download_tensors(u["download_id"]) for u in self.store.updates(rnd.round_id)]
-            self.global_state, metrics = defended_round(self.global_state, uploads, dls, self.scfg, self.defence,
+            self.global_state, metrics = defended_round(self.global_state, uploads, dls, self.method, self.defence,
                                                         seed=self.cfg.seed * 7919 + rnd.round_id)
             if self.defence.dp_noise > 0:
                 history = self.store.get_meta("dp_history", []) + [[self.defence.dp_noise, self.defence.dp_sample_rate]]
@@ -408,7 +412,7 @@ class Coordinator:
                          self.defence.dp_delta)
         else:  # streaming: memory O(global state), not O(devices x adapter)
             fold = self._round_fold(rnd)
-            self.global_state, metrics = fold.result(self.global_state)
+            self.global_state, metrics = fold.close()
             uploads = fold.devices
             self._fold = None
         self._publish(rnd, metrics, len(uploads), t0)
@@ -430,7 +434,7 @@ class Coordinator:
         cap = 1
         for d in rnd.selected:
             plan = self.store.device_plan(d)
-            mode = self.scfg.device_mode(self.fed.devices[d].mode)
+            mode = self.method.device_mode(self.fed.devices[d].mode)
             cap = max(cap, self._local_steps(d, mode) * int(plan.get("batch_size", 1)) * int(plan.get("grad_accum", 1)))
         return cap
 
@@ -438,7 +442,7 @@ class Coordinator:
         ranks = [self.fed.devices[d].assigned_rank for d in rnd.selected]
         zo = ZOScalars(self.cfg.seed + rnd.round_id, self.cfg.secagg_zo_pool, self.cfg.zo_lr or ZO_LR_REF) \
             if self.cfg.secagg_zo_pool > 0 else None
-        payload = round_payload(self.global_state, self.scfg, ranks, self._secagg_weight_cap(rnd), zo)
+        payload = round_payload(self.global_state, self.method, ranks, self._secagg_weight_cap(rnd), zo)
         sa = SecAggRound.open(rnd.round_id, rnd.selected, payload, self.cfg.secagg_settings(), rnd.deadline)
         log.info("round %d: secure aggregation over %d devices, threshold %d, %d values per device",
                  rnd.round_id, len(rnd.selected), sa.server.params.threshold, payload.vector_len)
@@ -470,7 +474,7 @@ class Coordinator:
             try:
                 t0 = time.perf_counter()
                 ranks = [self.fed.devices[d].assigned_rank for d in rnd.selected]
-                self.global_state = global_from_sum(sa.result.total, sa.payload, self.scfg, ranks, self.global_state)
+                self.global_state = global_from_sum(sa.result.total, sa.payload, self.method, ranks, self.global_state)
                 self._publish(rnd, metrics, len(sa.result.survivors), t0)
             except (ValueError, RuntimeError) as e:
                 log.exception("round %d: aggregation of the secure sum failed", rnd.round_id)
@@ -586,10 +590,10 @@ class Coordinator:
             self.store.put_device(dev, _hash_token(token), profile_json, plan_json)
             self.store.event("register", None, dev.device_id, name=name, plan_rank=rank, assigned=dev.assigned_rank)
             log.info("device %s (%s) registered: plan rank %d -> assigned rank %d, mode %s", dev.device_id, name,
-                     rank, dev.assigned_rank, self.scfg.device_mode(mode))
+                     rank, dev.assigned_rank, self.method.device_mode(mode))
         self.tick()
         return {"device_id": dev.device_id, "device_token": token, "assigned_rank": dev.assigned_rank,
-                "mode": self.scfg.device_mode(mode)}
+                "mode": self.method.device_mode(mode)}
 
     def get_task(self, device_id: str) -> dict[str, Any]:
         self.tick()
@@ -614,7 +618,7 @@ class Coordinator:
                       "secagg_payload": sa.payload.to_bytes()} if sa is not None else {}
             did = self._download_id(rnd, device_id)
             row = self.store.download(did)
-            mode = self.scfg.device_mode(dev.mode)
+            mode = self.method.device_mode(dev.mode)
             return {**base, **secagg, "state": "TRAIN", "round_id": rnd.round_id,
                     "local_steps": self._local_steps(device_id, mode),
                     "lr": self.cfg.zo_lr if mode == "zo" else self.cfg.lr, "seed": self.cfg.seed + rnd.round_id,
@@ -722,10 +726,10 @@ class Coordinator:
                 except (wire.WireError, ValueError, RuntimeError, KeyError) as e:
                     raise UploadRejected(f"upload is not a valid tensor blob: {e}") from None
                 did = self._download_id(rnd, device_id)
-                mode = self.scfg.device_mode(self.fed.devices[device_id].mode)
-                expected = S.expected_upload_shapes(self._download_tensors(did), self.scfg, mode)
+                mode = self.method.device_mode(self.fed.devices[device_id].mode)
                 try:
-                    validate_update(state, expected, self.cfg.norm_bound, meta.get("precision"))
+                    self._engine(rnd.round_id).validate(state, self._download_tensors(did), mode,
+                                                        meta.get("precision"))
                 except UpdateInvalid as e:
                     rej = UploadRejected(str(e))
                     rej.reason = e.reason
@@ -753,11 +757,11 @@ class Coordinator:
             if not all(map(lambda g: g == g and abs(g) != float("inf"), grads)) or not (lr == lr and 0 < abs(lr) < 1e6):
                 raise UploadRejected("ZO update has a non-finite projected gradient or learning rate")
             did = self._download_id(rnd, device_id)
-            final = S.replay_zo(self._download_tensors(did), list(zip(seeds, grads)), lr)
-            mode = self.scfg.device_mode(self.fed.devices[device_id].mode)
+            sent = self._download_tensors(did)
+            final = RoundEngine.replay_zo(sent, list(zip(seeds, grads)), lr)
+            mode = self.method.device_mode(self.fed.devices[device_id].mode)
             try:
-                S.validate_upload(final, S.expected_upload_shapes(self._download_tensors(did), self.scfg, "zo"),
-                                  self.cfg.norm_bound)
+                self._engine(round_id).validate(final, sent, "zo")
             except ValueError as e:
                 raise UploadRejected(f"replayed ZO update is invalid: {e}") from None
             data = json.dumps({"seeds": list(seeds), "grads": list(grads), "lr": lr, "mode": mode}).encode()
@@ -783,7 +787,7 @@ class Coordinator:
         dev = self.fed.devices.get(device_id)
         if plan is None or dev is None or plan["rank"] >= dev.plan_rank:
             return
-        if self.cfg.strategy in R.COMMON_RANK_STRATEGIES:
+        if self.method.common_rank:
             log.warning("device %s stepped down to rank %d but strategy %s trains one common rank %d", device_id,
                         plan["rank"], self.cfg.strategy, dev.assigned_rank)
             return
@@ -809,7 +813,7 @@ class Coordinator:
 
     def _apply_assignments(self, new: dict[str, tuple[int, int]]) -> None:
         """Next rounds' local steps per device, and its rank unless the strategy needs one common rank."""
-        common = self.cfg.strategy in R.COMMON_RANK_STRATEGIES
+        common = self.method.common_rank
         for d, (rank, steps) in new.items():
             self._steps[d] = steps
             if not common:

@@ -34,13 +34,6 @@ MOD_BITS = 32
 SEED_BYTES = 32
 SHARE_BYTES = 32  # two 16-byte Shamir shares (one per half of a 32-byte secret)
 DEFAULT_CLIP = 8.0
-SECAGG_STRATEGIES = ("fedavg", "zero_pad", "fedsa", "zo")
-_REFUSED = {
-    "stack": "FLoRA stacking concatenates each device's factors [B_1..B_K], [A_1;..;A_K]: it needs every "
-             "device's individual A_k and B_k, and secure aggregation only reveals their sum",
-    "svd": "SVD redistribution needs sum_k p_k B_k @ A_k, a sum of per-device products; the sum of the "
-           "factors (all secure aggregation reveals) is not the sum of the products",
-}
 
 
 class SecAggError(RuntimeError):
@@ -49,19 +42,6 @@ class SecAggError(RuntimeError):
 
 class SecAggAbort(SecAggError):
     """Too few devices are left to finish the round: abort it and start a new one."""
-
-
-def check_strategy_supports_secagg(strategy: str) -> None:
-    """Raise ValueError unless `strategy`'s aggregate is linear in what devices send.
-
-    fedavg / zero_pad (factors padded on device) / fedsa (only A is shared) / zo (per-seed scalars)
-    need only a weighted SUM; stack and svd need each device's individual factors.
-    """
-    if strategy in _REFUSED:
-        raise ValueError(f"strategy {strategy!r} cannot run under secure aggregation: {_REFUSED[strategy]}. "
-                         f"Use one of {SECAGG_STRATEGIES} or turn secure aggregation off.")
-    if strategy not in SECAGG_STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; secure aggregation supports {SECAGG_STRATEGIES}")
 
 
 # ----------------------------------------------------------------------------- wire codec

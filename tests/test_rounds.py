@@ -22,8 +22,8 @@ def test_assigned_rank_capped_by_plan_and_max_rank():
     cfg, devices = fed(4, max_rank=8)
     assert [devices[f"d{i}"].assigned_rank for i in range(4)] == [4, 8, 8, 8]
     with pytest.raises(R.EnrolmentRefused, match="--max-rank 4"):
-        R.assign_rank(4, R.RoundConfig(strategy="fedavg", max_rank=8))
-    assert R.assign_rank(16, R.RoundConfig(strategy="fedavg", max_rank=8)) == 8
+        R.assign_rank(4, R.RoundConfig(strategy="fedavg", common_rank=True, max_rank=8))
+    assert R.assign_rank(16, R.RoundConfig(strategy="fedavg", common_rank=True, max_rank=8)) == 8
 
 
 def test_re_enrolling_the_same_name_keeps_the_id():

@@ -11,7 +11,7 @@ from .fedavg import fedavg
 from .fedsa import fedsa
 from .robust import clip_updates, coordinate_median, effective_norm, trimmed_mean
 from .stack import stack
-from .state import DeviceState, GlobalState, fresh_adapter, module_updates, split_state
+from .state import DeviceState, GlobalState, aggregate_modules, fresh_adapter, module_updates, split_state
 from .streaming import StreamingAggregator
 from .svd import factor_svd, svd_redistribute
 from .types import LoraUpdate, effective, lora_scale, pad, rescale_balanced, to_scale, truncate
@@ -23,7 +23,7 @@ __all__ = [
     "LoraUpdate", "fedavg", "zero_pad", "stack", "svd_redistribute", "fedsa",
     "to_scale", "truncate", "pad", "effective", "lora_scale", "rescale_balanced", "factor_svd", "validate_updates",
     "zo_replay_update", "zo_aggregate", "weighted_state_average",
-    "split_state", "module_updates", "fresh_adapter", "DeviceState", "GlobalState",
+    "split_state", "module_updates", "aggregate_modules", "fresh_adapter", "DeviceState", "GlobalState",
     "effective_norm", "clip_updates", "trimmed_mean", "coordinate_median",
     "DPConfig", "DPResult", "RDPAccountant", "dp_aggregate", "epsilon_per_round",
     "StreamingAggregator",

@@ -10,7 +10,7 @@ business (`coordinator.methods`); this module holds no method names.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +18,7 @@ import torch
 from protos.adapter import A_SUFFIX, B_SUFFIX, State
 
 from .types import LoraUpdate, lora_scale
+from .zo import weighted_state_average
 
 
 
@@ -70,3 +71,35 @@ def fresh_adapter(shape: tuple[int, int], rank: int, scale: float, gen: torch.Ge
     bound = 1.0 / math.sqrt(inp)
     A = (torch.rand(rank, inp, generator=gen, dtype=torch.float32) * 2 - 1) * bound
     return LoraUpdate(A=A, B=torch.zeros(out, rank), scale=scale)
+
+
+def aggregate_modules(device_states: Sequence[DeviceState],
+                      combine: Callable[[list[LoraUpdate]], LoraUpdate]) -> GlobalState:
+    """Apply `combine` (e.g. `lambda ups: zero_pad(ups, 16)`) module by module; extras weighted-averaged.
+
+    Every device must upload the same modules and non-LoRA keys; scales come from each device's
+    alpha / rsLoRA. For tests and tools; the product's rounds go through `coordinator.engine`.
+    """
+    if not device_states:
+        raise ValueError("no device states to aggregate: the list is empty")
+    per_device, extras = [], []
+    for i, d in enumerate(device_states):
+        try:
+            per_device.append(module_updates(d))
+        except ValueError as e:
+            raise ValueError(f"device {i}: {e}") from e
+        extras.append(split_state(d.state)[1])
+    names = set(per_device[0])
+    for i, mods in enumerate(per_device):
+        if set(mods) != names:
+            raise ValueError(f"device {i}: LoRA modules differ from device 0's "
+                             f"(missing {sorted(names - set(mods))[:3]}, extra {sorted(set(mods) - names)[:3]})")
+    modules: dict[str, LoraUpdate] = {}
+    for name in sorted(names):
+        try:
+            modules[name] = combine([mods[name] for mods in per_device])
+        except ValueError as e:
+            raise ValueError(f"module {name!r}: {e}") from e
+    weights = [float(d.weight) for d in device_states]
+    extra = weighted_state_average(extras, weights) if any(extras) else {}
+    return GlobalState(strategy="", modules=modules, extra=extra, total_weight=float(sum(weights)))

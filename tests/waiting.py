@@ -1,0 +1,40 @@
+"""Event-based waiting for tests (no tests here): wait for the condition, not for a fixed time.
+
+    value = wait_until(lambda: store.rounds()[0]["state"] == "closed", timeout=30, what="round 1 closed")
+
+`wait_until` polls `predicate` until it returns a truthy value, and returns that value. On timeout
+it fails the test (AssertionError) with `what`, the time waited and, if given, `diagnose()` (called
+once, at failure: e.g. the tail of a log). Exceptions raised by the predicate propagate unless their
+type is in `ignore` (e.g. ConnectionError while a server is still starting).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 30.0, *, what: str = "", interval: float = 0.02,
+               diagnose: Callable[[], object] | None = None,
+               ignore: tuple[type[BaseException], ...] = ()) -> T:
+    """Poll `predicate` until truthy (returns its value); AssertionError after `timeout` seconds."""
+    start = time.monotonic()
+    deadline = start + timeout
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except ignore as e:  # noqa: PERF203 - polling loop
+            last_exc = e
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(interval)
+    msg = f"timed out after {time.monotonic() - start:.1f}s waiting for {what or getattr(predicate, '__name__', 'condition')}"
+    if last_exc is not None:
+        msg += f" (last error: {last_exc!r})"
+    if diagnose is not None:
+        msg += f"\n{diagnose()}"
+    raise AssertionError(msg)
