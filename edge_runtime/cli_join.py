@@ -80,7 +80,7 @@ def _plan(args, profile):
 def _emulation(args, profile, plan) -> dict:
     """Limits of an emulated device, enforced in this process (see edge_runtime.emulation)."""
     from edge_runtime.client import guard_budget
-    from edge_runtime.emulation import AvailabilityModel, ComputePacer, ShapedLink, apply_memory_cap
+    from edge_runtime.emulation import AvailabilityModel, ComputePacer, DeviceEmulation, ShapedLink, apply_memory_cap
 
     log = logging.getLogger("edge_runtime.emulation")
     budget = guard_budget(plan, profile)
@@ -99,7 +99,9 @@ def _emulation(args, profile, plan) -> dict:
     seed = sum(map(ord, args.name or profile.name))
     return {"up": ShapedLink(profile.uplink_mbps, profile.latency_ms),
             "down": ShapedLink(profile.downlink_mbps, profile.latency_ms),
-            "pace": pacer.pace, "availability": AvailabilityModel(profile.availability, profile.dropout, seed).decide}
+            "emulation": DeviceEmulation(pace=pacer.pace, offline_s=args.offline_s,
+                                         availability=AvailabilityModel(profile.availability, profile.dropout,
+                                                                        seed).decide)}
 
 
 def cmd_join(args) -> int:
@@ -120,8 +122,7 @@ def cmd_join(args) -> int:
     cfg = JoinConfig(target=args.target, model=args.model, plan=plan, profile=profile, records=records,
                      name=args.name, state_dir=args.state_dir, max_rounds=args.max_rounds,
                      enrolment_token=args.enrolment_token, credentials=_credentials(args), throttle_up=up,
-                     throttle_down=down, threads=args.threads, pace=emu.get("pace"),
-                     availability=emu.get("availability"), offline_s=args.offline_s)
+                     throttle_down=down, threads=args.threads, emulation=emu.get("emulation"))
     if args.retry_attempts != cfg.retry.attempts:
         from dataclasses import replace as _replace
 

@@ -186,14 +186,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     from edge_runtime.plan import Plan
     from edge_runtime.training.model_loading import TrainTask
     from edge_runtime.training.session import LocalTrainer
+    from protos.adapter import A_SUFFIX
 
     plan = Plan.load(args.plan)
     with safe_open(args.adapter_state, "pt") as f:
         meta = f.metadata() or {}
         state = {k: f.get_tensor(k).float() for k in f.keys()}
-    ranks = {k[: -len(".lora_A.weight")]: int(v.shape[0]) for k, v in state.items() if k.endswith(".lora_A.weight")}
+    ranks = {k[: -len(A_SUFFIX)]: int(v.shape[0]) for k, v in state.items() if k.endswith(A_SUFFIX)}
     if not ranks:
-        raise ValueError(f"{args.adapter_state} holds no '*.lora_A.weight' tensors; expected a peft adapter state")
+        raise ValueError(f"{args.adapter_state} holds no '*{A_SUFFIX}' tensors; expected a peft adapter state")
     rank = max(ranks.values())
     pattern = {k.removeprefix("base_model.model."): r for k, r in ranks.items() if r != rank}
     alpha = args.lora_alpha or float(meta.get("lora_alpha", plan.lora_alpha))

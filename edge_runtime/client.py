@@ -1,10 +1,11 @@
 """Device side of the federation: a gRPC client (`FederationClient`) and the join loop (`run_join`).
 
-Loop: register -> poll GetTask -> DownloadGlobal (resumes from the bytes already received)
--> LocalTrainer.train within the plan -> UploadUpdate with a sha256 (resumes from
-UploadStatus after a dropped connection) or SubmitZO in zeroth-order mode, or, when the task
-says secagg, the masked update through SecAggStep (edge_runtime.secagg_join) -> repeat until
-DONE. UNAVAILABLE / DEADLINE_EXCEEDED are retried with exponential backoff and jitter.
+Loop: register -> poll GetTask -> one round (edge_runtime.device_round: DownloadGlobal, resumed
+from the bytes already received -> train within the plan -> UploadUpdate with a sha256, resumed
+from UploadStatus after a dropped connection, or SubmitZO in zeroth-order mode, or, when the task
+says secagg, the masked update through SecAggStep) -> repeat until DONE. UNAVAILABLE /
+DEADLINE_EXCEEDED are retried with exponential backoff and jitter. An emulated device
+(`JoinConfig.emulation`, edge_runtime.emulation) wraps each round.
 `throttle_up` / `throttle_down` (callables taking a byte count, e.g. protos.wire.TokenBucket)
 shape the chunk streams for bandwidth emulation.
 """
@@ -27,12 +28,15 @@ from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pbg
 from protos import wire
 
+from .device_round import DeviceRound, RoundPlayer
+
 if TYPE_CHECKING:  # torch is imported at the first training task, not while the device waits
     import torch
 
+    from .trainer_protocol import RoundTrainer
+
 log = logging.getLogger("edge_runtime.client")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 
 
 @dataclass(frozen=True)
@@ -210,11 +214,8 @@ class JoinConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     on_round: Callable[[dict[str, Any]], None] | None = None  # called with each round's report
     on_retry: Callable[[str], None] | None = None  # called with the call's name each time one is retried
-    # emulation hooks (edge_runtime.emulation): stretch compute time to the device's speed, and
-    # decide per round (online?, drops out mid-round?)
-    pace: Callable[..., float] | None = None  # pace(seconds, stop=, cpu_seconds=) -> the device's extra seconds
-    availability: Callable[[int], tuple[bool, bool]] | None = None
-    offline_s: float = 30.0  # an offline / dropped-out device stays silent this long (no heartbeat, no poll)
+    # edge_runtime.emulation.DeviceEmulation (--emulate): pacing, availability and dropout around each round
+    emulation: Any = None
     stepdown: bool = True  # on out-of-memory, step down the plan and resume (edge_runtime.stepdown)
 
 
@@ -324,7 +325,7 @@ def run_join(cfg: JoinConfig, trainer_factory: Callable[..., Any] | None = None)
 
 
 def _make_trainer(cfg: JoinConfig, conf: Any, plan: Any, task: dict,
-                  trainer_factory: Callable[..., Any] | None) -> Any:
+                  trainer_factory: Callable[..., Any] | None) -> RoundTrainer:
     """The round trainer (LocalTrainer unless a factory is given), wrapped for OOM step-down.
 
     Built at the first training task, so a registered device that is waiting has not imported
@@ -341,37 +342,21 @@ def _make_trainer(cfg: JoinConfig, conf: Any, plan: Any, task: dict,
 
 def _participate(client: FederationClient, cfg: JoinConfig, reply: Any, conf: Any, plan: Any, task: dict,
                  name: str, trainer_factory: Callable[..., Any] | None, hb: _Heartbeat) -> dict[str, Any]:
-    trainer = None  # loaded at the first training task (_make_trainer)
-    tracker = DeltaTracker()
-    local_b: dict[str, torch.Tensor] = {}
+    rnd = DeviceRound(client, cfg, hb, DeltaTracker(), lambda: _make_trainer(cfg, conf, plan, task, trainer_factory))
+    player: RoundPlayer = cfg.emulation.wrap(rnd) if cfg.emulation is not None else rnd
     reports: list[dict[str, Any]] = []
-    last_upload_s = 0.0
-    done_rounds = 0
-    offline_round = -1
-    while cfg.max_rounds is None or done_rounds < cfg.max_rounds:
+    while cfg.max_rounds is None or len(reports) < cfg.max_rounds:
         t = client.get_task()
         if t.state == pb.Task.DONE:
             log.info("coordinator: federation finished")
             break
-        if t.state != pb.Task.TRAIN or t.round_id == offline_round:
+        if t.state != pb.Task.TRAIN or player.sits_out(t):
             time.sleep(min(cfg.max_poll_s, max(0.05, t.retry_after_s or 1.0)))
             continue
-        online, drops = cfg.availability(t.round_id) if cfg.availability else (True, False)
-        if not online:
-            log.info("round %d: device offline (emulated availability); silent for %.0fs", t.round_id,
-                     cfg.offline_s)
-            offline_round = t.round_id
-            _go_silent(hb, cfg.offline_s)
+        report = player.play(t)
+        if report is None:  # the device did not take part (an emulated offline round)
             continue
-        if trainer is None:
-            trainer = _make_trainer(cfg, conf, plan, task, trainer_factory)
-        report = _one_round(client, trainer, t, conf.strategy, tracker, local_b, cfg, hb, last_upload_s, drops)
-        if report.get("dropped"):
-            offline_round = t.round_id
-            _go_silent(hb, cfg.offline_s)
-        last_upload_s = report.get("upload_s", 0.0)
         reports.append(report)
-        done_rounds += 1
         if cfg.on_round:
             cfg.on_round(report)
         if cfg.state_dir:
@@ -379,128 +364,3 @@ def _participate(client: FederationClient, cfg: JoinConfig, reply: Any, conf: An
                 f.write(json.dumps(report) + "\n")
     return {"device_id": reply.device_id, "name": name, "assigned_rank": reply.assigned_rank, "mode": conf.mode,
             "strategy": conf.strategy, "rounds": reports}
-
-
-def _go_silent(hb: _Heartbeat, seconds: float) -> None:
-    """Emulated disconnection: no heartbeats and no calls for `seconds`."""
-    hb.status = "offline"
-    time.sleep(seconds)
-    hb.status = "idle"
-
-
-def _secagg_upload(client: FederationClient, trainer: Any, t: pb.Task, strategy: str,
-                   local_b: dict[str, torch.Tensor], n_examples: int, result: Any) -> tuple[pb.UploadReply, int]:
-    """Secure aggregation instead of UploadUpdate / SubmitZO: the trained adapter masked, or (a ZO device
-    in a seed-scalar round) its per-seed sums of projected gradients."""
-    from protos.secagg import SecAggError
-
-    from .secagg_join import SecAggSession
-
-    state = trainer.adapter_state()
-    if strategy == "fedsa" and t.mode != "zo":  # B stays on the device; the payload holds only A and the head
-        local_b.clear()
-        local_b.update({k: v for k, v in state.items() if k.endswith(B_SUFFIX)})
-    try:
-        session = SecAggSession(client, t)
-        if session.payload.zo_scalars and t.mode == "zo":
-            vec = session.zo_vector(result.zo_pairs or [], float(result.zo_lr or t.lr), n_examples)
-        else:
-            vec = session.vector(state, n_examples)
-        report = session.run(vec)
-    except SecAggError as e:  # too few devices left, or a check on the coordinator's messages failed
-        log.warning("round %d: secure aggregation stopped: %s", t.round_id, e)
-        return pb.UploadReply(accepted=False, reason=str(e)), 0
-    log.info("round %d: secure aggregation done with %d survivors (%d B sent, %d B received, %.2fs)", t.round_id,
-             report["survivors"], report["bytes_sent"], report["bytes_received"], report["seconds"])
-    return pb.UploadReply(accepted=True, received_bytes=report["bytes_sent"]), report["bytes_sent"]
-
-
-def _one_round(client: FederationClient, trainer: Any, t: pb.Task, strategy: str, tracker: DeltaTracker,
-               local_b: dict[str, torch.Tensor], cfg: JoinConfig, hb: _Heartbeat, last_upload_s: float,
-               drops: bool = False) -> dict:
-    import torch
-
-    t0 = time.perf_counter()
-    blob = client.download(t)
-    download_s = time.perf_counter() - t0
-    tensors, meta = wire.decode_tensors(blob)
-    state, delta = wire.split_download(tensors)
-    if trainer.rank != t.assigned_rank or trainer.lora_alpha != t.lora_alpha:
-        trainer.configure(rank=int(t.assigned_rank), lora_alpha=float(t.lora_alpha), use_rslora=bool(t.use_rslora),
-                          seed=int(t.seed))
-    if delta:
-        inc = tracker.increment(delta)
-        if inc:
-            trainer.merge_base_delta(inc)
-    if strategy == "fedsa" and t.mode != "zo":  # B stays on the device: reuse ours (zeros at first)
-        current = trainer.adapter_state()
-        for k in current:
-            if k.endswith(B_SUFFIX) and k not in state:
-                b = local_b.get(k)
-                state[k] = b if b is not None and b.shape == current[k].shape else torch.zeros_like(current[k])
-    trainer.load_adapter_state(state)
-    if t.secagg and t.mode == "zo":  # a seed-scalar secure round: train with the round's shared seed pool
-        from protos.secagg_payload import RoundPayload
-
-        rp = RoundPayload.from_bytes(t.secagg_payload)
-        trainer.zo_pool_seed, trainer.zo_pool_size = (rp.zo_pool_seed, rp.zo_pool_size) if rp.zo_scalars else (0, None)
-    hb.status = "training"
-    records = cfg.records
-    lr = float(t.lr) if t.lr > 0 else None
-    cpu0 = time.process_time()
-    result = trainer.train(records, int(t.local_steps), lr=lr, seed=int(t.seed), progress=cfg.progress)
-    cpu_s = time.process_time() - cpu0  # the work done, whatever the contention for cores was
-    # a straggler stops emulating its slowness once the coordinator has moved past its round; it still
-    # reports what the round would have cost, so the coordinator can re-plan it (--replan)
-    t_pace = time.perf_counter()
-    paced_s = cfg.pace(result.seconds, stop=lambda: hb.round_over(t), cpu_seconds=cpu_s) if cfg.pace else 0.0
-    if paced_s and time.perf_counter() - t_pace < paced_s - 0.5:
-        log.warning("round %d closed while this device was still computing (%.0fs of %.0fs emulated); "
-                    "reporting and moving on", t.round_id, time.perf_counter() - t_pace, paced_s)
-    if drops:
-        hb.status = "idle"
-        log.warning("round %d: device drops out before uploading (emulated dropout)", t.round_id)
-        return {"round_id": t.round_id, "rank": t.assigned_rank, "mode": t.mode, "train_s": result.seconds,
-                "paced_s": paced_s, "train_loss": result.mean_loss, "peak_rss_bytes": result.peak_rss_bytes,
-                "download_s": download_s, "download_bytes": len(blob), "upload_s": 0.0, "upload_bytes": 0,
-                "accepted": False, "dropped": True}
-    hb.status = "uploading"
-    n_examples = int(result.examples_seen or len(records))
-    stats = pb.TrainStats(num_examples=n_examples, train_loss=float(result.mean_loss),
-                          train_time_s=result.seconds + paced_s,
-                          peak_memory_bytes=int(result.peak_rss_bytes), upload_time_s=last_upload_s,
-                          download_time_s=download_s, steps=int(result.steps),
-                          extra_json=json.dumps(trainer.report()) if hasattr(trainer, "report") and trainer.report() else "")
-    t1 = time.perf_counter()
-    try:
-        if t.secagg:
-            reply, sent = _secagg_upload(client, trainer, t, strategy, local_b, n_examples, result)
-        elif t.mode == "zo":
-            pairs = result.zo_pairs or []
-            reply = client.submit_zo(t, pairs, float(result.zo_lr or lr or 0.0), n_examples, stats)
-            sent = len(pairs) * 8
-        else:
-            up = trainer.adapter_state()
-            if strategy == "fedsa":
-                local_b.clear()
-                local_b.update({k: v for k, v in up.items() if k.endswith(B_SUFFIX)})
-                up = {k: v for k, v in up.items() if not k.endswith(B_SUFFIX)}
-            data = wire.encode_tensors(up, {"rank": t.assigned_rank, "lora_alpha": t.lora_alpha,
-                                            "use_rslora": int(t.use_rslora)}, trainer.plan.upload_precision)
-            sent = len(data)
-            reply = client.upload(t, data, stats)
-    except grpc.RpcError as e:
-        if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
-            raise
-        # straggler policy: the round closed without us; pick up the next one
-        log.warning("round %d: upload refused (%s); moving on to the next round", t.round_id, e.details())
-        reply = pb.UploadReply(accepted=False, reason=e.details() or "")
-        sent = 0
-    upload_s = time.perf_counter() - t1
-    hb.status = "idle"
-    log.info("round %d: trained %d steps in %.1fs (loss %.4f), uploaded %d bytes in %.2fs", t.round_id,
-             result.steps, result.seconds, result.mean_loss, sent, upload_s)
-    return {"round_id": t.round_id, "rank": t.assigned_rank, "mode": t.mode, "train_s": result.seconds,
-            "paced_s": paced_s, "train_loss": result.mean_loss, "peak_rss_bytes": result.peak_rss_bytes, "download_s": download_s,
-            "download_bytes": len(blob), "upload_s": upload_s, "upload_bytes": sent, "accepted": reply.accepted,
-            **({"stepdown": trainer.last_events, "plan_rank": trainer.plan.rank} if getattr(trainer, "last_events", None) else {})}

@@ -6,6 +6,10 @@
 - network: `ShapedLink` (protos.wire.TokenBucket + latency) shapes the gRPC chunk streams;
 - availability: `AvailabilityModel` decides per round whether the device is online and
   whether it drops out mid-round (seeded, reproducible).
+
+`DeviceEmulation` (JoinConfig.emulation, set by `edge-runtime join --emulate`) brings pacing,
+availability and dropout to the join loop: it wraps the production round
+(`edge_runtime.device_round.DeviceRound`) in an `EmulatedRound`.
 """
 from __future__ import annotations
 
@@ -13,13 +17,16 @@ import logging
 import os
 import random
 import resource
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from protos import federation_pb2 as pb
 from protos.wire import TokenBucket
+
+from .device_round import DeviceRound, Fetched, Sent, Trained, round_report
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +105,75 @@ class AvailabilityModel:
         online = rng.random() < self.availability
         drops = online and rng.random() < self.dropout
         return online, drops
+
+
+@dataclass
+class DeviceEmulation:
+    """An emulated device's rounds: `pace(seconds, stop=, cpu_seconds=)` -> its extra compute seconds
+    (`ComputePacer.pace`); `availability(round_id)` -> (online?, drops out mid-round?)
+    (`AvailabilityModel.decide`); an offline or dropped-out device stays silent (no heartbeat, no
+    poll) for `offline_s`."""
+
+    pace: Callable[..., float] | None = None
+    availability: Callable[[int], tuple[bool, bool]] | None = None
+    offline_s: float = 30.0
+
+    def wrap(self, device_round: DeviceRound) -> EmulatedRound:
+        return EmulatedRound(device_round, self)
+
+
+class EmulatedRound:
+    """A `DeviceRound` played as an emulated device: offline rounds are sat out in silence, training
+    is stretched to the device's speed, and a device that drops out trains but never sends."""
+
+    def __init__(self, device_round: DeviceRound, emulation: DeviceEmulation):
+        self.round, self.emu = device_round, emulation
+        self._silent_round = -1  # the round the device went silent in: not played when it comes back
+
+    def sits_out(self, t: pb.Task) -> bool:
+        return t.round_id == self._silent_round
+
+    def play(self, t: pb.Task) -> dict[str, Any] | None:
+        online, drops = self.emu.availability(t.round_id) if self.emu.availability else (True, False)
+        if not online:
+            log.info("round %d: device offline (emulated availability); silent for %.0fs", t.round_id,
+                     self.emu.offline_s)
+            self._go_silent(t)
+            return None
+        fetched, trained = self.round.fetch_and_train(t)
+        trained.paced_s = self._pace(t, trained)
+        if drops:
+            return self._drop_out(t, fetched, trained)
+        return self.round.send_and_report(t, fetched, trained)
+
+    def _pace(self, t: pb.Task, trained: Trained) -> float:
+        """A straggler stops emulating its slowness once the coordinator has moved past its round; it
+        still reports what the round would have cost, so the coordinator can re-plan it (--replan)."""
+        if self.emu.pace is None:
+            return 0.0
+        t0 = time.perf_counter()
+        paced_s = self.emu.pace(trained.result.seconds, stop=lambda: self.round.hb.round_over(t),
+                                cpu_seconds=trained.cpu_s)
+        if paced_s and time.perf_counter() - t0 < paced_s - 0.5:
+            log.warning("round %d closed while this device was still computing (%.0fs of %.0fs emulated); "
+                        "reporting and moving on", t.round_id, time.perf_counter() - t0, paced_s)
+        return paced_s
+
+    def _drop_out(self, t: pb.Task, fetched: Fetched, trained: Trained) -> dict[str, Any]:
+        self.round.hb.status = "idle"
+        log.warning("round %d: device drops out before uploading (emulated dropout)", t.round_id)
+        report = {**round_report(t, fetched, trained, Sent(pb.UploadReply(accepted=False), 0, 0.0)), "dropped": True}
+        self.round.last_upload_s = 0.0
+        self._go_silent(t)
+        return report
+
+    def _go_silent(self, t: pb.Task) -> None:
+        """Emulated disconnection: no heartbeats and no calls for `offline_s`."""
+        self._silent_round = t.round_id
+        hb = self.round.hb
+        hb.status = "offline"
+        time.sleep(self.emu.offline_s)
+        hb.status = "idle"
 
 
 def _own_memory_cgroup() -> Path | None:

@@ -11,9 +11,11 @@ rank the server assigns (never above the plan's). `FlowerDeviceClient` is the th
 
 Wire conventions (`protos.flower_pack`): arrays in sorted key order, keys as JSON in the
 config / metrics; ZO devices return [seeds, projected gradients] and the learning rate.
-The runtime (loaded model, merged stack deltas) is cached per node in this process; the
-fedsa B that stays on the device is also kept in the node's Flower `Context.state`, so it
-survives a ClientApp process restart.
+The server's config carries the method's `protos.adapter.DeviceContract` (`CFG_CONTRACT`): the
+tensors it keeps on the device (e.g. FedSA-LoRA's B) are never sent and are reused at the next
+download. The runtime (loaded model, merged stack deltas) is cached per node in this process;
+the kept tensors are also stored in the node's Flower `Context.state`, so they survive a
+ClientApp process restart.
 """
 from __future__ import annotations
 
@@ -30,17 +32,22 @@ import torch
 from flwr.client import ClientApp, NumPyClient
 
 from edge_runtime.client import DeltaTracker
-from protos.wire import split_download
 from edge_runtime.data import load_records
 from edge_runtime.modelspec import load_model_spec
 from edge_runtime.plan import Plan
 from edge_runtime.planner import plan as make_plan
 from edge_runtime.profile import DeviceProfile, load_profile
 from protos import flower_pack as P
+from protos.adapter import CONTRACT_META, DeviceContract, prepare_download, split_upload
+from protos.wire import split_download
 
 log = logging.getLogger("edge_runtime.flower")
-B_SUFFIX = ".lora_B.weight"
-FEDSA_B = "fedsa_b"  # Context.state key of the fedsa B kept on the device
+KEPT_LOCAL = "kept_local"  # Context.state key of the tensors the device contract keeps on the device
+
+
+def contract_of(config: Mapping[str, Any]) -> DeviceContract:
+    """The device contract the server put in a round's config (none: load and send everything)."""
+    return DeviceContract.from_meta({CONTRACT_META: str(config.get(P.CFG_CONTRACT) or "")})
 
 
 @dataclass
@@ -84,7 +91,7 @@ class DeviceRuntime:
                                 reasons=self.plan.reasons + [f"rank capped at {settings.max_rank} by the operator"])
         self.trainer: Any = None
         self.tracker = DeltaTracker()
-        self.local_b: dict[str, torch.Tensor] = {}
+        self.kept: dict[str, torch.Tensor] = {}  # what the device contract keeps on the device
         self.lock = threading.Lock()
         log.info("%s: plan %s rank %d (%s, batch %d, seq %d)", self.profile.name, self.plan.mode, self.plan.rank,
                  self.plan.base_precision, self.plan.batch_size, self.plan.seq_len)
@@ -129,8 +136,9 @@ class DeviceRuntime:
             t.configure(rank=rank, lora_alpha=alpha, use_rslora=rslora, seed=int(config.get(P.CFG_SEED, 0)))
         return t
 
-    def load(self, arrays: Sequence[np.ndarray], config: Mapping[str, Any], state_b: Mapping[str, torch.Tensor]) -> Any:
-        """Configure the trainer and load the downloaded adapter (stack: merge the new base delta first)."""
+    def load(self, arrays: Sequence[np.ndarray], config: Mapping[str, Any], kept: Mapping[str, torch.Tensor]) -> Any:
+        """Configure the trainer and load the downloaded adapter (stack: merge the new base delta first),
+        completed by the `kept` tensors the device contract keeps on the device."""
         tensors = P.arrays_to_state(arrays, config[P.KEYS])
         state, delta = split_download(tensors)
         t = self._trainer_for(config)
@@ -138,21 +146,18 @@ class DeviceRuntime:
             inc = self.tracker.increment(delta)
             if inc:
                 t.merge_base_delta(inc)
-        if config[P.CFG_STRATEGY] == "fedsa" and config[P.CFG_MODE] != "zo":  # B stays here: reuse ours
-            current = t.adapter_state()
-            for k in current:
-                if k.endswith(B_SUFFIX) and k not in state:
-                    b = state_b.get(k)
-                    state[k] = b if b is not None and b.shape == current[k].shape else torch.zeros_like(current[k])
+        contract = contract_of(config)
+        if contract.keep_local:
+            state = prepare_download(state, t.adapter_state(), kept, contract)
         t.load_adapter_state(state)
         return t
 
     # -- rounds --------------------------------------------------------------------------
     def fit(self, arrays: Sequence[np.ndarray], config: Mapping[str, Any],
-            state_b: Mapping[str, torch.Tensor]) -> tuple[list[np.ndarray], int, dict[str, Any], dict[str, torch.Tensor]]:
-        """(arrays, num_examples, metrics, fedsa B to keep on the device)."""
+            kept: Mapping[str, torch.Tensor]) -> tuple[list[np.ndarray], int, dict[str, Any], dict[str, torch.Tensor]]:
+        """(arrays, num_examples, metrics, tensors to keep on the device)."""
         with self.lock:
-            t = self.load(arrays, config, state_b)
+            t = self.load(arrays, config, kept)
             lr = float(config.get(P.CFG_LR, 0.0)) or None
             steps = int(config.get(P.CFG_STEPS, self.plan.local_steps))
             result = t.train(self.settings.records, steps, lr=lr, seed=int(config.get(P.CFG_SEED, 0)),
@@ -163,26 +168,23 @@ class DeviceRuntime:
                                        "rank": int(t.rank), P.PROP_PROFILE: self.profile.name}
             if math.isfinite(result.mean_loss):
                 metrics["train_loss"] = float(result.mean_loss)
-            keep_b: dict[str, torch.Tensor] = {}
+            keep: dict[str, torch.Tensor] = {}
             if config[P.CFG_MODE] == "zo":
                 out, keys = P.zo_to_arrays(result.zo_pairs or [])
                 metrics[P.ZO_LR] = float(result.zo_lr or lr or t.plan.learning_rate)
             else:
-                up = t.adapter_state()
-                if config[P.CFG_STRATEGY] == "fedsa":
-                    keep_b = {k: v for k, v in up.items() if k.endswith(B_SUFFIX)}
-                    up = {k: v for k, v in up.items() if not k.endswith(B_SUFFIX)}
+                up, keep = split_upload(t.adapter_state(), contract_of(config))
                 out, keys = P.state_to_arrays(up, self.plan.upload_precision)
             metrics[P.KEYS] = keys
-            return out, n, metrics, keep_b
+            return out, n, metrics, keep
 
     def evaluate(self, arrays: Sequence[np.ndarray], config: Mapping[str, Any],
-                 state_b: Mapping[str, torch.Tensor]) -> tuple[float, int, dict[str, Any]]:
+                 kept: Mapping[str, torch.Tensor]) -> tuple[float, int, dict[str, Any]]:
         """Score the downloaded global at this device's rank; the device's own adapter is put back afterwards."""
         records = self.settings.eval_records or self.settings.records
         with self.lock:
             prev = self.trainer.adapter_state() if self.trainer is not None else None
-            t = self.load(arrays, config, state_b)
+            t = self.load(arrays, config, kept)
             m = t.evaluate(records)
             cur = t.adapter_state()
             if prev is not None and {k: v.shape for k, v in prev.items()} == {k: v.shape for k, v in cur.items()}:
@@ -192,7 +194,7 @@ class DeviceRuntime:
 
 
 class FlowerDeviceClient(NumPyClient):
-    """NumPyClient over a DeviceRuntime; `state` is the node's Flower Context.state (fedsa B lives there)."""
+    """NumPyClient over a DeviceRuntime; `state` is the node's Flower Context.state (the kept tensors live there)."""
 
     def __init__(self, runtime: DeviceRuntime, state: Any = None):
         self.runtime = runtime
@@ -206,24 +208,24 @@ class FlowerDeviceClient(NumPyClient):
         return P.state_to_arrays(t.adapter_state())[0] if t is not None else []
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict]:
-        out, n, metrics, keep_b = self.runtime.fit(parameters, config, self._fedsa_b())
-        if keep_b:
-            self._store_fedsa_b(keep_b)
+        out, n, metrics, keep = self.runtime.fit(parameters, config, self._kept())
+        if keep:
+            self._store_kept(keep)
         return out, n, metrics
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict]:
-        return self.runtime.evaluate(parameters, config, self._fedsa_b())
+        return self.runtime.evaluate(parameters, config, self._kept())
 
-    def _fedsa_b(self) -> dict[str, torch.Tensor]:
-        if self.node_state is not None and FEDSA_B in self.node_state:
-            return {k: v.float() for k, v in self.node_state[FEDSA_B].to_torch_state_dict().items()}
-        return dict(self.runtime.local_b)
+    def _kept(self) -> dict[str, torch.Tensor]:
+        if self.node_state is not None and KEPT_LOCAL in self.node_state:
+            return {k: v.float() for k, v in self.node_state[KEPT_LOCAL].to_torch_state_dict().items()}
+        return dict(self.runtime.kept)
 
-    def _store_fedsa_b(self, b: Mapping[str, torch.Tensor]) -> None:
-        self.runtime.local_b = {k: v.clone() for k, v in b.items()}
+    def _store_kept(self, kept: Mapping[str, torch.Tensor]) -> None:
+        self.runtime.kept = {k: v.clone() for k, v in kept.items()}
         if self.node_state is not None:
             from flwr.app import ArrayRecord
-            self.node_state[FEDSA_B] = ArrayRecord({k: v.contiguous() for k, v in b.items()})
+            self.node_state[KEPT_LOCAL] = ArrayRecord({k: v.contiguous() for k, v in kept.items()})
 
 
 # -- ClientApp ---------------------------------------------------------------------------------

@@ -98,10 +98,6 @@ class MemoryEstimate:
     def fits(self) -> bool:
         return self.budget_bytes <= 0 or self.total_bytes <= self.budget_bytes
 
-    @property
-    def headroom_bytes(self) -> int:
-        return self.budget_bytes - self.total_bytes
-
     def to_dict(self) -> dict[str, Any]:
         return {"total_bytes": int(self.total_bytes), "budget_bytes": int(self.budget_bytes),
                 "load_peak_bytes": int(self.load_peak_bytes),

@@ -59,10 +59,6 @@ class ModelSpec:
         return self.hidden // self.heads
 
     @property
-    def embedding_params(self) -> int:
-        return self.vocab * self.hidden
-
-    @property
     def linear_params(self) -> int:
         return sum(o * i for o, i in self.linear_shapes.values())
 

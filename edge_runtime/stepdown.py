@@ -33,12 +33,12 @@ from typing import Any
 import torch
 
 from edge_runtime.plan import Plan
+from protos.adapter import A_SUFFIX, B_SUFFIX
 
 log = logging.getLogger(__name__)
 MiB = 2**20
 LADDER = ("micro_batch", "checkpointing", "rank", "int8", "4bit", "zo")
 FLOAT_BASES = ("fp32", "bf16", "fp16")
-A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 
 
 # ----- the ladder (pure) -----------------------------------------------------------------------
@@ -182,20 +182,18 @@ def grow_state(head: Mapping[str, torch.Tensor], tail: Mapping[str, tuple[torch.
 
 
 # ----- the trainer wrapper ------------------------------------------------------------------------
-_INNER_ATTRS = ("memory_budget_bytes", "zo_pool_seed", "zo_pool_size")  # set on the wrapper, kept by the trainer
-
-
 class AdaptiveTrainer:
     """A LocalTrainer whose `train` steps down the ladder instead of failing on out-of-memory.
 
     rebuild(plan) -> a fresh LocalTrainer for `plan` (used when the base precision changes);
     predict(plan) -> predicted peak bytes (the memory estimator), used to skip rungs that the
-    estimator, corrected by the measured overshoot, says would not fit. Every other attribute
-    is the inner trainer's. `plan` is the current (possibly stepped-down) plan."""
+    estimator, corrected by the measured overshoot, says would not fit. It is a
+    `edge_runtime.trainer_protocol.RoundTrainer`: the adapter's shape and scale, the seed pool
+    and the memory budget are the inner trainer's. `plan` is the current (possibly stepped-down) plan."""
 
     def __init__(self, trainer: Any, profile: Any, rebuild: Callable[[Plan], Any] | None = None,
                  predict: Callable[[Plan], int] | None = None, max_stepdowns: int = 12):
-        self.__dict__["inner"] = trainer
+        self.inner: Any = trainer  # a LocalTrainer (rank-scale and gradient checkpointing are its own)
         self.plan = trainer.plan
         self.profile, self.rebuild, self.predict = profile, rebuild, predict
         self.max_stepdowns = max_stepdowns
@@ -204,13 +202,55 @@ class AdaptiveTrainer:
         self._merges: list[Mapping[str, tuple]] = []
         self._conf: dict[str, Any] = {}
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["inner"], name)
+    # -- the inner trainer's state -----------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self.inner.rank
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _INNER_ATTRS:
-            setattr(self.inner, name, value)
-        self.__dict__[name] = value
+    @property
+    def lora_alpha(self) -> float:
+        return self.inner.lora_alpha
+
+    @property
+    def use_rslora(self) -> bool:
+        return self.inner.use_rslora
+
+    @property
+    def seed(self) -> int:
+        return self.inner.seed
+
+    @property
+    def zo_pool_seed(self) -> int:
+        return self.inner.zo_pool_seed
+
+    @zo_pool_seed.setter
+    def zo_pool_seed(self, value: int) -> None:
+        self.inner.zo_pool_seed = value
+
+    @property
+    def zo_pool_size(self) -> int | None:
+        return self.inner.zo_pool_size
+
+    @zo_pool_size.setter
+    def zo_pool_size(self, value: int | None) -> None:
+        self.inner.zo_pool_size = value
+
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        return self.inner.memory_budget_bytes
+
+    @memory_budget_bytes.setter
+    def memory_budget_bytes(self, value: int | None) -> None:
+        self.inner.memory_budget_bytes = value
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return self.inner.adapter_state()
+
+    def load_adapter_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.inner.load_adapter_state(state)
+
+    def evaluate(self, records: Sequence[dict[str, Any]], batch_size: int = 64) -> dict[str, float]:
+        return self.inner.evaluate(records, batch_size=batch_size)
 
     def configure(self, rank: int | None = None, lora_alpha: float | None = None, use_rslora: bool | None = None,
                   seed: int | None = None) -> None:
@@ -319,14 +359,14 @@ class AdaptiveTrainer:
                 raise RuntimeError("step-down to a new base precision needs a rebuild function")
             state, rank = inner.adapter_state(), inner.rank
             conf = {**self._conf, "rank": rank, "lora_alpha": inner.lora_alpha, "use_rslora": inner.use_rslora}
-            kept = {a: getattr(inner, a) for a in _INNER_ATTRS if hasattr(inner, a)}
-            self.__dict__["inner"] = None
+            budget, pool = inner.memory_budget_bytes, (inner.zo_pool_seed, inner.zo_pool_size)
+            self.inner = None
             del inner
             gc.collect()
             inner = self.rebuild(inner_plan)
-            for a, v in kept.items():
-                setattr(inner, a, v)
-            self.__dict__["inner"] = inner
+            inner.memory_budget_bytes = budget
+            inner.zo_pool_seed, inner.zo_pool_size = pool
+            self.inner = inner
             for m in self._merges:
                 inner.merge_base_delta(m)
             inner.configure(**conf)

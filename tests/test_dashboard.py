@@ -19,6 +19,7 @@ from edge_runtime.profile import load_profile
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pbg
 from protos import wire
+from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
@@ -177,7 +178,6 @@ def test_cli_serve_exposes_ops_endpoints(ops, tmp_path):
     import socket
     import subprocess
     import sys
-    import time
 
     ports = []
     for _ in range(2):
@@ -192,14 +192,13 @@ def test_cli_serve_exposes_ops_endpoints(ops, tmp_path):
                              "--dashboard-port", str(http_port)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline, body = time.time() + 60, b""
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                body = _get(f"http://127.0.0.1:{http_port}/metrics")[2]
-                break
-            except OSError:
-                time.sleep(0.3)
-        assert b"edgefed_devices_registered 0.0" in body, proc.stdout.read() if proc.poll() is not None else body
+        def metrics_body() -> bytes:
+            assert proc.poll() is None, f"the coordinator exited with {proc.returncode}:\n{proc.stdout.read()}"
+            return _get(f"http://127.0.0.1:{http_port}/metrics")[2]
+
+        body = wait_until(metrics_body, timeout=60, interval=0.3, ignore=(OSError,),
+                          what="the coordinator's /metrics to answer")
+        assert b"edgefed_devices_registered 0.0" in body, body
         st = json.loads(_get(f"http://127.0.0.1:{http_port}/api/status")[2])
         assert st["devices"] == [] and st["config"]["max_rank"] == 4
     finally:

@@ -9,15 +9,56 @@ import pytest
 from edge_runtime.emulation import AvailabilityModel, ComputePacer, ShapedLink, remove_empty_cgroups
 
 
-def test_shaped_link_enforces_rate_and_latency():
+class FakeTime:
+    """A virtual clock for `edge_runtime.emulation` (its `time.monotonic` / `time.sleep`, and its
+    links' token buckets): sleeping advances the clock at once and is recorded."""
+
+    def __init__(self) -> None:
+        self.now, self.sleeps = 1000.0, []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, s: float) -> None:
+        self.sleeps.append(s)
+        self.now += s
+
+
+@pytest.fixture
+def fake_time(monkeypatch):
+    import functools
+
+    from edge_runtime import emulation
+
+    ft = FakeTime()
+    monkeypatch.setattr(emulation, "time", ft)
+    monkeypatch.setattr(emulation, "TokenBucket",
+                        functools.partial(emulation.TokenBucket, clock=ft.monotonic, sleep=ft.sleep))
+    return ft
+
+
+def test_shaped_link_enforces_rate_and_latency(fake_time):
+    link = ShapedLink(mbps=16.0, latency_ms=100)  # 2 MB/s
+    t0 = fake_time.now
+    for _ in range(20):
+        link(50_000)  # 1 MB in one transfer
+    # 0.1 s latency + (1 MB - 64 kB burst) / 2 MB/s ~= 0.57 s
+    assert fake_time.sleeps[0] == pytest.approx(0.1)
+    assert fake_time.now - t0 == pytest.approx(0.1 + (1_000_000 - 64 * 1024) / 2e6)
+    assert link.transfers == 1 and link.bucket.total_bytes == 1_000_000
+    fake_time.now += 0.6  # silence longer than idle_s: the next call is a new transfer, latency again
+    n = len(fake_time.sleeps)
+    link(1000)
+    assert link.transfers == 2 and fake_time.sleeps[n] == pytest.approx(0.1)
+
+
+def test_shaped_link_really_sleeps():
+    """With the real clock: never faster than the link (a lower bound; sleeps never end early)."""
     link = ShapedLink(mbps=16.0, latency_ms=100)  # 2 MB/s
     t0 = time.monotonic()
     for _ in range(20):
-        link(50_000)  # 1 MB in one transfer
-    elapsed = time.monotonic() - t0
-    # 0.1 s latency + (1 MB - 64 kB burst) / 2 MB/s ~= 0.57 s
-    assert 0.5 < elapsed < 1.0, elapsed
-    assert link.transfers == 1 and link.bucket.total_bytes == 1_000_000
+        link(50_000)
+    assert time.monotonic() - t0 >= 0.1 + (1_000_000 - 64 * 1024) / 2e6
 
 
 def test_shaped_link_rejects_bad_rate():
@@ -61,18 +102,21 @@ def test_hard_memory_cap_stops_a_runaway_process():
     print("cap:", proc.stdout.strip().splitlines()[0], "rc:", proc.returncode)
 
 
-def test_pacing_stops_when_the_round_has_closed_but_reports_the_full_cost():
+def test_pacing_stops_when_the_round_has_closed_but_reports_the_full_cost(fake_time):
     """A straggler stops sleeping once told its round is over, yet returns the extra time its
     round really needs (what it reports for re-planning)."""
-    import time as _time
-
-    from edge_runtime.emulation import ComputePacer
-
     p = ComputePacer(device_gflops=5.0, host_gflops=40.0)  # x8 slower
-    t0 = _time.monotonic()
-    assert p.pace(1.0, stop=lambda: _time.monotonic() - t0 > 0.3) == pytest.approx(7.0)
-    assert _time.monotonic() - t0 < 1.5 and 0.2 < p.slept_s < 1.0
-    assert p.pace(0.01) == pytest.approx(0.07) and p.slept_s < 1.2
+    checks = []
+
+    def round_closed() -> bool:  # the round closes at the third check
+        checks.append(fake_time.now)
+        return len(checks) >= 3
+
+    assert p.pace(1.0, stop=round_closed) == pytest.approx(7.0)
+    assert len(checks) == 3  # it stopped when told, not after the full 7 s
+    assert fake_time.sleeps == [pytest.approx(0.25), pytest.approx(0.25)]
+    assert p.slept_s == pytest.approx(0.5)  # what it really slept, not the 7 s it reports
+    assert p.pace(0.01) == pytest.approx(0.07) and p.slept_s == pytest.approx(0.57)
 
 
 def test_pacing_counts_work_not_contention():

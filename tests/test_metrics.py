@@ -25,6 +25,7 @@ from edge_runtime.profile import load_profile
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pbg
 from protos import wire
+from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
@@ -83,12 +84,8 @@ def federation(tmp_path_factory):
     reg = stub.Register(pb.RegisterRequest(profile_json=json.dumps({"accelerator": "cpu"}),
                                            plan_json=json.dumps({"rank": 4, "mode": "lora"}), device_name="probe-b"))
     md = [("authorization", f"Bearer {reg.device_token}")]
-    for _ in range(300):
-        t = stub.GetTask(pb.TaskRequest(), metadata=md)
-        if t.state == pb.Task.TRAIN:
-            break
-        threading.Event().wait(0.1)
-    assert t.state == pb.Task.TRAIN
+    t = wait_until(lambda: (task := stub.GetTask(pb.TaskRequest(), metadata=md)).state == pb.Task.TRAIN and task,
+                   timeout=60, interval=0.1, what="the probe device's TRAIN task")
     blob = b"".join(ch.data for ch in stub.DownloadGlobal(pb.DownloadRequest(round_id=t.round_id,
                                                                              download_id=t.download_id), metadata=md))
     state = wire.decode_tensors(blob)[0]
@@ -216,7 +213,6 @@ def test_join_cli_serves_metrics_while_it_runs(federation, tmp_path):
     import socket
     import subprocess
     import sys
-    import time
 
     from edge_runtime.data import load_sst2
 
@@ -244,18 +240,15 @@ def test_join_cli_serves_metrics_while_it_runs(federation, tmp_path):
         reg = stub.Register(pb.RegisterRequest(profile_json="{}", plan_json=json.dumps({"rank": 4, "mode": "lora"}),
                                                device_name="probe"))  # second device: the round opens
         md = [("authorization", f"Bearer {reg.device_token}")]
-        m: dict = {}
-        deadline = time.time() + 150  # generous: the process imports torch on a shared machine
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                m = scrape(f"http://127.0.0.1:{mport}/metrics")
-                if m.get(("edgeruntime_rounds_total", (("accepted", "true"),))) == 1:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.3)
+        def round_accepted() -> dict:
+            assert proc.poll() is None, f"edge-runtime join exited with {proc.returncode}:\n{proc.stdout.read()}"
+            m = scrape(f"http://127.0.0.1:{mport}/metrics")
+            return m if m.get(("edgeruntime_rounds_total", (("accepted", "true"),))) == 1 else {}
+
+        # generous: the process imports torch on a shared machine
+        m = wait_until(round_accepted, timeout=150, interval=0.3, ignore=(OSError,),
+                       what="edge-runtime join's /metrics to show one accepted round")
         assert proc.poll() is None, proc.stdout.read()
-        assert m[("edgeruntime_rounds_total", (("accepted", "true"),))] == 1
         assert m[("edgeruntime_upload_bytes_total", ())] > 0 and m[("edgeruntime_peak_rss_bytes", ())] > 0
         t = stub.GetTask(pb.TaskRequest(), metadata=md)  # the probe answers: the federation finishes
         blob = b"".join(ch.data for ch in stub.DownloadGlobal(

@@ -12,13 +12,14 @@ import grpc
 import pytest
 import torch
 
-from coordinator import strategy as S
+from coordinator.engine import global_from_bytes
 from coordinator.server import create_server
 from coordinator.service import Coordinator, CoordinatorConfig
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pbg
 from protos import wire
 from test_reliability_support import ENV, ROOT, SimDevice, tiny_model
+from waiting import wait_until
 
 torch.set_num_threads(1)
 
@@ -63,24 +64,27 @@ def _serve(model, store, **kw):
 
 def _kill_mid_upload(target, tmp, name, partial_dir, keep_alive, reuse=""):
     """Run UPLOADER in a subprocess and SIGKILL it once some (not all) bytes reached the server."""
-    out = tmp / f"{name}.json"
+    out, log = tmp / f"{name}.json", tmp / f"{name}.log"
     p = subprocess.Popen([sys.executable, "-c", UPLOADER, target, str(out), reuse], cwd=ROOT, env=ENV,
-                         stdout=subprocess.DEVNULL, stderr=open(tmp / f"{name}.log", "w"))
-    end = time.time() + 60
+                         stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+
+    def mid_upload() -> bool:
+        keep_alive()
+        parts = list(partial_dir.glob("*victim-upload.part"))
+        if out.exists() and parts and parts[0].stat().st_size >= 1024:
+            return True
+        assert p.poll() is None, f"the uploader exited with {p.returncode}:\n{log.read_text()[-2000:]}"
+        return False
+
     try:
-        while time.time() < end:
-            keep_alive()
-            parts = list(partial_dir.glob("*victim-upload.part"))
-            if out.exists() and parts and parts[0].stat().st_size >= 1024:
-                p.kill()
-                p.wait()
-                return json.loads(out.read_text()), (tmp / f"{name}.json.bin").read_bytes()
-            assert p.poll() is None, (tmp / f"{name}.log").read_text()[-2000:]
-            time.sleep(0.05)
+        wait_until(mid_upload, timeout=60, interval=0.05, what="the uploader to get mid-upload (>= 1 kB received)",
+                   diagnose=lambda: log.read_text()[-2000:])
+        p.kill()
+        p.wait()
+        return json.loads(out.read_text()), (tmp / f"{name}.json.bin").read_bytes()
     finally:
         if p.poll() is None:
             p.kill()
-    raise TimeoutError("the uploader never got mid-upload")
 
 
 def test_device_killed_mid_upload_resumes_or_quorum_completes(model, tmp_path):
@@ -117,9 +121,13 @@ def test_device_killed_mid_upload_resumes_or_quorum_completes(model, tmp_path):
             t = d.wait_task()
             assert t.round_id == 2
             assert d.upload(t, d.update_bytes(d.download_state(t), seed=2)).accepted
-        while c.store.rounds()[1]["state"] == "open" and time.time() - t0 < 30:
+        def round2_closed() -> bool:
             keep_alive()
-            time.sleep(0.2)
+            return c.store.rounds()[1]["state"] != "open"
+
+        # the victim is dropped after the 3 s heartbeat timeout; the bound only guards against a hang
+        wait_until(round2_closed, timeout=60, interval=0.2, what="round 2 to close without the killed device",
+                   diagnose=lambda: c.store.rounds()[1])
         r2 = c.store.rounds()[1]
         print(f"round 2: device killed mid-upload and gone; round closed as {r2['state']} after "
               f"{time.time() - t0:.1f}s with {len(c.store.updates(2))}/3 uploads, dropped {r2['dropped']}")
@@ -155,7 +163,7 @@ def test_corrupted_checkpoint_falls_back_to_previous_round(model, tmp_path):
         print(f"\ncorrupted rounds/0002/global.safetensors: detected={bool(ev)}, using round {c.global_round}, "
               f"round states {[r['state'] for r in c.store.rounds()]}")
         assert c.global_round == 1 and ev and ev[0]["corrupted"] == [2]
-        ref = S.global_from_bytes(g1)  # exactly round 1's global
+        ref = global_from_bytes(g1)  # exactly round 1's global
         assert all(torch.equal(ref.modules[k].A, u.A) and torch.equal(ref.modules[k].B, u.B)
                    for k, u in c.global_state.modules.items())
         assert all(torch.equal(ref.extra[k], v) for k, v in c.global_state.extra.items())
@@ -186,10 +194,8 @@ def test_200_concurrent_uploads(model, tmp_path):
         d = SimDevice(target, f"dev{i:03d}")
         try:
             d.register()
-            end = time.time() + 120
-            while (t := d.client.get_task()).state != pb.Task.TRAIN:
-                assert time.time() < end, "no task"
-                time.sleep(0.3)
+            t = wait_until(lambda: (task := d.client.get_task()).state == pb.Task.TRAIN and task, timeout=120,
+                           interval=0.3, what=f"dev{i}: a TRAIN task")
             state = d.download_state(t)
             data = d.update_bytes(state, seed=i)
             done.wait(timeout=120)  # every device uploads at the same moment
@@ -208,9 +214,8 @@ def test_200_concurrent_uploads(model, tmp_path):
         with ThreadPoolExecutor(max_workers=n) as pool:
             times = list(pool.map(device, range(n)))
         wall = time.perf_counter() - t0
-        deadline = time.time() + 30
-        while c.store.rounds()[0]["state"] == "open" and time.time() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: c.store.rounds()[0]["state"] != "open", timeout=60, interval=0.1,
+                   what="the round of 200 uploads to close", diagnose=lambda: c.store.rounds()[0])
         rnd = c.store.rounds()[0]
         ok = sorted(x for x in times if x == x)
         print(f"\n{n} devices on loopback: {len(ok)} uploads accepted, {len(errors)} errors, wall {wall:.1f}s; "

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from test_reliability_support import ENV, ROOT, free_port, spawn_serve, tiny_model
+from waiting import wait_until
 
 
 def _accepted(store) -> set[tuple[int, str, str]]:
@@ -57,19 +58,23 @@ def test_sigkill_mid_round_resumes_without_losing_updates(tmp_path):
             cmd += ["--uplink-mbps", "0.02"]  # ~2 s per upload: leaves a window with one update accepted
         devices.append(subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=open(tmp_path / f"dev{i}.log", "w"),
                                         stderr=subprocess.STDOUT))
+    dev_logs = [tmp_path / f"dev{i}.log" for i in range(2)]
     try:
-        end, killed_in = time.time() + 150, None
-        while time.time() < end and killed_in is None:
+        def round_with_one_accepted_update() -> int | None:
             rid = _open_round(store) if (store / "coordinator.sqlite").exists() else None
-            if rid and rid >= 2 and sum(r == rid for r, _, _ in _accepted(store)) == 1:
-                before = _accepted(store)
-                t_kill = time.time()
-                coord.send_signal(signal.SIGKILL)
-                coord.wait()
-                killed_in = rid
-            time.sleep(0.03)
-        assert killed_in, f"never saw round >= 2 with one accepted update:\n{log.read_text()[-2000:]}"
-        time.sleep(1.0)  # devices now see UNAVAILABLE and back off
+            return rid if rid and rid >= 2 and sum(r == rid for r, _, _ in _accepted(store)) == 1 else None
+
+        killed_in = wait_until(round_with_one_accepted_update, timeout=150, interval=0.03,
+                               what="round >= 2 with one accepted update", diagnose=lambda: log.read_text()[-2000:])
+        before = _accepted(store)
+        t_kill = time.time()
+        log_sizes = [f.stat().st_size for f in dev_logs]
+        coord.send_signal(signal.SIGKILL)
+        coord.wait()
+        # a device has seen the coordinator gone (UNAVAILABLE: retrying / resuming) before it comes back
+        wait_until(lambda: any(b"UNAVAILABLE" in f.read_bytes()[n:] for f, n in zip(dev_logs, log_sizes)),
+                   timeout=60, interval=0.05, what="a device to see the coordinator UNAVAILABLE",
+                   diagnose=lambda: "\n".join(f.read_text(errors="replace")[-1500:] for f in dev_logs))
         coord, _ = spawn_serve(serve_args, log)
         restart_s = time.time() - t_kill
         for i, p in enumerate(devices):

@@ -12,7 +12,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ import torch
 from edge_runtime.client import FederationClient, RetryPolicy
 from protos import federation_pb2 as pb
 from protos import wire
+from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error",
@@ -48,13 +48,8 @@ class SimDevice:
         return self.client.register("{}", plan_json(self.rank), self.name, self.token)
 
     def wait_task(self, timeout_s: float = 30.0) -> pb.Task:
-        end = time.time() + timeout_s
-        while time.time() < end:
-            t = self.client.get_task()
-            if t.state == pb.Task.TRAIN:
-                return t
-            time.sleep(0.05)
-        raise TimeoutError(f"{self.name}: no TRAIN task within {timeout_s}s")
+        return wait_until(lambda: (t := self.client.get_task()).state == pb.Task.TRAIN and t, timeout=timeout_s,
+                          interval=0.05, what=f"{self.name}: a TRAIN task")
 
     def download_state(self, t: pb.Task) -> dict[str, torch.Tensor]:
         """The downloaded adapter (stack's cumulative base delta left out: it is not uploaded)."""
@@ -91,16 +86,22 @@ def spawn_serve(args: list[str], log: Path, timeout_s: float = 90.0) -> tuple[su
     f = open(log, "a")
     proc = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "serve", *args], cwd=ROOT, env=ENV,
                             stdout=f, stderr=subprocess.STDOUT)
-    end = time.time() + timeout_s
-    while time.time() < end:
+
+    def listening() -> re.Match | None:
         m = re.search(r"listening on port (\d+)", log.read_text()[start:])
         if m:
-            return proc, int(m.group(1))
+            return m
         if proc.poll() is not None:
             raise RuntimeError(f"coordinator exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        time.sleep(0.1)
-    proc.kill()
-    raise TimeoutError(f"coordinator did not start within {timeout_s}s:\n{log.read_text()[-3000:]}")
+        return None
+
+    try:
+        m = wait_until(listening, timeout=timeout_s, interval=0.1, what="the coordinator's 'listening on port N'",
+                       diagnose=lambda: log.read_text()[-3000:])
+    except AssertionError:
+        proc.kill()
+        raise
+    return proc, int(m.group(1))
 
 
 def rss_mb(pid: int) -> float:

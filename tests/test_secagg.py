@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.aggregation.state import DeviceState, aggregate_state
+from coordinator.aggregation import zero_pad
+from coordinator.aggregation.state import DeviceState, aggregate_modules
 from coordinator.aggregation.types import lora_scale
-from coordinator.secagg_server import SecAggServer, check_strategy_supports_secagg
+from coordinator.methods import NAMES
+from coordinator.secagg_round import check_method_supports_secagg
+from coordinator.secagg_server import SecAggServer
 from edge_runtime.secagg_client import SecAggClient
 from protos.secagg import (AdvertiseKeys, EncryptedShare, KeyDirectory, MaskedInput, RoutedShares, SecAggAbort,
                            SecAggError, SecAggParams, ShareKeys, UnmaskRequest, UnmaskShares, encode_fixed,
@@ -86,7 +89,8 @@ def test_masked_sum_equals_plain_zero_pad_sum_on_lora_shapes():
     print(f"vector_len={layout.vector_len} max |secagg - plain| = {err:.3e} (5 devices)")
     assert err < 5 * 2.0 ** -20 and res.dropped == ()
     avg, weight = unpack_average(res.total, layout)
-    ref = aggregate_state("zero_pad", [DeviceState(st, ALPHA, False, n / cap) for st, n in zip(states, examples)])
+    ref = aggregate_modules([DeviceState(st, ALPHA, False, n / cap) for st, n in zip(states, examples)],
+                            lambda ups: zero_pad(ups, max(ranks)))
     assert abs(weight - sum(examples) / cap) < 1e-5
     for m, upd in ref.modules.items():
         assert upd.scale == 1.0  # scales differ, so both fold s_k into B
@@ -257,14 +261,15 @@ def test_tampered_or_misrouted_ciphertext_is_rejected():
         run_round(inputs, threshold=2, tamper=reroute)
 
 
-def test_strategy_gate():
+def test_method_gate():
+    assert set(NAMES) == {"fedavg", "zero_pad", "fedsa", "zo", "stack", "svd"}
     for ok in ("fedavg", "zero_pad", "fedsa", "zo"):
-        check_strategy_supports_secagg(ok)
+        check_method_supports_secagg(ok)
     for bad in ("stack", "svd"):
-        with pytest.raises(ValueError, match="individual|sum of the products"):
-            check_strategy_supports_secagg(bad)
-    with pytest.raises(ValueError, match="unknown strategy"):
-        check_strategy_supports_secagg("krum")
+        with pytest.raises(ValueError, match="cannot run under secure aggregation: .*(individual|per-device products)"):
+            check_method_supports_secagg(bad)
+    with pytest.raises(ValueError, match="unknown method 'krum'"):
+        check_method_supports_secagg("krum")
 
 
 def test_fixed_point_range_and_clipping():

@@ -2,7 +2,6 @@
 plaintext only on request, and refusal counts in `edge-coordinator status`."""
 import json
 import sqlite3
-import time
 
 import grpc
 import pytest
@@ -14,6 +13,7 @@ from coordinator.server import create_server
 from coordinator.service import Coordinator, CoordinatorConfig
 from protos import federation_pb2 as pb
 from test_reliability_support import SimDevice, tiny_model
+from waiting import wait_until
 
 torch.set_num_threads(1)
 
@@ -40,6 +40,20 @@ def _code(fn):
     with pytest.raises(grpc.RpcError) as ei:
         fn()
     return ei.value.code()
+
+
+def _refusal(fn):
+    """The status code fn's call is refused with, or None while it is still accepted."""
+    try:
+        fn()
+    except grpc.RpcError as e:
+        return e.code()
+    return None
+
+
+def _wait_refused(fn, what: str):
+    """Wait (revocations reach a running coordinator within its 1 s cache period) for fn to be refused."""
+    return wait_until(lambda: _refusal(fn), timeout=30, interval=0.05, what=what)
 
 
 def test_mutual_tls_round_trip_and_refusals(model, pki, tmp_path):
@@ -107,14 +121,14 @@ def test_enrolment_tokens_hashed_single_device_and_revocable(model, tmp_path, ca
 
         # revoke alice's device while the coordinator runs: every call is refused within the cache period
         assert coordinator_main(["enrol", "--store", str(store), "--revoke", ra.device_id]) == 0
-        time.sleep(1.2)
-        assert _code(a.client.get_task) == grpc.StatusCode.PERMISSION_DENIED
+        assert _wait_refused(a.client.get_task, "alice's revoked device to be refused") == \
+            grpc.StatusCode.PERMISSION_DENIED
         assert _code(a.register) == grpc.StatusCode.PERMISSION_DENIED
         b = SimDevice(target, "bob", enrolment_token=tokens[1])
         b.register()
         assert coordinator_main(["enrol", "--store", str(store), "--revoke", tokens[1].split(".")[0]]) == 0
-        time.sleep(1.2)
-        assert _code(b.client.heartbeat) == grpc.StatusCode.PERMISSION_DENIED
+        assert _wait_refused(b.client.heartbeat, "bob's device (revoked token) to be refused") == \
+            grpc.StatusCode.PERMISSION_DENIED
         assert _code(SimDevice(target, "x", enrolment_token="et_nope.nope").register) == \
             grpc.StatusCode.UNAUTHENTICATED
         capsys.readouterr()

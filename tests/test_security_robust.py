@@ -18,7 +18,6 @@ from coordinator.aggregation import DPConfig, epsilon_per_round
 from coordinator.cli import main as coordinator_main
 from coordinator.server import create_server
 from coordinator.service import Coordinator, CoordinatorConfig
-from coordinator.strategy import effective_deltas
 from test_reliability_support import SimDevice, tiny_model
 
 torch.set_num_threads(1)
@@ -49,9 +48,10 @@ def _cfg(model, store, strategy, **kw):
 
 
 def _flat_global(c: Coordinator) -> torch.Tensor:
-    """Everything the global adds to the model: effective dW per module (fedsa: A) and the head."""
+    """Everything the global adds to the model: effective dW per module (B kept on devices: A) and the head."""
     g = c.global_state
-    parts = [B.double() @ A.double() for B, A in effective_deltas(g).values()] if g.strategy != "fedsa" else \
+    assert g.strategy == c.method.name
+    parts = [B.double() @ A.double() for B, A in c.method.deltas(g).values()] if c.method.shares_b else \
         [u.A.double() for u in g.modules.values()]
     parts += [v.double() for _, v in sorted(g.extra.items())]
     return torch.cat([p.reshape(-1) for p in parts])

@@ -1,6 +1,5 @@
 """coordinator.server over a real socket: malformed requests map to status codes and the server keeps serving."""
 import json
-import time
 
 import grpc
 import pytest
@@ -11,6 +10,7 @@ from coordinator.service import Coordinator, CoordinatorConfig
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pbg
 from protos import wire
+from waiting import wait_until
 
 torch.set_num_threads(1)
 
@@ -125,18 +125,23 @@ def test_interrupted_upload_resumes_from_upload_status(env):
     h = pb.UploadHeader(round_id=t.round_id, nonce=t.nonce, total_size=len(data), sha256=wire.sha256_hex(data),
                         kind=pb.LORA, upload_id="resume-1", stats=pb.TrainStats(num_examples=3))
 
+    not_persisted: list[AssertionError] = []
+
     def dropping():
         for i, ch in enumerate(wire.upload_chunks(h, data, chunk_size=2048)):
             if i == 2:  # drop the link once the server has persisted what was sent (else the race
                 # between cancellation and the server reading the stream decides what survives)
-                end = time.time() + 10
-                while c.upload_status(reg.device_id, "resume-1") < 2048 and time.time() < end:
-                    time.sleep(0.01)
+                try:
+                    wait_until(lambda: c.upload_status(reg.device_id, "resume-1") >= 2048, timeout=30,
+                               interval=0.01, what="the server to persist the first chunk")
+                except AssertionError as e:  # raised on gRPC's request thread: reported below
+                    not_persisted.append(e)
                 raise ConnectionError("link dropped")
             yield ch
 
     with pytest.raises(grpc.RpcError):
         stub.UploadUpdate(dropping(), metadata=md)
+    assert not not_persisted, not_persisted[0]
     off = stub.UploadStatus(pb.UploadStatusRequest(round_id=t.round_id, upload_id="resume-1"), metadata=md)
     assert off.received_offset in (2048, 4096)  # what reached the server before the drop
     reply = stub.UploadUpdate(wire.upload_chunks(h, data, start=off.received_offset, chunk_size=2048), metadata=md)

@@ -1,20 +1,26 @@
-"""Streaming round aggregation: the coordinator folds uploads as they arrive and gets the batch result."""
+"""Streaming round aggregation: the coordinator folds uploads as they arrive and gets the batch result.
+
+The reference is the pure maths (`coordinator.aggregation`), not the round engine itself."""
 import json
 
 import pytest
 import torch
 
-from coordinator import strategy as S
-from coordinator.aggregation import GlobalState, LoraUpdate
-from coordinator.round_fold import RoundFold
+from coordinator.aggregation import (DeviceState, GlobalState, LoraUpdate, aggregate_modules, factor_svd, fedavg,
+                                     fedsa, stack, validate_updates, zero_pad)
+from coordinator.aggregation.svd import factors_from_svd, stacked_factors
+from coordinator.defences import RoundUpload
+from coordinator.engine import RoundEngine, aggregate
+from coordinator.methods import NAMES, MethodConfig, make_method
 from coordinator.service import Coordinator, CoordinatorConfig
 from protos import wire
+from protos.adapter import A_SUFFIX, B_SUFFIX
 
 torch.set_num_threads(1)
 MODS = {"m0": (12, 10), "m1": (6, 8)}  # name -> (out, in)
 
 
-def _global(cfg: S.StrategyConfig) -> GlobalState:
+def _global(cfg: MethodConfig) -> GlobalState:
     g = torch.Generator().manual_seed(1)
     mods = {n: LoraUpdate(A=torch.randn(cfg.max_rank, i, generator=g), B=torch.randn(o, cfg.max_rank, generator=g),
                           scale=1.0) for n, (o, i) in MODS.items()}
@@ -25,10 +31,38 @@ def _upload(rank: int, seed: int, with_b: bool = True) -> dict[str, torch.Tensor
     g = torch.Generator().manual_seed(seed)
     state = {"head.weight": torch.randn(2, 4, generator=g)}
     for n, (o, i) in MODS.items():
-        state[n + S.A_SUFFIX] = torch.randn(rank, i, generator=g)
+        state[n + A_SUFFIX] = torch.randn(rank, i, generator=g)
         if with_b:
-            state[n + S.B_SUFFIX] = torch.randn(o, rank, generator=g)
+            state[n + B_SUFFIX] = torch.randn(o, rank, generator=g)
     return state
+
+
+def _svd_sum(ups: list[LoraUpdate]) -> LoraUpdate:
+    ups = validate_updates(ups)
+    U, S, Vh = factor_svd(*stacked_factors(ups))
+    return factors_from_svd(U, S, Vh, int(S.shape[0]), 1.0, float(sum(u.weight for u in ups)))
+
+
+def _reference(name: str, g: GlobalState, uploads: list[RoundUpload], cfg: MethodConfig) -> GlobalState:
+    """The next global from the pure aggregation functions (exact: no streaming, no recompression)."""
+    devs = []
+    for u in uploads:
+        state = dict(u.state)
+        for k in [k for k in state if k.endswith(A_SUFFIX)]:  # fedsa: B stays on the device
+            state.setdefault(k[: -len(A_SUFFIX)] + B_SUFFIX,
+                             torch.zeros(g.modules[k[: -len(A_SUFFIX)]].shape[0], state[k].shape[0]))
+        devs.append(DeviceState(state, cfg.lora_alpha, cfg.use_rslora, u.weight))
+    r = cfg.max_rank
+    combine = {"fedavg": fedavg, "zo": fedavg, "zero_pad": lambda ups: zero_pad(ups, r), "svd": _svd_sum,
+               "stack": stack,
+               "fedsa": lambda ups: LoraUpdate(A=fedsa(ups, r), B=torch.zeros(ups[0].shape[0], r), scale=1.0)}
+    new = aggregate_modules(devs, combine[name])
+    mods = new.modules
+    if name == "stack":  # the cumulative base delta grows by this round's exact sum
+        mods = {n: LoraUpdate(A=torch.cat([g.modules[n].A, u.A]),
+                              B=torch.cat([g.modules[n].B * g.modules[n].scale, u.B * u.scale], dim=1), scale=1.0)
+                for n, u in mods.items()}
+    return GlobalState(name, mods, new.extra, new.total_weight)
 
 
 def _dense(g: GlobalState) -> dict[str, torch.Tensor]:
@@ -43,36 +77,40 @@ def _assert_same(a: GlobalState, b: GlobalState, tol: float = 1e-5) -> None:
     if a.strategy == "fedsa":
         for n in a.modules:
             assert torch.allclose(a.modules[n].A, b.modules[n].A, atol=tol)
+    assert set(a.extra) == set(b.extra)
     for k in a.extra:
         assert torch.allclose(a.extra[k], b.extra[k], atol=tol)
     assert a.total_weight == pytest.approx(b.total_weight)
 
 
-@pytest.mark.parametrize("name", S.STRATEGIES)
-def test_fold_equals_batch_aggregate_for_every_strategy(name):
-    cfg = S.StrategyConfig(name=name, max_rank=4, cap_rank=64)
+@pytest.mark.parametrize("name", NAMES)
+def test_fold_equals_batch_aggregate_for_every_method(name):
+    cfg = MethodConfig(name=name, max_rank=4, cap_rank=64)
+    method = make_method(cfg)
     g = _global(cfg)
-    ranks = [4, 4, 4] if name in ("fedavg", "zo") else [1, 4, 2]
-    uploads = [S.RoundUpload(f"d{k}", _upload(r, k, with_b=name != "fedsa" or k != 1), float(k + 1))
+    ranks = [4, 4, 4] if method.common_rank else [1, 4, 2]
+    uploads = [RoundUpload(f"d{k}", _upload(r, k, with_b=method.shares_b or k != 1), float(k + 1))
                for k, r in enumerate(ranks)]
-    fold = RoundFold(1, g, cfg)
+    fold = RoundEngine(method, g, 1)
     for u in uploads:
-        fold.add(u.device_id, u.state, u.weight)
-    got, metrics = fold.result(g)
-    _assert_same(got, S.aggregate_round(g, uploads, cfg))
+        fold.fold(u.device_id, u.state, u.weight)
+    got, metrics = fold.close()
+    ref = _reference(name, g, uploads, cfg)
+    _assert_same(got, ref)
+    _assert_same(aggregate(method, g, [(u.device_id, u.state, u.weight) for u in uploads]), ref)
     assert metrics["stream_rel_error"] == 0.0 and fold.count == 3
     with pytest.raises(ValueError, match="already folded"):
-        fold.add("d0", uploads[0].state, 1.0)
+        fold.fold("d0", uploads[0].state, 1.0)
 
 
 def test_fold_memory_is_independent_of_the_number_of_devices():
     for name in ("zero_pad", "stack"):
-        cfg = S.StrategyConfig(name=name, max_rank=4, cap_rank=8)
+        cfg = MethodConfig(name=name, max_rank=4, cap_rank=8)
         sizes = []
         for n in (5, 40):
-            fold = RoundFold(1, _global(cfg), cfg)
+            fold = RoundEngine(make_method(cfg), _global(cfg), 1)
             for k in range(n):
-                fold.add(f"d{k}", _upload(1 + k % 4, k), 1.0)
+                fold.fold(f"d{k}", _upload(1 + k % 4, k), 1.0)
             sizes.append(fold.nbytes())
         cap = 4 if name == "zero_pad" else 8  # float64 factors of at most the cap rank + the head's sum
         bound = sum((o + i) * cap * 8 for o, i in MODS.values()) * (2 if name == "zero_pad" else 1) + 2 * 4 * 8
@@ -80,16 +118,16 @@ def test_fold_memory_is_independent_of_the_number_of_devices():
 
 
 def test_stack_rank_is_capped_and_the_error_is_reported():
-    cfg = S.StrategyConfig(name="stack", max_rank=4, cap_rank=6)
+    cfg = MethodConfig(name="stack", max_rank=4, cap_rank=6)
     g = _global(cfg)
-    uploads = [S.RoundUpload(f"d{k}", _upload(4, k), 1.0) for k in range(5)]  # stacked rank 20 > cap 6
-    fold = RoundFold(1, g, cfg)
+    uploads = [RoundUpload(f"d{k}", _upload(4, k), 1.0) for k in range(5)]  # stacked rank 20 > cap 6
+    fold = RoundEngine(make_method(cfg), g, 1)
     for u in uploads:
-        fold.add(u.device_id, u.state, u.weight)
-    got, metrics = fold.result(g)
+        fold.fold(u.device_id, u.state, u.weight)
+    got, metrics = fold.close()
     assert all(u.rank <= 6 for u in got.modules.values())
     assert 0 < metrics["stream_rel_error"] < 1 and metrics["stream_rank"] <= 6
-    exact = S.aggregate_round(g, uploads, S.StrategyConfig(name="stack", max_rank=4, cap_rank=64))
+    exact = _reference("stack", g, uploads, MethodConfig(name="stack", max_rank=4, cap_rank=64))
     for n, d in _dense(got).items():  # the streamed sum stays a reasonable approximation of the exact one
         rel = float((d - _dense(exact)[n]).norm() / _dense(exact)[n].norm())
         assert rel < 1.0
@@ -134,7 +172,7 @@ def test_coordinator_streams_and_survives_a_restart(tmp_path, tiny_model):
     _send(c, devs[2], 0.05)
     rid = c.global_round
     assert rid == 1, "the third upload closes round 1"
-    batch = S.aggregate_round(g0, list(c._stored_uploads(1)), c.scfg)
+    batch = _reference(c.method.name, g0, list(c._stored_uploads(1)), c.method.cfg)
     _assert_same(c.global_state, batch, tol=1e-4)
     metrics = c.store.rounds()[0]["metrics"]
     assert metrics["uploads"] == 3 and "stream_rel_error" in metrics

@@ -33,7 +33,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 from fleet import load_train_dev  # noqa: E402  (tools/fleet.py)
 
-from coordinator import strategy as S  # noqa: E402
+from sim import SimDevice, device_view_deltas, run_round  # noqa: E402  (tools/sim.py)
+
+from coordinator.aggregation import split_state  # noqa: E402
+from coordinator.engine import RoundEngine  # noqa: E402
+from coordinator.methods import MethodConfig, make_method  # noqa: E402
 from coordinator.model import Evaluator, initial_adapter_state, load_base_model, resolve_target_modules  # noqa: E402
 from edge_runtime.client import DeltaTracker  # noqa: E402
 from edge_runtime.data import load_records, load_sst2, partition  # noqa: E402
@@ -41,11 +45,9 @@ from edge_runtime.modelspec import load_model_spec  # noqa: E402
 from edge_runtime.planner import plan as make_plan  # noqa: E402
 from edge_runtime.profile import load_profile  # noqa: E402
 from edge_runtime.training.session import LocalTrainer  # noqa: E402
-from protos import federation_pb2 as pb  # noqa: E402
-from protos import wire  # noqa: E402
+from protos.adapter import A_SUFFIX, B_SUFFIX  # noqa: E402
 
 console = Console(width=150)
-A_SUFFIX, B_SUFFIX = S.A_SUFFIX, S.B_SUFFIX
 FLEET = [("emu-large-1200mb", 3), ("emu-medium-700mb", 3), ("emu-small-450mb", 2), ("emu-tiny-210mb", 2)]
 ZO_PROFILE = "emu-zo-only-90mb"
 
@@ -72,151 +74,151 @@ def fleet_plans(model: str, local_steps: int, zo_devices: int, max_batch: int = 
     return devs
 
 
+def num_labels_of(*sets: list[dict]) -> int:
+    """Classes in the data: 1 + the largest integer label (labels are 0..K-1)."""
+    labels = {int(r["label"]) for rs in sets for r in rs}
+    if not labels or min(labels) < 0:
+        raise ValueError(f"labels must be integers 0..K-1, got {sorted(labels)[:5]}")
+    return max(labels) + 1
+
+
 class Fleet:
-    """One LoRA trainer and one ZO trainer shared by all emulated devices (swapped per device)."""
+    """One LoRA trainer and one ZO trainer shared by all emulated devices (swapped per device);
+    `reset()` puts the pristine bases back (undoes stack merges) between runs."""
 
-    def __init__(self, model: str, devices: list[dict[str, Any]], seed: int, zo_lr: float, eps: float):
+    def __init__(self, model: str, devices: list[dict[str, Any]], seed: int, args, num_labels: int):
+        task = {"kind": "classification", "num_labels": num_labels}
         lora_plan = next(d["plan"] for d in devices if d["plan"].mode == "lora")
-        self.lora = LocalTrainer(model, lora_plan, {"kind": "classification", "num_labels": 2}, seed=seed, threads=1)
+        self.lora = LocalTrainer(model, lora_plan, task, seed=seed, threads=1)
         zo_plans = [d["plan"] for d in devices if d["plan"].mode == "zo"]
-        self.zo = (LocalTrainer(model, replace(zo_plans[0], learning_rate=zo_lr, zo_eps=eps),
-                                {"kind": "classification", "num_labels": 2}, seed=seed, threads=1)
-                   if zo_plans else None)
-        self.trackers = {"lora": DeltaTracker(), "zo": DeltaTracker()}
+        self.zo = (LocalTrainer(model, replace(zo_plans[0], learning_rate=args.zo_lr, zo_eps=args.zo_eps), task,
+                                seed=seed, threads=1) if zo_plans else None)
+        self._base = {}
+        for t in self.trainers():
+            self._base[id(t)] = {k: v.detach().clone() for k, v in t.model.unload().state_dict().items()}
+            t.model = None
+            t.configure(t.plan.rank)
+        self.trackers: dict[int, DeltaTracker] = {}
+
+    def trainers(self) -> list[LocalTrainer]:
+        return [t for t in (self.lora, self.zo) if t is not None]
+
+    def reset(self) -> None:
+        for t in self.trainers():
+            t.base, t.model = t.model.unload(), None
+            t.base.load_state_dict(self._base[id(t)], strict=False)
+            t.configure(t.plan.rank)
+        self.trackers = {id(t): DeltaTracker() for t in self.trainers()}
+
+    def trainer_for(self, d: SimDevice) -> LocalTrainer:
+        t = self.zo if d.mode == "zo" else self.lora
+        t.plan = replace(d.plan, learning_rate=t.plan.learning_rate, zo_eps=t.plan.zo_eps)
+        return t
 
 
-def run_federated(strategy: str, devices: list[dict[str, Any]], shards: list[list[dict]], fleet: Fleet,
+def sim_devices(devices: list[dict[str, Any]], shards: list[list[dict]], args, common_rank: int | None
+                ) -> list[SimDevice]:
+    out = []
+    for d, shard in zip(devices, shards):
+        p = d["plan"]
+        zo = p.mode == "zo"
+        out.append(SimDevice(d["name"], common_rank or p.rank, p.mode, shard, args.zo_steps if zo else args.local_steps,
+                             args.zo_lr if zo else args.lr, p.upload_precision, plan=p))
+    return out
+
+
+def run_federated(method_name: str, devices: list[dict[str, Any]], shards: list[list[dict]], fleet: Fleet,
                   evaluator: Evaluator, init_state: dict[str, torch.Tensor], args, common_rank: int | None = None
                   ) -> dict[str, Any]:
-    """R rounds of `strategy` over `devices`; returns per-round accuracy, bytes and wall time."""
+    """R rounds of `method_name` over `devices` through the coordinator's RoundEngine."""
     max_rank = common_rank or max(d["plan"].rank for d in devices)
-    scfg = S.StrategyConfig(strategy, max_rank=max_rank, lora_alpha=args.alpha_lora, cap_rank=64)
+    method = make_method(MethodConfig(method_name, max_rank=max_rank, lora_alpha=args.alpha_lora, cap_rank=64))
     init = {k: (v[:max_rank] if k.endswith(A_SUFFIX) else v[:, :max_rank] if k.endswith(B_SUFFIX) else v)
             for k, v in init_state.items()}
-    g = S.initial_global(init, scfg)
-    fleet.trackers = {"lora": DeltaTracker(), "zo": DeltaTracker()}
-    for t in (fleet.lora, fleet.zo):  # fresh bases: undo any earlier run's stack merges
-        if t is not None:
-            t.base, t.model = t.model.unload(), None
-            t.base.load_state_dict(fleet_base_state[id(t)], strict=False)
-            t.configure(t.plan.rank)
-    local_b: dict[str, dict[str, torch.Tensor]] = {}
-    zo_b: dict[str, dict[str, torch.Tensor]] = {}
-    rows = [{"round": 0, **evaluator.evaluate(S.effective_deltas(g), g.extra), "bytes_up": 0, "bytes_down": 0,
+    g = method.initial(init)
+    fleet.reset()
+    sims = sim_devices(devices, shards, args, common_rank)
+    rows = [{"round": 0, **evaluator.evaluate(method.deltas(g), g.extra), "bytes_up": 0, "bytes_down": 0,
              "wall_s": 0.0}]
-    console.print(f"  {strategy}: round 0 accuracy {rows[0]['accuracy']:.3f}")
     for rnd in range(1, args.rounds + 1):
         t0 = time.perf_counter()
-        uploads, up_bytes, down_bytes, eval_states = [], 0, 0, []
-        for i, d in enumerate(devices):
-            p = d["plan"]
-            mode = p.mode
-            rank = min(p.rank, max_rank) if common_rank is None else common_rank
-            seed = args.seed + rnd
-            dl = S.download_tensors(g, scfg, rank, mode, seed, device_b=zo_b.get(d["name"]))
-            down_bytes += len(S.download_blob(dl, scfg, rank, rnd))
-            state, delta = S.split_download(dl)
-            trainer = fleet.zo if mode == "zo" else fleet.lora
-            trainer.plan = replace(p, learning_rate=trainer.plan.learning_rate, zo_eps=trainer.plan.zo_eps)
-            trainer.configure(rank, args.alpha_lora, False, seed)
-            if delta:
-                inc = fleet.trackers[mode].increment(delta)
-                if inc:
-                    trainer.merge_base_delta(inc)
-            if strategy == "fedsa" and mode == "lora":
-                cur = trainer.adapter_state()
-                for k in cur:
-                    if k.endswith(B_SUFFIX):
-                        state[k] = local_b.get(d["name"], {}).get(k, torch.zeros_like(cur[k]))
-            trainer.load_adapter_state(state)
-            steps = args.zo_steps if mode == "zo" else args.local_steps
-            lr = args.zo_lr if mode == "zo" else args.lr
-            res = trainer.train(shards[i], steps, lr=lr, seed=seed * 1000 + i, progress=False)
-            if mode == "zo":
-                msg = pb.ZoUpdate(round_id=rnd, nonce="x" * 32, seeds=[s for s, _ in res.zo_pairs],
-                                  grads=[gr for _, gr in res.zo_pairs], lr=float(res.zo_lr), num_examples=len(shards[i]))
-                up_bytes += msg.ByteSize()
-                final = S.replay_zo(dl, res.zo_pairs, float(res.zo_lr))
-                if strategy == "fedsa":
-                    zo_b[d["name"]] = {k: v for k, v in final.items() if k.endswith(B_SUFFIX)}
-            else:
-                final = trainer.adapter_state()
-                if strategy == "fedsa":
-                    local_b[d["name"]] = {k: v for k, v in final.items() if k.endswith(B_SUFFIX)}
-                    eval_states.append((dict(final), len(shards[i])))
-                    final = {k: v for k, v in final.items() if not k.endswith(B_SUFFIX)}
-                blob = wire.encode_tensors(final, {"rank": rank}, p.upload_precision)
-                up_bytes += len(blob)
-                final, _ = wire.decode_tensors(blob)
-            uploads.append(S.RoundUpload(device_id=d["name"], state=final, weight=float(len(shards[i]))))
-        g = S.aggregate_round(g, uploads, scfg)
+        engine = RoundEngine(method, g, rnd)
+        traffic = run_round(engine, sims, fleet.trainer_for, lambda t: fleet.trackers[id(t)], args.seed + rnd)
+        g, _ = engine.close()
         train_s = time.perf_counter() - t0
-        if strategy == "fedsa":  # evaluate global A with the devices' mean B (B never leaves devices)
-            from coordinator.aggregation import DeviceState, aggregate_state
-
-            ev = aggregate_state("zero_pad", [DeviceState(s, args.alpha_lora, False, w) for s, w in eval_states],
-                                 rank=max_rank)
-            m = evaluator.evaluate({n: (u.B * u.scale, u.A) for n, u in ev.modules.items()}, ev.extra)
-        else:
-            m = evaluator.evaluate(S.effective_deltas(g), g.extra)
-        rows.append({"round": rnd, **m, "bytes_up": up_bytes, "bytes_down": down_bytes, "wall_s": train_s})
-        console.print(f"  {strategy}: round {rnd} accuracy {m['accuracy']:.3f} loss {m['loss']:.4f} "
-                      f"up {up_bytes / 1e6:.2f} MB down {down_bytes / 1e6:.2f} MB ({train_s:.0f}s)")
+        m = evaluator.evaluate(device_view_deltas(method, g, sims), g.extra)
+        rows.append({"round": rnd, **m, "bytes_up": traffic.bytes_up, "bytes_down": traffic.bytes_down,
+                     "wall_s": train_s})
+        console.print(f"  {method_name}: round {rnd} accuracy {m['accuracy']:.3f} loss {m['loss']:.4f} "
+                      f"up {traffic.bytes_up / 1e6:.2f} MB down {traffic.bytes_down / 1e6:.2f} MB ({train_s:.0f}s)")
     return {"rounds": rows}
 
 
-fleet_base_state: dict[int, dict[str, torch.Tensor]] = {}
-
-
-def run_centralized(model: str, train: list[dict], evaluator: Evaluator, steps: int, args) -> dict[str, Any]:
+def run_centralized(model: str, train: list[dict], evaluator: Evaluator, steps: int, args,
+                    num_labels: int) -> dict[str, Any]:
     from edge_runtime.plan import Plan
 
     p = Plan(rank=16, target_modules=["query", "value"], batch_size=args.central_batch, seq_len=128,
              lora_alpha=args.alpha_lora, learning_rate=args.lr)
-    t = LocalTrainer(model, p, {"kind": "classification", "num_labels": 2}, seed=args.seed, threads=1)
-    rows = []
+    t = LocalTrainer(model, p, {"kind": "classification", "num_labels": num_labels}, seed=args.seed, threads=1)
+    rows = [{"round": 0, **evaluator.evaluate({}, {}), "bytes_up": 0, "bytes_down": 0, "wall_s": 0.0}]
     per = steps // args.rounds
     for rnd in range(1, args.rounds + 1):
         t0 = time.perf_counter()
         t.train(train, per, lr=args.lr, seed=args.seed + rnd, progress=False)
-        st = t.adapter_state()
-        mods, extra = S.split_state(st) if hasattr(S, "split_state") else ({}, {})
-        deltas = {n: (B * t.scale(), A) for n, (A, B) in mods.items()}
-        m = evaluator.evaluate(deltas, extra)
+        mods, extra = split_state(t.adapter_state())
+        m = evaluator.evaluate({n: (B * t.scale(), A) for n, (A, B) in mods.items()}, extra)
         rows.append({"round": rnd, **m, "bytes_up": 0, "bytes_down": 0, "wall_s": time.perf_counter() - t0})
         console.print(f"  centralized: {rnd * per} steps accuracy {m['accuracy']:.3f}")
     return {"rounds": rows, "steps": per * args.rounds}
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
+def mean_sd(xs: list[float]) -> tuple[float, float]:
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def per_round(runs: dict[int, dict[str, Any]]) -> list[dict[str, float]]:
+    """Mean and sd of accuracy over seeds, per round."""
+    n = min(len(r["rounds"]) for r in runs.values())
+    out = []
+    for i in range(n):
+        acc = [r["rounds"][i]["accuracy"] for r in runs.values()]
+        m, sd = mean_sd(acc)
+        out.append({"round": runs[next(iter(runs))]["rounds"][i]["round"], "mean": m, "sd": sd, "min": min(acc)})
+    return out
+
+
+def plot(results: dict[str, dict[int, dict[str, Any]]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, r in results.items():
-        rows = r["rounds"]
-        a1.plot([x["round"] for x in rows], [100 * x["accuracy"] for x in rows], marker="o", label=name,
-                linestyle="--" if name == "centralized" else "-")
-    a1.set_xlabel("round (centralized: same number of local steps)"), a1.set_ylabel("SST-2 dev accuracy (%)")
-    a1.legend(fontsize=8), a1.grid(alpha=0.3)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [2, 1]})
+    for name, runs in results.items():
+        pr = per_round(runs)
+        xs, m, sd = [x["round"] for x in pr], [100 * x["mean"] for x in pr], [100 * x["sd"] for x in pr]
+        line, = a1.plot(xs, m, marker="o", label=name, linestyle="--" if name == "centralized" else "-")
+        a1.fill_between(xs, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)], alpha=0.15,
+                        color=line.get_color())
+    a1.set_xlabel("round (centralized: same number of local steps)"), a1.set_ylabel("dev accuracy (%), mean ± sd")
+    a1.set_title(title, fontsize=9), a1.legend(fontsize=8), a1.grid(alpha=0.3)
     names = [n for n in results if n != "centralized"]
-    up = [statistics.mean(x["bytes_up"] for x in results[n]["rounds"][1:]) / 1e6 for n in names]
-    down = [statistics.mean(x["bytes_down"] for x in results[n]["rounds"][1:]) / 1e6 for n in names]
+    mb = lambda n, k: statistics.mean(x[k] for r in results[n].values() for x in r["rounds"][1:]) / 1e6  # noqa: E731
     xs = range(len(names))
-    a2.bar([x - 0.2 for x in xs], up, 0.4, label="up / round")
-    a2.bar([x + 0.2 for x in xs], down, 0.4, label="down / round")
+    a2.bar([x - 0.2 for x in xs], [mb(n, "bytes_up") for n in names], 0.4, label="up / round")
+    a2.bar([x + 0.2 for x in xs], [mb(n, "bytes_down") for n in names], 0.4, label="down / round")
     a2.set_xticks(list(xs), names, rotation=30, fontsize=8), a2.set_ylabel("MB per round (whole fleet)"), a2.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="sst2", help="'sst2' (vendored) or a JSONL/CSV/TSV text-classification file")
     ap.add_argument("--eval-data", default=None, help="held-out file (default: SST-2 dev, or 10%% of --data)")
+    ap.add_argument("--num-labels", type=int, default=0, help="classes (0: derived from the data)")
     ap.add_argument("--model", default=None, help="HF classification-capable model dir (default: MiniLM)")
     ap.add_argument("--train-examples", type=int, default=8000)
     ap.add_argument("--eval-examples", type=int, default=872)
@@ -232,82 +234,102 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--central-batch", type=int, default=6)
     ap.add_argument("--max-batch", type=int, default=0, help="cap the plans' micro-batch (CPU time; 0 = as planned)")
     ap.add_argument("--strategies", default="centralized,fedavg,zero_pad,stack,svd,fedsa,svd+zo")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="tiny smoke run (few examples, 2 rounds)")
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (data partition, init, training)")
+    ap.add_argument("--quick", action="store_true", help="tiny smoke run (few examples, 2 rounds, one seed)")
     ap.add_argument("--out", default="docs")
     args = ap.parse_args(argv)
     if args.quick:
         args.train_examples, args.eval_examples, args.rounds, args.local_steps, args.zo_steps = 600, 64, 2, 3, 6
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(1)  # 2 threads on a shared 2-core box oversubscribe badly
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model = args.model or minilm()
+        args.seeds = args.seeds.split(",")[0]
+    return args
+
+
+def run_seed(args, seed: int, model: str) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """Every strategy once for `seed`: (name -> run, fleet description)."""
+    args.seed = seed
+    torch.manual_seed(seed)
     train, dev = load_data(args)
+    num_labels = args.num_labels or num_labels_of(train, dev)
     devices = fleet_plans(model, args.local_steps, args.zo_devices, args.max_batch)
     lora_devs = [d for d in devices if d["plan"].mode == "lora"]
-    shards = partition(train, len(devices), scheme="dirichlet", alpha=args.dirichlet, seed=args.seed)
+    shards = partition(train, len(devices), scheme="dirichlet", alpha=args.dirichlet, seed=seed)
     lora_shards = [s for s, d in zip(shards, devices) if d["plan"].mode == "lora"]
-    t = Table(title="fleet (plans from the emulated profiles)")
-    for c in ("device", "mode", "rank", "batch", "upload", "examples", "label-1 share"):
-        t.add_column(c)
-    for d, s in zip(devices, shards):
-        t.add_row(d["name"], d["plan"].mode, str(d["plan"].rank), str(d["plan"].batch_size), d["plan"].upload_precision,
-                  str(len(s)), f"{sum(r['label'] for r in s) / len(s):.2f}")
-    console.print(t)
-
-    base, tok = load_base_model(model, "classification", 2, args.seed)
+    base, tok = load_base_model(model, "classification", num_labels, seed)
     evaluator = Evaluator(base, tok, dev, task="classification")
     targets = resolve_target_modules(base, lora_devs[0]["plan"].target_modules)
-    init_state = initial_adapter_state(base, targets, 16, args.alpha_lora, False, args.seed)
-    fleet = Fleet(model, devices, args.seed, args.zo_lr, args.zo_eps)
-    for tr in (fleet.lora, fleet.zo):
-        if tr is not None:
-            fleet_base_state[id(tr)] = {k: v.detach().clone() for k, v in tr.model.unload().state_dict().items()}
-            tr.model = None
-            tr.configure(tr.plan.rank)
-
-    results: dict[str, Any] = {}
+    init_state = initial_adapter_state(base, targets, 16, args.alpha_lora, False, seed)
+    fleet = Fleet(model, devices, seed, args, num_labels)
+    results: dict[str, dict[str, Any]] = {}
     total_steps = len(lora_devs) * args.rounds * args.local_steps
     for name in args.strategies.split(","):
         t0 = time.perf_counter()
-        console.rule(name)
+        console.rule(f"{name} (seed {seed})")
         if name == "centralized":
-            r = run_centralized(model, [x for s in lora_shards for x in s], evaluator, total_steps, args)
+            r = run_centralized(model, [x for s in lora_shards for x in s], evaluator, total_steps, args, num_labels)
         elif name == "fedavg":  # FedIT: one rank that every device can hold
             r = run_federated("fedavg", lora_devs, lora_shards, fleet, evaluator, init_state, args,
                               common_rank=min(d["plan"].rank for d in lora_devs))
-        elif name == "svd+zo":
-            r = run_federated("svd", devices, shards, fleet, evaluator, init_state, args)
+        elif name.endswith("+zo"):
+            r = run_federated(name[:-3], devices, shards, fleet, evaluator, init_state, args)
         else:
             r = run_federated(name, lora_devs, lora_shards, fleet, evaluator, init_state, args)
         r["wall_s"] = time.perf_counter() - t0
         results[name] = r
+    desc = [{"name": d["name"], "mode": d["plan"].mode, "rank": d["plan"].rank, "batch": d["plan"].batch_size,
+             "examples": len(s), "label_shares": [round(sum(int(x["label"]) == k for x in s) / max(len(s), 1), 2)
+                                                  for k in range(num_labels)]} for d, s in zip(devices, shards)]
+    return results, desc
 
-    tab = Table(title=f"SST-2 dev accuracy, {len(lora_devs)} LoRA devices (+{args.zo_devices} ZO in svd+zo), "
-                      f"Dirichlet {args.dirichlet}, {args.rounds} rounds x {args.local_steps} local steps")
-    for c in ("strategy", "final acc", "best acc", "up MB/round", "down MB/round", "s/round"):
-        tab.add_column(c)
-    summary = {}
-    for name, r in results.items():
-        rows = r["rounds"]
-        fed = [x for x in rows if x["round"] > 0]
-        s = {"final_accuracy": rows[-1]["accuracy"], "best_accuracy": max(x["accuracy"] for x in fed),
-             "up_mb_per_round": statistics.mean(x["bytes_up"] for x in fed) / 1e6,
-             "down_mb_per_round": statistics.mean(x["bytes_down"] for x in fed) / 1e6,
-             "s_per_round": statistics.mean(x["wall_s"] for x in fed)}
-        summary[name] = s
-        tab.add_row(name, f"{100 * s['final_accuracy']:.1f}", f"{100 * s['best_accuracy']:.1f}",
-                    f"{s['up_mb_per_round']:.3f}", f"{s['down_mb_per_round']:.3f}", f"{s['s_per_round']:.1f}")
-    console.print(tab)
-    doc = {"args": vars(args), "fleet": [{"name": d["name"], "mode": d["plan"].mode, "rank": d["plan"].rank,
-                                          "batch": d["plan"].batch_size, "examples": len(s)}
-                                         for d, s in zip(devices, shards)],
-           "summary": summary, "results": results}
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(1)  # 2 threads on a shared 2-core box oversubscribe badly
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = args.model or minilm()
+    seeds = [int(x) for x in args.seeds.split(",")]
+    results: dict[str, dict[int, dict[str, Any]]] = {}
+    fleets = {}
+    for seed in seeds:
+        runs, fleets[seed] = run_seed(args, seed, model)
+        for name, r in runs.items():
+            results.setdefault(name, {})[seed] = r
+    summary = summarize(results)
+    print_summary(summary, args, len(seeds))
+    doc = {"args": vars(args), "seeds": seeds, "fleets": fleets, "summary": summary, "results": results}
     (out / "bench_federated.json").write_text(json.dumps(doc, indent=2, default=str))
-    plot(results, out / "bench_federated.png")
+    title = (f"{args.data}, Dirichlet {args.dirichlet}, {args.rounds} rounds x {args.local_steps} steps, "
+             f"seeds {args.seeds}, {args.eval_examples} dev rows")
+    plot(results, out / "bench_federated.png", title)
     console.print(f"wrote {out / 'bench_federated.json'} and {out / 'bench_federated.png'}")
     return 0
+
+
+def summarize(results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
+    summary = {}
+    for name, runs in results.items():
+        pr = per_round(runs)
+        fin = [r["rounds"][-1]["accuracy"] for r in runs.values()]
+        fed = [x for r in runs.values() for x in r["rounds"][1:]]
+        summary[name] = {"final_mean": mean_sd(fin)[0], "final_sd": mean_sd(fin)[1], "per_round": pr,
+                         "min_after_round_2": min((x["accuracy"] for r in runs.values() for x in r["rounds"][3:]),
+                                                  default=None),
+                         "up_mb_per_round": statistics.mean(x["bytes_up"] for x in fed) / 1e6,
+                         "down_mb_per_round": statistics.mean(x["bytes_down"] for x in fed) / 1e6}
+    return summary
+
+
+def print_summary(summary: dict[str, Any], args, n_seeds: int) -> None:
+    tab = Table(title=f"dev accuracy % (mean ± sd over {n_seeds} seeds), Dirichlet {args.dirichlet}")
+    rounds = len(next(iter(summary.values()))["per_round"])
+    for c in ["strategy"] + [f"r{i}" for i in range(rounds)] + ["min after r2", "up MB/r", "down MB/r"]:
+        tab.add_column(c)
+    for name, s in summary.items():
+        cells = [f"{100 * x['mean']:.1f}±{100 * x['sd']:.1f}" for x in s["per_round"]]
+        low = s["min_after_round_2"]
+        tab.add_row(name, *cells, "-" if low is None else f"{100 * low:.1f}", f"{s['up_mb_per_round']:.3f}",
+                    f"{s['down_mb_per_round']:.3f}")
+    console.print(tab)
 
 
 if __name__ == "__main__":

@@ -76,11 +76,6 @@ def _truncate(prompt: list[int], resp: list[int], seq_len: int, label: int | Non
     return Example(prompt + resp, label=label, labels=[IGNORE] * len(prompt) + resp, prompt_len=len(prompt))
 
 
-def encode_instruction(tok: Any, rec: dict[str, Any], seq_len: int) -> Example:
-    """One instruction record (see `encode_instructions`)."""
-    return encode_instructions(tok, [rec], seq_len)[0]
-
-
 def bucketed_batches(lengths: Sequence[int], batch_size: int, seed: int) -> Iterator[list[int]]:
     """Endless stream of index batches, length-bucketed, reproducible in `seed`."""
     n = len(lengths)

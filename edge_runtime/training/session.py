@@ -100,6 +100,7 @@ class LocalTrainer:
         self.seed = seed
         self.zo_pool_seed = 0
         self.zo_pool_size: int | None = None  # a round's shared pool (secure seed-scalar rounds); None: the plan's
+        self.last_events: list[dict[str, Any]] = []  # no step-downs here (edge_runtime.stepdown.AdaptiveTrainer)
         self.model_src = str(model_src)
         self._enc_cache: dict[tuple, tuple] = {}
         self._deltas: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -380,6 +381,10 @@ class LocalTrainer:
         for e in examples:
             cands.setdefault(int(e.label), e.input_ids[e.prompt_len])
         return cands if len(cands) > 1 else None
+
+    def report(self) -> dict[str, Any]:
+        """Nothing beyond TrainStats to tell the coordinator (a step-down wrapper reports its plan)."""
+        return {}
 
     # ----- persistence ------------------------------------------------------------------
     def save_adapter(self, out_dir: str | Path) -> Path:

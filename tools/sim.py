@@ -1,0 +1,102 @@
+"""In-process federation for the benchmarks: the coordinator's `RoundEngine` and the device's own
+download/upload contract (`protos.adapter`), with real wire bytes, in one process.
+
+Each round every device: downloads `engine.download(...)` as wire bytes, decodes them, merges a
+base delta if the method sends one, loads its adapter (`prepare_download`: what it keeps
+locally), trains with its `LocalTrainer`, splits its upload (`split_upload`) and sends it as wire
+bytes at its upload precision (ZO: seeds and scalars, replayed by the engine). The engine
+validates and folds each upload and closes the round: the same code path as `edge-coordinator`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from coordinator.engine import RoundEngine
+from edge_runtime.client import DeltaTracker
+from protos import federation_pb2 as pb
+from protos import wire
+from protos.adapter import DeviceContract, State, prepare_download, split_upload
+
+
+@dataclass
+class SimDevice:
+    """One emulated device: its rank/mode, data, local recipe, and what it keeps between rounds."""
+
+    name: str
+    rank: int
+    mode: str  # "lora" | "zo"
+    records: list[dict[str, Any]]
+    steps: int
+    lr: float
+    upload_precision: str = "fp32"
+    plan: Any = None  # the device's edge_runtime Plan, when the caller keeps one
+    kept: State = field(default_factory=dict)  # tensors the contract keeps on the device
+    server_kept: State = field(default_factory=dict)  # what the coordinator keeps for it
+
+
+@dataclass
+class RoundTraffic:
+    bytes_up: int = 0
+    bytes_down: int = 0
+    train_losses: list[float] = field(default_factory=list)
+
+
+def run_round(engine: RoundEngine, devices: Sequence[SimDevice], trainer_for: Callable[[SimDevice], Any],
+              tracker_for: Callable[[Any], DeltaTracker], seed: int, train_kw: Mapping[str, Any] | None = None,
+              ) -> RoundTraffic:
+    """Train and fold every device into `engine` (then call `engine.close()`)."""
+    traffic = RoundTraffic()
+    for i, d in enumerate(devices):
+        sent = engine.download(d.rank, d.mode, seed, d.server_kept)
+        blob = engine.blob(sent, d.rank, d.mode)
+        traffic.bytes_down += len(blob)
+        tensors, meta = wire.decode_tensors(blob)
+        contract = DeviceContract.from_meta(meta)
+        state, delta = wire.split_download(tensors)
+        trainer = trainer_for(d)
+        trainer.configure(d.rank, engine.method.cfg.lora_alpha, engine.method.cfg.use_rslora, seed)
+        if delta:
+            inc = tracker_for(trainer).increment(delta)
+            if inc:
+                trainer.merge_base_delta(inc)
+        trainer.load_adapter_state(prepare_download(state, trainer.adapter_state(), d.kept, contract))
+        res = trainer.train(d.records, d.steps, lr=d.lr, seed=seed * 1000 + i, progress=False, **(train_kw or {}))
+        traffic.train_losses.append(float(res.mean_loss))
+        if d.mode == "zo":
+            msg = pb.ZoUpdate(round_id=engine.round_id, nonce="x" * 32, seeds=[s for s, _ in res.zo_pairs],
+                              grads=[g for _, g in res.zo_pairs], lr=float(res.zo_lr), num_examples=len(d.records))
+            traffic.bytes_up += msg.ByteSize()
+            final = engine.replay_zo(sent, res.zo_pairs, float(res.zo_lr))
+        else:
+            up, d.kept = split_upload(trainer.adapter_state(), contract)
+            data = wire.encode_tensors(up, {"rank": d.rank}, d.upload_precision)
+            traffic.bytes_up += len(data)
+            final, _ = wire.decode_tensors(data)
+        engine.accept(d.name, final, float(len(d.records)), sent, d.mode)
+        d.server_kept = engine.kept_from(final, d.mode)
+    return traffic
+
+
+def device_view_deltas(engine_method: Any, g: Any, devices: Sequence[SimDevice]
+                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """What the model adds to W for evaluation: the method's global deltas, or (a method whose B
+    stays on the devices) the global A with the devices' mean kept B, zero-padded to max rank."""
+    deltas = engine_method.deltas(g)
+    if deltas or not any(d.kept for d in devices):
+        return deltas
+    out = {}
+    s = engine_method.cfg.scale(engine_method.cfg.max_rank)
+    for name, u in g.modules.items():
+        B = torch.zeros(u.shape[0], u.rank, dtype=torch.float64)
+        n = 0
+        for d in devices:
+            b = d.kept.get(name + ".lora_B.weight")
+            if b is not None:
+                B[:, : b.shape[1]] += b.double() * engine_method.cfg.scale(b.shape[1]) / s
+                n += 1
+        out[name] = ((B / max(n, 1)).float() * s, u.A)
+    return out
