@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .cli_security import add_admin_commands, add_serve_args, print_status_extras, serve_config, status_extras
-from .methods import METHODS, NAMES
+from .methods import DEFAULT, METHODS, NAMES
 
 
 def _serve_parser(sub) -> None:
@@ -16,7 +16,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--model", required=True, help="Hugging Face model directory (base model)")
-    p.add_argument("--strategy", choices=NAMES, default="zero_pad",
+    p.add_argument("--strategy", choices=NAMES, default=DEFAULT,
                    help="aggregation method: " + "; ".join(f"{n}: {c.summary}" for n, c in METHODS.items()))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--store", required=True, help="directory for SQLite + safetensors state (resumed if present)")

@@ -54,7 +54,8 @@ class RoundEngine:
         out.update({k: v.clone() for k, v in self.g.extra.items()})
         for key, t in (kept or {}).items():
             ref = out.get(key[: -len(B_SUFFIX)] + A_SUFFIX) if key.endswith(B_SUFFIX) else None
-            if key not in out and ref is not None and t.shape[1] == ref.shape[0]:
+            mod = self.g.modules.get(key[: -len(B_SUFFIX)]) if ref is not None else None
+            if key not in out and mod is not None and tuple(t.shape) == (mod.shape[0], ref.shape[0]):
                 out[key] = t.clone()
         for key in [k for k in out if k.endswith(A_SUFFIX) and k[: -len(A_SUFFIX)] + B_SUFFIX not in out]:
             if not self.method.contract(mode).is_local(key[: -len(A_SUFFIX)] + B_SUFFIX):  # nothing kept yet

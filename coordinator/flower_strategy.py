@@ -37,7 +37,7 @@ from flwr.server.strategy import Strategy
 from coordinator.aggregation import GlobalState
 from coordinator.defences import RoundUpload
 from coordinator.engine import RoundEngine
-from coordinator.methods import Method, MethodConfig, make_method, method_class
+from coordinator.methods import DEFAULT, Method, MethodConfig, make_method, method_class
 from coordinator.rounds import EnrolmentRefused, RoundConfig, assign_rank
 from protos import flower_pack as P
 from protos.adapter import A_SUFFIX, B_SUFFIX
@@ -50,7 +50,7 @@ State = dict[str, torch.Tensor]
 class FlowerConfig:
     """Round settings sent to every client; lr / zo_lr 0 = each device's plan value."""
 
-    strategy: str = "zero_pad"
+    strategy: str = DEFAULT
     max_rank: int = 8
     cap_rank: int = 64
     lora_alpha: float = 16.0
@@ -186,7 +186,9 @@ class HeteroLoraStrategy(Strategy):
                 engine.accept(up.device_id, up.state, up.weight, self.sent[up.device_id].tensors,
                               self.sent[up.device_id].mode)
                 uploads.append(up)
-                self.kept.update({up.device_id: engine.kept_from(up.state, self.sent[up.device_id].mode)})
+                kept = engine.kept_from(up.state, self.sent[up.device_id].mode)
+                if kept:
+                    self.kept[up.device_id] = kept
                 if "train_loss" in res.metrics:
                     losses.append((float(res.metrics["train_loss"]), uploads[-1].weight))
             except ValueError as e:
@@ -351,7 +353,7 @@ def server_fn(context: Any) -> Any:
     rc = dict(context.run_config)
     if "model" not in rc:
         raise ValueError("run config needs 'model' (a Hugging Face model directory on the SuperLink host)")
-    cfg = FlowerConfig(strategy=str(rc.get("strategy", "zero_pad")), max_rank=int(rc.get("max-rank", 8)),
+    cfg = FlowerConfig(strategy=str(rc.get("strategy", DEFAULT)), max_rank=int(rc.get("max-rank", 8)),
                        cap_rank=int(rc.get("cap-rank", 64)), lora_alpha=float(rc.get("lora-alpha", 16.0)),
                        local_steps=int(rc.get("local-steps", 20)), lr=float(rc.get("lr", 0.0)),
                        zo_lr=float(rc.get("zo-lr", 0.0)), seed=int(rc.get("seed", 0)),

@@ -24,7 +24,7 @@ from .aggregation import GlobalState
 from .defences import DefenceConfig, RoundUpload, defended_round, dp_epsilon
 from .engine import RoundEngine, global_to_bytes
 from .enrolment import EnrolmentRegistry
-from .methods import MethodConfig, make_method, method_class
+from .methods import DEFAULT, MethodConfig, make_method, method_class
 from .recovery import load_global
 from .secagg_round import (SecAggRejected, SecAggRound, SecAggSettings, check_message_size, check_secagg_config,
                            ZO_LR_REF, ZOScalars, global_from_sum, round_payload, secagg_message_cap)
@@ -52,7 +52,7 @@ class CoordinatorConfig:
 
     model: str
     store: str
-    strategy: str = "zero_pad"
+    strategy: str = DEFAULT
     rounds: int = 3
     min_devices: int = 1
     fraction: float = 1.0

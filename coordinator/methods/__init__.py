@@ -1,5 +1,5 @@
 """Aggregation methods, one module each, and their registry (see docs/adding-a-method.md)."""
 from .base import Method, MethodConfig, Served
-from .registry import METHODS, NAMES, make_method, method_class
+from .registry import DEFAULT, METHODS, NAMES, make_method, method_class
 
-__all__ = ["Method", "MethodConfig", "Served", "METHODS", "NAMES", "make_method", "method_class"]
+__all__ = ["Method", "MethodConfig", "Served", "DEFAULT", "METHODS", "NAMES", "make_method", "method_class"]

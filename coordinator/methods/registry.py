@@ -18,6 +18,7 @@ METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
     ZerothOrder,
 )}
 NAMES = tuple(METHODS)
+DEFAULT = "zero_pad"  # what `edge-coordinator serve`, the Flower app and the library use unless told
 
 
 def method_class(name: str) -> type[Method]:
