@@ -6,10 +6,14 @@ Memory is O(global state), not O(devices x adapter): per module one streaming ag
 method's kind, plus a float64 running weighted sum of the non-LoRA extras. A batch aggregation
 is "fold every upload"; a restarted coordinator re-folds its stored uploads one at a time.
 
-    engine = RoundEngine(method, g, round_id)
+    engine = RoundEngine(method, g, round_id, policy=RoundPolicy(...), opt_state=state)
     sent = engine.download(rank, mode, seed)          # tensors a device trains from
-    engine.accept(device_id, upload, weight, sent, mode)   # validate + fold
-    g, metrics = engine.close()
+    engine.accept(device_id, upload, examples, sent, mode, progress=p)   # validate + fold
+    g, metrics = engine.close()                       # finalise + server optimizer
+
+Weights come from the round policy (`coordinator.round_policy`): tempered/capped examples; a ZO
+device's upload is held until the close and weighted by its loss progress relative to the LoRA
+devices' (O(ZO devices x adapter) memory, ZO devices are the few small ones).
 """
 from __future__ import annotations
 
@@ -19,20 +23,27 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from protos.adapter import A_SUFFIX, B_SUFFIX, CONTRACT_META, State
+from protos.adapter import A_SUFFIX, B_SUFFIX, CONTRACT_META, RECIPE_META, State
 from protos.wire import BASE_DELTA, decode_tensors, encode_tensors, split_download
 
 from .aggregation import GlobalState, LoraUpdate, split_state, zo_replay_update
 from .methods import Method
+from .round_policy import RoundPolicy
+from .server_opt import ServerOptState, apply_server_opt
 from .validation import UpdateInvalid, validate_update
 
 
 class RoundEngine:
     """One round's downloads and running aggregate over `method`, starting from global `g`."""
 
-    def __init__(self, method: Method, g: GlobalState, round_id: int, norm_bound: float = math.inf) -> None:
+    def __init__(self, method: Method, g: GlobalState, round_id: int, norm_bound: float = math.inf,
+                 policy: RoundPolicy | None = None, opt_state: ServerOptState | None = None) -> None:
         self.method, self.g, self.round_id, self.norm_bound = method, g, round_id, norm_bound
+        self.policy = policy or RoundPolicy()
+        self.opt_state = opt_state if opt_state is not None else ServerOptState()
         self.devices: set[str] = set()
+        self._zo_held: list[tuple[str, dict[str, torch.Tensor], float, float]] = []  # (id, state, weight, progress)
+        self._progress: list[float] = []  # loss progress of the folded LoRA devices
         self._modules = {name: method.aggregator() for name in g.modules}
         self._extra: dict[str, torch.Tensor] = {}  # key -> sum_k w_k extra_k (float64)
         self.total_weight = 0.0
@@ -70,7 +81,8 @@ class RoundEngine:
         cfg = self.method.cfg
         meta = {"strategy": self.method.name, "rank": rank, "lora_alpha": cfg.lora_alpha,
                 "use_rslora": int(cfg.use_rslora), "round_id": self.round_id,
-                CONTRACT_META: self.method.contract(mode).to_meta()}
+                CONTRACT_META: self.method.contract(mode).to_meta(),
+                RECIPE_META: self.policy.recipe(self.round_id).to_meta()}
         return encode_tensors(tensors, meta, "fp32")
 
     def kept_from(self, final: Mapping[str, torch.Tensor], mode: str) -> State:
@@ -84,11 +96,12 @@ class RoundEngine:
         """The one upload validator: keys/shapes against what was sent, finite, norm. Returns the norm."""
         return validate_update(state, self.method.upload_shapes(sent, mode), self.norm_bound, precision)
 
-    def accept(self, device_id: str, state: Mapping[str, torch.Tensor], weight: float,
-               sent: Mapping[str, torch.Tensor], mode: str, precision: str | None = None) -> float:
+    def accept(self, device_id: str, state: Mapping[str, torch.Tensor], examples: float,
+               sent: Mapping[str, torch.Tensor], mode: str, precision: str | None = None,
+               progress: float | None = None) -> float:
         """Validate an upload against what the device downloaded, then fold it. Returns its norm."""
         norm = self.validate(state, sent, mode, precision)
-        self.fold(device_id, state, weight)
+        self.fold(device_id, state, examples, mode, progress)
         return norm
 
     @staticmethod
@@ -97,12 +110,24 @@ class RoundEngine:
         start, _ = split_download(sent)
         return zo_replay_update(start, pairs, lr)
 
-    def fold(self, device_id: str, state: Mapping[str, torch.Tensor], weight: float) -> None:
-        """Fold one validated upload (ZO: the replayed final adapter). Raises UpdateInvalid on mismatch."""
+    def fold(self, device_id: str, state: Mapping[str, torch.Tensor], examples: float, mode: str = "lora",
+             progress: float | None = None) -> None:
+        """Fold one validated upload (ZO: the replayed final adapter) with the policy's weight for
+        `examples`; a ZO device with a reported `progress` is held until the close."""
         if device_id in self.devices:
             raise UpdateInvalid("duplicate", f"device {device_id} was already folded into round {self.round_id}")
-        if not weight > 0:
-            raise UpdateInvalid("malformed", f"device {device_id}: aggregation weight must be positive, got {weight}")
+        if not examples > 0:
+            raise UpdateInvalid("malformed", f"device {device_id}: example count must be positive, got {examples}")
+        weight = self.policy.weight(examples)
+        if mode == "zo" and progress is not None and self.policy.zo_progress:
+            self._zo_held.append((device_id, dict(state), weight, float(progress)))
+            self.devices.add(device_id)
+            return
+        self._fold(device_id, state, weight)
+        if progress is not None and mode != "zo":
+            self._progress.append(float(progress))
+
+    def _fold(self, device_id: str, state: Mapping[str, torch.Tensor], weight: float) -> None:
         try:
             mods, extra = split_state(self.method.complete_upload(state, self.g))
         except ValueError as e:
@@ -127,6 +152,17 @@ class RoundEngine:
         self.devices.add(device_id)
         self.total_weight += float(weight)
 
+    def _fold_held_zo(self) -> dict[str, float]:
+        """Fold the held ZO uploads, each weighted by its progress relative to the LoRA devices'."""
+        ref = sum(self._progress) / len(self._progress) if self._progress else None
+        factors = {}
+        for device_id, state, weight, progress in self._zo_held:
+            factors[device_id] = self.policy.zo_factor(progress, ref)
+            self.devices.discard(device_id)
+            self._fold(device_id, state, weight * factors[device_id])
+        self._zo_held = []
+        return factors
+
     # -- the next global -------------------------------------------------------------------
     def nbytes(self) -> int:
         """Bytes held by the running aggregate (independent of the number of devices folded)."""
@@ -139,6 +175,7 @@ class RoundEngine:
         """(next global, metrics) from the folded uploads and the round's starting global."""
         if not self.devices:
             raise ValueError(f"round {self.round_id}: no uploads were folded; nothing to aggregate")
+        zo_factors = self._fold_held_zo()
         W = self.total_weight
         metrics = {"stream_rank": max(a.current_rank for a in self._modules.values()),
                    "stream_rel_error": max(a.relative_error for a in self._modules.values())}
@@ -149,7 +186,12 @@ class RoundEngine:
             err = max(err, e)
         metrics["recompress_rel_error"] = err
         extra = {k: (v / W).float() for k, v in sorted(self._extra.items())}
-        return GlobalState(self.method.name, mods, extra, W), metrics
+        if zo_factors:
+            metrics["zo_weight_factor"] = min(zo_factors.values())
+        agg = GlobalState(self.method.name, mods, extra, W)
+        cfg = self.policy.server_opt
+        return apply_server_opt(cfg, self.opt_state, self.g, agg, self.method.factor_space,
+                                self.method.cfg.cap_rank), metrics
 
 
 # -- global state <-> bytes -----------------------------------------------------------------
@@ -175,8 +217,9 @@ def global_from_bytes(data: bytes) -> GlobalState:
 
 def aggregate(method: Method, g: GlobalState, uploads: Sequence[tuple[str, Mapping[str, torch.Tensor], float]],
               round_id: int = 0) -> GlobalState:
-    """Batch aggregation = fold every (device_id, state, weight) upload, then close (no validation)."""
+    """Batch aggregation = fold every (device_id, state, examples) upload, then close (no validation;
+    the default policy: weights = examples, no server optimizer)."""
     engine = RoundEngine(method, g, round_id)
-    for device_id, state, weight in uploads:
-        engine.fold(device_id, state, weight)
+    for device_id, state, examples in uploads:
+        engine.fold(device_id, state, examples)
     return engine.close()[0]

@@ -21,37 +21,48 @@ import math
 import random
 from dataclasses import dataclass, field, replace
 
+from .errors import CoordinatorError
+
 OPEN, AGGREGATED, FAILED = "open", "aggregated", "failed"
 
 
-class RoundError(Exception):
-    """Base of domain errors; `code` names the gRPC status the servicer maps it to."""
+class RoundError(CoordinatorError):
+    """Base of the round state machine's refusals (coordinator.errors: `reason` label, gRPC `code`)."""
 
     code = "FAILED_PRECONDITION"
 
 
 class UnknownDevice(RoundError):
     code = "UNAUTHENTICATED"
+    reason = "unauthenticated"
 
 
 class WrongRound(RoundError):
+    """Wrong or unknown round / download; raised with reason="replay" for a stale or replayed nonce."""
+
     code = "FAILED_PRECONDITION"
+    reason = "wrong_round"
 
 
 class LateUpload(WrongRound):
     """Upload for a round that has closed (a straggler)."""
 
+    reason = "late"
+
 
 class NotSelected(RoundError):
     code = "FAILED_PRECONDITION"
+    reason = "not_selected"
 
 
 class DuplicateUpload(RoundError):
     code = "ALREADY_EXISTS"
+    reason = "duplicate"
 
 
 class EnrolmentRefused(RoundError):
     code = "FAILED_PRECONDITION"
+    reason = "bad_plan"
 
 
 @dataclass(frozen=True)
@@ -178,7 +189,7 @@ def check_upload(rnd: Round | None, round_id: int, device_id: str, nonce: str) -
         raise DuplicateUpload(f"device {device_id} already has an accepted upload for round {round_id}")
     if nonce != rnd.nonces.get(device_id):
         raise WrongRound(f"nonce {nonce!r} does not match the task issued for round {round_id}; "
-                         "call GetTask again (replayed or stale upload)")
+                         "call GetTask again (replayed or stale upload)", reason="replay")
 
 
 def accept(rnd: Round, device_id: str) -> Round:

@@ -39,6 +39,7 @@ class SecAggRejected(R.RoundError):
     """A SecAggStep the protocol refuses (wrong phase, excluded device, malformed or inconsistent message)."""
 
     code = "FAILED_PRECONDITION"
+    reason = "other"
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,12 @@
 """Thin gRPC servicer: proto <-> domain calls on a Coordinator, domain errors -> status codes.
 
-unknown device / token -> UNAUTHENTICATED; wrong or closed round, stale nonce, not selected
--> FAILED_PRECONDITION; malformed upload (shapes, non-finite, checksum, norm) ->
-INVALID_ARGUMENT; oversize -> RESOURCE_EXHAUSTED; duplicate upload -> ALREADY_EXISTS; a SecAggStep the
-secure-aggregation protocol refuses (phase closed, device left out, inconsistent message) -> FAILED_PRECONDITION.
+Every refusal is a coordinator.errors.CoordinatorError carrying its gRPC status name (`code`)
+and its counted `reason`: unknown device / token -> UNAUTHENTICATED; revoked -> PERMISSION_DENIED;
+wrong or closed round, stale nonce, not selected -> FAILED_PRECONDITION; malformed upload
+(shapes, non-finite, checksum, norm) -> INVALID_ARGUMENT; oversize -> RESOURCE_EXHAUSTED;
+duplicate upload -> ALREADY_EXISTS; a SecAggStep the secure-aggregation protocol refuses (phase
+closed, device left out, inconsistent message) -> FAILED_PRECONDITION. Any other ValueError is
+INVALID_ARGUMENT ("malformed").
 """
 from __future__ import annotations
 
@@ -19,8 +22,8 @@ from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pbg
 from protos import wire
 
-from . import rounds as R
-from .service import Coordinator, UploadRejected
+from .errors import CoordinatorError
+from .service import Coordinator
 from .validation import reason_of
 
 log = logging.getLogger("coordinator.server")
@@ -29,12 +32,9 @@ MAX_MESSAGE = 8 << 20
 
 
 def _code(e: Exception) -> grpc.StatusCode:
-    name = getattr(e, "code", None)
-    if isinstance(name, str) and hasattr(grpc.StatusCode, name):
-        return getattr(grpc.StatusCode, name)
-    if isinstance(e, wire.BlobTooLarge):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
-    return grpc.StatusCode.INVALID_ARGUMENT
+    """The gRPC status of a refusal: a CoordinatorError's own `code`, INVALID_ARGUMENT for a ValueError."""
+    name = e.code if isinstance(e, CoordinatorError) else "INVALID_ARGUMENT"
+    return getattr(grpc.StatusCode, name, grpc.StatusCode.INVALID_ARGUMENT)
 
 
 def _stats(msg: pb.TrainStats) -> dict[str, Any]:
@@ -54,14 +54,10 @@ class FederationServicer(pbg.FederationServicer):
     def _guard(self, context: grpc.ServicerContext, fn, *args):
         try:
             return fn(*args)
-        except (R.RoundError, UploadRejected, wire.WireError) as e:
+        except (CoordinatorError, ValueError) as e:  # a refusal (wire.WireError is a ValueError too)
             self.c.metrics.rpc_error(fn, e)  # counts refused updates by reason
             self.c.record_rejection(reason_of(e), str(e), getattr(fn, "__name__", ""))  # durable, per reason
             context.abort(_code(e), str(e))
-        except ValueError as e:
-            self.c.metrics.rpc_error(fn, e)
-            self.c.record_rejection(reason_of(e), str(e), getattr(fn, "__name__", ""))
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except (OSError, RuntimeError, KeyError, TypeError) as e:  # a bug or a disk problem: keep serving
             log.exception("%s failed", getattr(fn, "__name__", "call"))
             self.c.record_rejection("other", f"{type(e).__name__}: {e}", getattr(fn, "__name__", ""))

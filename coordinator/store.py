@@ -23,6 +23,7 @@ from typing import Any
 
 from protos.wire import sha256_hex
 
+from .errors import UploadRejected
 from .rounds import Device, Round
 
 _SCHEMA = """
@@ -135,9 +136,6 @@ class Store:
                    (d.device_id, d.name, token_sha256, d.plan_rank, d.mode, d.assigned_rank, d.last_seen,
                     d.registered_at, profile_json, plan_json))
 
-    def touch_device(self, device_id: str, now: float) -> None:
-        self._exec("UPDATE devices SET last_seen=? WHERE device_id=?", (now, device_id))
-
     def devices(self) -> dict[str, tuple[Device, str]]:
         rows = self._exec("SELECT device_id, name, plan_rank, mode, assigned_rank, last_seen, registered_at, "
                           "token_sha256 FROM devices")
@@ -160,9 +158,6 @@ class Store:
     def set_round_global(self, round_id: int, rel_path: str, sha256: str, metrics: dict[str, Any]) -> None:
         self._exec("UPDATE rounds SET global_path=?, global_sha256=?, metrics_json=? WHERE round_id=?",
                    (rel_path, sha256, json.dumps(metrics), round_id))
-
-    def set_round_metrics(self, round_id: int, metrics: dict[str, Any]) -> None:
-        self._exec("UPDATE rounds SET metrics_json=? WHERE round_id=?", (json.dumps(metrics), round_id))
 
     def rounds(self) -> list[dict[str, Any]]:
         rows = self._exec("SELECT round_id, state, opened_at, deadline, closed_at, selected_json, nonces_json, "
@@ -221,7 +216,7 @@ class Store:
     # -- partial uploads ----------------------------------------------------------------
     def partial_path(self, upload_id: str) -> Path:
         if not upload_id or not all(c.isalnum() or c in "-_" for c in upload_id) or len(upload_id) > 96:
-            raise ValueError(f"upload_id {upload_id!r} is invalid: use 1-96 letters, digits, '-' or '_'")
+            raise UploadRejected(f"upload_id {upload_id!r} is invalid: use 1-96 letters, digits, '-' or '_'")
         return self.root / "partial" / f"{upload_id}.part"
 
     def partial_size(self, upload_id: str) -> int:
@@ -236,8 +231,8 @@ class Store:
             p.unlink()
             size = 0
         if offset != size:
-            raise ValueError(f"upload {upload_id}: chunk offset {offset} does not match the {size} bytes received; "
-                             "ask UploadStatus for the resume offset")
+            raise UploadRejected(f"upload {upload_id}: chunk offset {offset} does not match the {size} bytes "
+                                 "received; ask UploadStatus for the resume offset", reason="size_mismatch")
         with open(p, "ab") as f:
             f.write(data)
             f.flush()

@@ -3,8 +3,8 @@
 `validate_update(state, expected, norm_bound, precision)` checks a decoded LoRA upload
 against what the device was assigned: exact keys, shapes for its rank, floating dtypes,
 finite values and the Frobenius norm bound. Checksum, size cap and replay (round id +
-nonce) are checked by the service before decoding; every refusal carries a short `reason`
-label so it can be counted.
+nonce) are checked by the upload path (coordinator.uploads) before decoding; every refusal
+carries a short `reason` label (coordinator.errors) so it can be counted (`reason_of`).
 
 `RejectionLog(store_root)` keeps `reason -> count` (plus the last message) in a table of
 the coordinator's SQLite file; `edge-coordinator status` prints it.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from protos import wire
+from .errors import UploadRejected
 
 log = logging.getLogger("coordinator.validation")
 
@@ -30,14 +30,11 @@ REASONS = ("unauthenticated", "permission_denied", "enrolment", "late", "duplica
 FLOAT_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
-class UpdateInvalid(ValueError):
-    """An upload failed validation; `reason` is one of REASONS, `code` the gRPC status name."""
-
-    code = "INVALID_ARGUMENT"
+class UpdateInvalid(UploadRejected):
+    """An upload failed validation; `reason` is one of REASONS (coordinator.errors.UploadRejected)."""
 
     def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
+        super().__init__(message, reason=reason)
 
 
 def validate_update(state: Mapping[str, torch.Tensor], expected: Mapping[str, tuple], norm_bound: float,
@@ -71,31 +68,12 @@ def validate_update(state: Mapping[str, torch.Tensor], expected: Mapping[str, tu
     return norm
 
 
-_BY_CLASS = {"UnknownDevice": "unauthenticated", "Revoked": "permission_denied", "LateUpload": "late",
-             "DuplicateUpload": "duplicate", "NotSelected": "not_selected", "UploadTooLarge": "too_large",
-             "BlobTooLarge": "too_large", "EnrolmentRefused": "bad_plan"}
-_BY_TEXT = (("enrolment token", "unauthenticated"), ("nonce", "replay"), ("sha256", "checksum"),
-            ("non-finite", "non_finite"), ("nan/inf", "non_finite"), ("exceeds the bound", "norm_bound"),
-            ("cap", "too_large"), ("keys do not match", "keys"), ("shape", "shape"), ("dtype", "dtype"),
-            ("plan_json", "bad_plan"), ("plan mode", "bad_plan"), ("declared", "size_mismatch"),
-            ("runs past", "size_mismatch"), ("offset", "size_mismatch"), ("does not exist", "wrong_round"),
-            ("not part of round", "wrong_round"), ("zo update", "malformed"), ("upload_id", "malformed"))
-
-
 def reason_of(exc: BaseException) -> str:
-    """A bounded label (one of REASONS) for why a request was refused."""
+    """A bounded label (one of REASONS) for why a request was refused: the error's own `reason`
+    (coordinator.errors.CoordinatorError), else "malformed" for a ValueError and "other" otherwise."""
     reason = getattr(exc, "reason", None)
     if isinstance(reason, str) and reason in REASONS:
         return reason
-    for cls in type(exc).__mro__:
-        if cls.__name__ in _BY_CLASS:
-            return _BY_CLASS[cls.__name__]
-    msg = str(exc).lower()
-    for needle, label in _BY_TEXT:
-        if needle in msg:
-            return label
-    if isinstance(exc, wire.WireError):
-        return "malformed"
     return "malformed" if isinstance(exc, ValueError) else "other"
 
 

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
     from edge_runtime.client import DeltaTracker, FederationClient, JoinConfig, _Heartbeat
     from edge_runtime.trainer_protocol import RoundTrainer, TrainOutcome
-    from protos.adapter import DeviceContract
+    from protos.adapter import DeviceContract, TrainingRecipe
 
 log = logging.getLogger("edge_runtime.client")  # the join loop's logger: one stream per device
 
@@ -44,6 +44,7 @@ class Fetched:
     contract: DeviceContract
     nbytes: int
     seconds: float
+    recipe: TrainingRecipe | None = None  # the round's FedProx / logit adjustment / lr factor
 
 
 @dataclass
@@ -77,14 +78,14 @@ class RoundPlayer(Protocol):
 
 # -- stages ---------------------------------------------------------------------------------------
 def fetch(client: FederationClient, t: pb.Task) -> Fetched:
-    from protos.adapter import DeviceContract
+    from protos.adapter import DeviceContract, TrainingRecipe
 
     t0 = time.perf_counter()
     blob = client.download(t)
     seconds = time.perf_counter() - t0
     tensors, meta = wire.decode_tensors(blob)
     state, delta = wire.split_download(tensors)
-    return Fetched(state, delta, DeviceContract.from_meta(meta), len(blob), seconds)
+    return Fetched(state, delta, DeviceContract.from_meta(meta), len(blob), seconds, TrainingRecipe.from_meta(meta))
 
 
 def load(trainer: RoundTrainer, t: pb.Task, fetched: Fetched, tracker: DeltaTracker,
@@ -104,6 +105,8 @@ def load(trainer: RoundTrainer, t: pb.Task, fetched: Fetched, tracker: DeltaTrac
     if fetched.contract.keep_local:
         state = prepare_download(state, trainer.adapter_state(), kept, fetched.contract)
     trainer.load_adapter_state(state)
+    if fetched.recipe is not None:
+        trainer.recipe = fetched.recipe
     if t.secagg and t.mode == "zo":  # a seed-scalar secure round: train with the round's shared seed pool
         from protos.secagg_payload import RoundPayload
 
@@ -123,8 +126,10 @@ def train(trainer: RoundTrainer, t: pb.Task, records: list[dict[str, Any]], prog
 
 def train_stats(trainer: RoundTrainer, fetched: Fetched, trained: Trained, num_records: int,
                 last_upload_s: float) -> pb.TrainStats:
+    from protos.adapter import loss_progress
+
     r = trained.result
-    extra = trainer.report()
+    extra = {**trainer.report(), "loss_progress": loss_progress(list(r.losses or []))}
     return pb.TrainStats(num_examples=int(r.examples_seen or num_records), train_loss=float(r.mean_loss),
                          train_time_s=r.seconds + trained.paced_s, peak_memory_bytes=int(r.peak_rss_bytes),
                          upload_time_s=last_upload_s, download_time_s=fetched.seconds, steps=int(r.steps),

@@ -220,6 +220,14 @@ class AdaptiveTrainer:
         return self.inner.seed
 
     @property
+    def recipe(self) -> Any:
+        return self.inner.recipe
+
+    @recipe.setter
+    def recipe(self, value: Any) -> None:
+        self.inner.recipe = value
+
+    @property
     def zo_pool_seed(self) -> int:
         return self.inner.zo_pool_seed
 
@@ -359,13 +367,14 @@ class AdaptiveTrainer:
                 raise RuntimeError("step-down to a new base precision needs a rebuild function")
             state, rank = inner.adapter_state(), inner.rank
             conf = {**self._conf, "rank": rank, "lora_alpha": inner.lora_alpha, "use_rslora": inner.use_rslora}
-            budget, pool = inner.memory_budget_bytes, (inner.zo_pool_seed, inner.zo_pool_size)
+            budget, pool, recipe = inner.memory_budget_bytes, (inner.zo_pool_seed, inner.zo_pool_size), inner.recipe
             self.inner = None
             del inner
             gc.collect()
             inner = self.rebuild(inner_plan)
             inner.memory_budget_bytes = budget
             inner.zo_pool_seed, inner.zo_pool_size = pool
+            inner.recipe = recipe
             self.inner = inner
             for m in self._merges:
                 inner.merge_base_delta(m)

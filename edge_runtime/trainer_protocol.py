@@ -26,6 +26,7 @@ class TrainOutcome(Protocol):
     peak_rss_bytes: int
     zo_pairs: list[tuple[int, float]] | None
     zo_lr: float | None
+    losses: list[float]  # per-step training loss (the device reports its relative decrease)
 
 
 @runtime_checkable
@@ -43,6 +44,7 @@ class RoundTrainer(Protocol):
     use_rslora: bool
     seed: int
     zo_pool_seed: int
+    recipe: Any  # protos.adapter.TrainingRecipe: this round's FedProx / logit adjustment / lr factor
     zo_pool_size: int | None
     memory_budget_bytes: int | None
     last_events: list[dict[str, Any]]

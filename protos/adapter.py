@@ -10,6 +10,9 @@ download's safetensors metadata, so the device runtime never branches on a metho
 - `keep_local`: key suffixes the device keeps on the device: they are not in the download (the
   device reuses its own copy, zeros at first) and not in the upload (e.g. FedSA-LoRA's B).
 - `frozen`: key suffixes the device must not train (e.g. FFA-LoRA's A).
+
+The round's `TrainingRecipe` (FedProx mu, logit adjustment, the lr schedule's factor) travels the
+same way.
 """
 from __future__ import annotations
 
@@ -86,3 +89,59 @@ def split_upload(state: Mapping[str, torch.Tensor], contract: DeviceContract) ->
     up = {k: v for k, v in state.items() if not contract.is_local(k)}
     keep = {k: v for k, v in state.items() if contract.is_local(k)}
     return up, keep
+
+
+RECIPE_META = "recipe"
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """How a device trains this round, set by the coordinator (carried in the download's metadata).
+
+    prox_mu: FedProx proximal term mu/2 * ||theta - theta_download||^2 on the trainable tensors (0: off).
+    logit_adjust: tau of local logit adjustment (FedLC-style): classification logits + tau * log(prior)
+        of the device's own labels during training only, so a one-sided shard does not drag the shared
+        head to its majority class (0: off).
+    lr_scale: the round's learning-rate factor (the coordinator's round-wise schedule).
+    """
+
+    prox_mu: float = 0.0
+    logit_adjust: float = 0.0
+    lr_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        import math
+
+        for name in ("prox_mu", "logit_adjust"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"training recipe {name}={v!r}: expected a finite number >= 0 (0 = off)")
+        if not (math.isfinite(self.lr_scale) and self.lr_scale > 0):
+            raise ValueError(f"training recipe lr_scale={self.lr_scale!r}: expected a positive number")
+
+    def to_meta(self) -> str:
+        return json.dumps({"prox_mu": self.prox_mu, "logit_adjust": self.logit_adjust, "lr_scale": self.lr_scale})
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, str]) -> TrainingRecipe:
+        """The recipe in a download's metadata (none: plain local training)."""
+        raw = meta.get(RECIPE_META)
+        if not raw:
+            return cls()
+        try:
+            d = json.loads(raw)
+            return cls(**{k: float(d[k]) for k in ("prox_mu", "logit_adjust", "lr_scale") if k in d})
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"download metadata {RECIPE_META!r} is not a valid training recipe: {raw!r} ({e})") from e
+
+
+def loss_progress(losses: list[float]) -> float:
+    """Relative decrease of a device's training loss over its local steps, >= 0: (mean of the first
+    third - mean of the last third) / mean of the first third. What a device reports so that the
+    coordinator can weight zeroth-order devices by what they learned."""
+    xs = [float(x) for x in losses if x == x and abs(x) != float("inf")]
+    if len(xs) < 2:
+        return 0.0
+    k = max(1, len(xs) // 3)
+    first, last = sum(xs[:k]) / k, sum(xs[-k:]) / k
+    return max(0.0, (first - last) / first) if first > 0 else 0.0

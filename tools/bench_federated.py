@@ -37,6 +37,8 @@ from sim import SimDevice, device_view_deltas, run_round  # noqa: E402  (tools/s
 
 from coordinator.aggregation import split_state  # noqa: E402
 from coordinator.engine import RoundEngine  # noqa: E402
+from coordinator.round_policy import RoundPolicy  # noqa: E402
+from coordinator.server_opt import ServerOptConfig, ServerOptState  # noqa: E402
 from coordinator.methods import MethodConfig, make_method  # noqa: E402
 from coordinator.model import Evaluator, initial_adapter_state, load_base_model, resolve_target_modules  # noqa: E402
 from edge_runtime.client import DeltaTracker  # noqa: E402
@@ -138,11 +140,12 @@ def run_federated(method_name: str, devices: list[dict[str, Any]], shards: list[
     g = method.initial(init)
     fleet.reset()
     sims = sim_devices(devices, shards, args, common_rank)
+    policy, opt_state = round_policy(args), ServerOptState()
     rows = [{"round": 0, **evaluator.evaluate(method.deltas(g), g.extra), "bytes_up": 0, "bytes_down": 0,
              "wall_s": 0.0}]
     for rnd in range(1, args.rounds + 1):
         t0 = time.perf_counter()
-        engine = RoundEngine(method, g, rnd)
+        engine = RoundEngine(method, g, rnd, policy=policy, opt_state=opt_state)
         traffic = run_round(engine, sims, fleet.trainer_for, lambda t: fleet.trackers[id(t)], args.seed + rnd)
         g, _ = engine.close()
         train_s = time.perf_counter() - t0
@@ -152,6 +155,13 @@ def run_federated(method_name: str, devices: list[dict[str, Any]], shards: list[
         console.print(f"  {method_name}: round {rnd} accuracy {m['accuracy']:.3f} loss {m['loss']:.4f} "
                       f"up {traffic.bytes_up / 1e6:.2f} MB down {traffic.bytes_down / 1e6:.2f} MB ({train_s:.0f}s)")
     return {"rounds": rows}
+
+
+def round_policy(args) -> RoundPolicy:
+    return RoundPolicy(server_opt=ServerOptConfig(args.server_opt, args.server_lr, args.server_momentum,
+                                                  args.server_beta2, args.server_tau),
+                       weight_temper=args.weight_temper, weight_cap=args.weight_cap, zo_progress=args.zo_progress,
+                       prox_mu=args.prox_mu, logit_adjust=args.logit_adjust, lr_decay=args.lr_decay)
 
 
 def run_centralized(model: str, train: list[dict], evaluator: Evaluator, steps: int, args,
@@ -234,6 +244,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--central-batch", type=int, default=6)
     ap.add_argument("--max-batch", type=int, default=0, help="cap the plans' micro-batch (CPU time; 0 = as planned)")
     ap.add_argument("--strategies", default="centralized,fedavg,zero_pad,stack,svd,fedsa,svd+zo")
+    ap.add_argument("--server-opt", default="none", choices=("none", "avgm", "adam", "yogi"))
+    ap.add_argument("--server-lr", type=float, default=1.0)
+    ap.add_argument("--server-momentum", type=float, default=0.9)
+    ap.add_argument("--server-beta2", type=float, default=0.99)
+    ap.add_argument("--server-tau", type=float, default=1e-3)
+    ap.add_argument("--weight-temper", type=float, default=1.0, help="device weight = examples ** temper")
+    ap.add_argument("--weight-cap", type=float, default=0.0, help="cap a device's examples at this (0: none)")
+    ap.add_argument("--zo-progress", type=int, default=1, help="1: weight ZO devices by their loss progress")
+    ap.add_argument("--prox-mu", type=float, default=0.0, help="FedProx mu (0: off)")
+    ap.add_argument("--logit-adjust", type=float, default=0.0, help="local logit adjustment tau (0: off)")
+    ap.add_argument("--lr-decay", type=float, default=1.0, help="round r trains at lr * decay ** (r - 1)")
+    ap.add_argument("--tag", default="", help="suffix of the output files (bench_federated<tag>.json/png)")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (data partition, init, training)")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (few examples, 2 rounds, one seed)")
     ap.add_argument("--out", default="docs")
@@ -297,11 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(results)
     print_summary(summary, args, len(seeds))
     doc = {"args": vars(args), "seeds": seeds, "fleets": fleets, "summary": summary, "results": results}
-    (out / "bench_federated.json").write_text(json.dumps(doc, indent=2, default=str))
+    (out / f"bench_federated{args.tag}.json").write_text(json.dumps(doc, indent=2, default=str))
     title = (f"{args.data}, Dirichlet {args.dirichlet}, {args.rounds} rounds x {args.local_steps} steps, "
              f"seeds {args.seeds}, {args.eval_examples} dev rows")
-    plot(results, out / "bench_federated.png", title)
-    console.print(f"wrote {out / 'bench_federated.json'} and {out / 'bench_federated.png'}")
+    plot(results, out / f"bench_federated{args.tag}.png", title)
+    console.print(f"wrote {out / f'bench_federated{args.tag}.json'} and the PNG")
     return 0
 
 

@@ -19,7 +19,7 @@ from coordinator.engine import RoundEngine
 from edge_runtime.client import DeltaTracker
 from protos import federation_pb2 as pb
 from protos import wire
-from protos.adapter import DeviceContract, State, prepare_download, split_upload
+from protos.adapter import DeviceContract, State, TrainingRecipe, loss_progress, prepare_download, split_upload
 
 
 @dataclass
@@ -64,6 +64,7 @@ def run_round(engine: RoundEngine, devices: Sequence[SimDevice], trainer_for: Ca
             if inc:
                 trainer.merge_base_delta(inc)
         trainer.load_adapter_state(prepare_download(state, trainer.adapter_state(), d.kept, contract))
+        trainer.recipe = TrainingRecipe.from_meta(meta)
         res = trainer.train(d.records, d.steps, lr=d.lr, seed=seed * 1000 + i, progress=False, **(train_kw or {}))
         traffic.train_losses.append(float(res.mean_loss))
         if d.mode == "zo":
@@ -76,7 +77,7 @@ def run_round(engine: RoundEngine, devices: Sequence[SimDevice], trainer_for: Ca
             data = wire.encode_tensors(up, {"rank": d.rank}, d.upload_precision)
             traffic.bytes_up += len(data)
             final, _ = wire.decode_tensors(data)
-        engine.accept(d.name, final, float(len(d.records)), sent, d.mode)
+        engine.accept(d.name, final, float(len(d.records)), sent, d.mode, progress=loss_progress(res.losses))
         d.server_kept = engine.kept_from(final, d.mode)
     return traffic
 

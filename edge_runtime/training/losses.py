@@ -96,3 +96,11 @@ def causal_eval(model: nn.Module, batch: dict[str, torch.Tensor], candidates: di
         cand_logits = head(h_last).float()[:, tok_ids]           # (B, C)
         preds = torch.tensor(labels_sorted)[cand_logits.argmax(-1).cpu()]
     return loss_sum, B, preds
+
+
+def proximal_term(params: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx: mu/2 * sum_k ||params[k] - ref[k]||^2 over the trainable tensors (a scalar)."""
+    total = next(iter(params.values())).new_zeros((), dtype=torch.float32)
+    for k, p in params.items():
+        total = total + (p.float() - ref[k].float()).pow(2).sum()
+    return 0.5 * float(mu) * total

@@ -30,6 +30,7 @@ from edge_runtime.training.guard import (LoadOutOfMemory, MemoryBudgetExceeded, 
                                          max_rss_bytes)
 from edge_runtime.training.model_loading import apply_lora, load_base, resolve_task
 from edge_runtime.training.zo import ZOState, zo_train
+from protos.adapter import TrainingRecipe
 
 log = logging.getLogger(__name__)
 MiB = 2**20
@@ -100,6 +101,9 @@ class LocalTrainer:
         self.seed = seed
         self.zo_pool_seed = 0
         self.zo_pool_size: int | None = None  # a round's shared pool (secure seed-scalar rounds); None: the plan's
+        self.recipe = TrainingRecipe()  # this round's FedProx / logit adjustment / lr factor (the download says)
+        self._log_prior: torch.Tensor | None = None  # (num_labels,) log label prior of the records being trained
+        self._prox_ref: dict[str, torch.Tensor] | None = None  # trainable tensors as downloaded (FedProx)
         self.last_events: list[dict[str, Any]] = []  # no step-downs here (edge_runtime.stepdown.AdaptiveTrainer)
         self.model_src = str(model_src)
         self._enc_cache: dict[tuple, tuple] = {}
@@ -252,6 +256,29 @@ class LocalTrainer:
             return losses.classification_loss(self.model, batch)
         return losses.causal_lm_loss(self.model, batch)
 
+    def _train_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training objective: the task loss under the round's recipe (logit adjustment, FedProx)."""
+        if self._log_prior is not None:
+            logits = losses.classification_logits(self.model, batch)
+            loss = torch.nn.functional.cross_entropy(logits + self.recipe.logit_adjust * self._log_prior,
+                                                     batch["labels"])
+        else:
+            loss = self._loss(batch)
+        if self._prox_ref is not None:
+            loss = loss + losses.proximal_term(self._params, self._prox_ref, self.recipe.prox_mu)
+        return loss
+
+    def _start_recipe(self, examples: Sequence[batching.Example]) -> None:
+        """Label prior (logit adjustment) and the proximal reference for this call of `train`."""
+        r = self.recipe
+        self._log_prior = None
+        if r.logit_adjust > 0 and self.task.kind == "classification":
+            counts = torch.ones(self.task.num_labels)  # add-one: a label the shard lacks is rare, not impossible
+            for e in examples:
+                counts[int(e.label)] += 1
+            self._log_prior = (counts / counts.sum()).log().to(self.device)
+        self._prox_ref = ({k: p.detach().clone() for k, p in self._params.items()} if r.prox_mu > 0 else None)
+
     def _collate(self, examples: Sequence[batching.Example], idx: Sequence[int]) -> dict[str, torch.Tensor]:
         return batching.collate([examples[i] for i in idx], self.tokenizer.pad_token_id, self.device)
 
@@ -261,8 +288,9 @@ class LocalTrainer:
         """`steps` optimizer steps (each `plan.grad_accum` micro-batches of `plan.batch_size`)."""
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        lr = float(self.plan.learning_rate if lr is None else lr)
+        lr = float(self.plan.learning_rate if lr is None else lr) * self.recipe.lr_scale
         examples = self.encode(records)
+        self._start_recipe(examples)
         stream = batching.bucketed_batches([len(e.input_ids) for e in examples], self.plan.batch_size, seed)
         batches = (self._collate(examples, idx) for idx in stream)
         snap = _Snapshot.of(self._params)
@@ -315,7 +343,7 @@ class LocalTrainer:
             total = 0.0
             for _ in range(self.plan.grad_accum):
                 batch = next(batches)
-                loss = self._loss(batch) / self.plan.grad_accum
+                loss = self._train_loss(batch) / self.plan.grad_accum
                 loss.backward()
                 total += float(loss.detach())
                 seen += int(batch["input_ids"].shape[0])
@@ -337,7 +365,7 @@ class LocalTrainer:
 
         def loss_on(batch: dict[str, torch.Tensor]) -> torch.Tensor:
             guard.check()
-            return self._loss(batch)
+            return self._train_loss(batch)
 
         def on_step(step: int, loss: float) -> None:
             snap.take(self._params, step + 1)

@@ -1,0 +1,62 @@
+"""What a round does beyond its method: how devices are weighted, how they train (the recipe sent
+with every download) and how the server steps from the aggregate (coordinator.server_opt).
+
+Label skew makes a federated model drift to the local majorities; the remedies here are the
+survey's standard ones, each a user option:
+- weights: a device's weight is examples ** `weight_temper` (1: by examples, 0.5: square root,
+  0: uniform), at most `weight_cap` examples (0: no cap), so one large one-sided shard cannot
+  dominate; zeroth-order devices are weighted by what they learned: x min(1, their relative
+  loss decrease / the LoRA devices' mean) (`zo_progress`), so a ZO device that barely moved does
+  not drag the average back to the round's start;
+- the recipe (protos.adapter.TrainingRecipe): FedProx `prox_mu`, local logit adjustment
+  `logit_adjust` (FedLC), and the round-wise learning-rate schedule lr * `lr_decay` ** (round - 1);
+- the server optimizer (FedAvgM / FedAdam / FedYogi with a server learning rate).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from protos.adapter import TrainingRecipe
+
+from .server_opt import ServerOptConfig
+
+
+@dataclass(frozen=True)
+class RoundPolicy:
+    server_opt: ServerOptConfig = field(default_factory=ServerOptConfig)
+    weight_temper: float = 1.0
+    weight_cap: float = 0.0
+    zo_progress: bool = True
+    prox_mu: float = 0.0
+    logit_adjust: float = 0.0
+    lr_decay: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.weight_temper <= 1:
+            raise ValueError(f"--weight-temper {self.weight_temper!r}: expected a number in [0, 1] "
+                             "(1: weight by examples, 0.5: square root, 0: uniform)")
+        if not (math.isfinite(self.weight_cap) and self.weight_cap >= 0):
+            raise ValueError(f"--weight-cap {self.weight_cap!r}: expected examples >= 0 (0: no cap)")
+        if not 0 < self.lr_decay <= 1:
+            raise ValueError(f"--lr-decay {self.lr_decay!r}: expected a factor in (0, 1] per round")
+        self.recipe(1)  # validates prox_mu / logit_adjust
+
+    def recipe(self, round_id: int) -> TrainingRecipe:
+        """What every device is told to do in `round_id` (1-based)."""
+        return TrainingRecipe(prox_mu=self.prox_mu, logit_adjust=self.logit_adjust,
+                              lr_scale=self.lr_decay ** max(0, round_id - 1))
+
+    def weight(self, num_examples: float) -> float:
+        """A device's aggregation weight from the examples it reports (>= 1)."""
+        n = max(1.0, float(num_examples))
+        if self.weight_cap:
+            n = min(n, self.weight_cap)
+        return n ** self.weight_temper
+
+    @staticmethod
+    def zo_factor(progress: float, reference: float | None) -> float:
+        """Multiplier of a ZO device's weight: its loss progress relative to the LoRA devices' mean."""
+        if reference is None or reference <= 0:
+            return 1.0
+        return min(1.0, max(0.01, max(0.0, progress) / reference))  # > 0: the device stays in the sum
