@@ -45,6 +45,48 @@ def _pick(d: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     return {k: d[k] for k in keys if k in d}
 
 
+def _per(updates: list[dict[str, Any]], key: str) -> dict[Any, list[int]]:
+    """key value -> [accepted updates, upload bytes]."""
+    out: dict[Any, list[int]] = {}
+    for u in updates:
+        row = out.setdefault(u[key], [0, 0])
+        row[0] += 1
+        row[1] += int(u["wire_bytes"])
+    return out
+
+
+def _device_rows(c: "Coordinator", devices: dict, active: set[str], updates: list[dict[str, Any]],
+                 now: float) -> list[dict[str, Any]]:
+    docs = _device_docs(c)
+    per_dev = _per(updates, "device_id")
+    rows = []
+    for d in sorted(devices.values(), key=lambda d: d.name):
+        prof, plan = docs.get(d.device_id, ({}, {}))
+        n, b = per_dev.get(d.device_id, [0, 0])
+        rows.append({
+            "device_id": d.device_id, "name": d.name, "mode": c.method.device_mode(d.mode), "plan_rank": d.plan_rank,
+            "assigned_rank": d.assigned_rank, "active": d.device_id in active,
+            "last_seen_s": round(max(0.0, now - d.last_seen), 1), "profile": _pick(prof, PROFILE_KEYS),
+            "plan": {**_pick(plan, PLAN_KEYS), "memory_total_bytes": (plan.get("memory") or {}).get("total_bytes")},
+            "accepted_updates": n, "upload_bytes": b})
+    return rows
+
+
+def _round_rows(rounds: list[dict[str, Any]], updates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    per_round = _per(updates, "round_id")
+    rows = []
+    for r in rounds:
+        m = r.get("metrics") or {}
+        n, b = per_round.get(r["round_id"], [0, 0])
+        rows.append({
+            "round_id": r["round_id"], "state": r["state"], "selected": len(r["selected"]), "accepted": n,
+            "dropped": len(r["dropped"]), "late": r["late"],
+            "duration_s": round(r["closed_at"] - r["opened_at"], 3) if r["closed_at"] else None,
+            "loss": m.get("loss"), "accuracy": m.get("accuracy"), "aggregate_s": m.get("aggregate_s"),
+            "upload_bytes": b})
+    return rows
+
+
 def status_snapshot(coordinator: "Coordinator") -> dict[str, Any]:
     """Everything the status page shows, JSON-ready. Reads the store; takes no coordinator lock."""
     c = coordinator
@@ -52,39 +94,11 @@ def status_snapshot(coordinator: "Coordinator") -> dict[str, Any]:
     rounds = c.store.rounds()
     updates = c.store.updates()
     initial = c.store.get_meta("initial_metrics", {}) or {}
-    docs = _device_docs(c)
     live = c.metrics.snapshot()
     devices = dict(c.fed.devices)
     active = set(R.available(devices, c.fed.cfg, now))
-    per_dev: dict[str, list[int]] = {}
-    per_round: dict[int, list[int]] = {}
-    for u in updates:
-        per_dev.setdefault(u["device_id"], [0, 0])
-        per_dev[u["device_id"]][0] += 1
-        per_dev[u["device_id"]][1] += int(u["wire_bytes"])
-        per_round.setdefault(u["round_id"], [0, 0])
-        per_round[u["round_id"]][0] += 1
-        per_round[u["round_id"]][1] += int(u["wire_bytes"])
-    dev_rows = []
-    for d in sorted(devices.values(), key=lambda d: d.name):
-        prof, plan = docs.get(d.device_id, ({}, {}))
-        n, b = per_dev.get(d.device_id, [0, 0])
-        dev_rows.append({
-            "device_id": d.device_id, "name": d.name, "mode": c.method.device_mode(d.mode), "plan_rank": d.plan_rank,
-            "assigned_rank": d.assigned_rank, "active": d.device_id in active,
-            "last_seen_s": round(max(0.0, now - d.last_seen), 1), "profile": _pick(prof, PROFILE_KEYS),
-            "plan": {**_pick(plan, PLAN_KEYS), "memory_total_bytes": (plan.get("memory") or {}).get("total_bytes")},
-            "accepted_updates": n, "upload_bytes": b})
-    round_rows = []
-    for r in rounds:
-        m = r.get("metrics") or {}
-        n, b = per_round.get(r["round_id"], [0, 0])
-        round_rows.append({
-            "round_id": r["round_id"], "state": r["state"], "selected": len(r["selected"]), "accepted": n,
-            "dropped": len(r["dropped"]), "late": r["late"],
-            "duration_s": round(r["closed_at"] - r["opened_at"], 3) if r["closed_at"] else None,
-            "loss": m.get("loss"), "accuracy": m.get("accuracy"), "aggregate_s": m.get("aggregate_s"),
-            "upload_bytes": b})
+    dev_rows = _device_rows(c, devices, active, updates, now)
+    round_rows = _round_rows(rounds, updates)
     eval_round, eval_m = last_eval(rounds, initial)
     cur = c.fed.current
     return {

@@ -69,7 +69,7 @@ class RoundEngine:
             if key not in out and mod is not None and tuple(t.shape) == (mod.shape[0], ref.shape[0]):
                 out[key] = t.clone()
         for key in [k for k in out if k.endswith(A_SUFFIX) and k[: -len(A_SUFFIX)] + B_SUFFIX not in out]:
-            if not self.method.contract(mode).is_local(key[: -len(A_SUFFIX)] + B_SUFFIX):  # nothing kept yet
+            if not self.method.contract(mode, self.round_id).is_local(key[: -len(A_SUFFIX)] + B_SUFFIX):  # nothing kept yet
                 out[key[: -len(A_SUFFIX)] + B_SUFFIX] = torch.zeros(self.g.modules[key[: -len(A_SUFFIX)]].shape[0],
                                                                     out[key].shape[0])
         for name, (B, A) in served.base_delta.items():
@@ -81,7 +81,7 @@ class RoundEngine:
         cfg = self.method.cfg
         meta = {"strategy": self.method.name, "rank": rank, "lora_alpha": cfg.lora_alpha,
                 "use_rslora": int(cfg.use_rslora), "round_id": self.round_id,
-                CONTRACT_META: self.method.contract(mode).to_meta(),
+                CONTRACT_META: self.method.contract(mode, self.round_id).to_meta(),
                 RECIPE_META: self.policy.recipe(self.round_id).to_meta()}
         return encode_tensors(tensors, meta, "fp32")
 
@@ -94,7 +94,7 @@ class RoundEngine:
     def validate(self, state: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor], mode: str,
                  precision: str | None = None) -> float:
         """The one upload validator: keys/shapes against what was sent, finite, norm. Returns the norm."""
-        return validate_update(state, self.method.upload_shapes(sent, mode), self.norm_bound, precision)
+        return validate_update(state, self.method.upload_shapes(sent, mode, self.round_id), self.norm_bound, precision)
 
     def accept(self, device_id: str, state: Mapping[str, torch.Tensor], examples: float,
                sent: Mapping[str, torch.Tensor], mode: str, precision: str | None = None,
@@ -129,7 +129,7 @@ class RoundEngine:
 
     def _fold(self, device_id: str, state: Mapping[str, torch.Tensor], weight: float) -> None:
         try:
-            mods, extra = split_state(self.method.complete_upload(state, self.g))
+            mods, extra = split_state(self.method.complete_upload(state, self.g, self.round_id))
         except ValueError as e:
             raise UpdateInvalid("keys", f"device {device_id}: {e}") from e
         if set(mods) != set(self._modules):
@@ -182,7 +182,7 @@ class RoundEngine:
         mods: dict[str, LoraUpdate] = {}
         err = 0.0
         for name, agg in sorted(self._modules.items()):
-            mods[name], e = self.method.finalise(self.g.modules[name], agg.result())
+            mods[name], e = self.method.finalise(self.g.modules[name], agg.result(), self.round_id)
             err = max(err, e)
         metrics["recompress_rel_error"] = err
         extra = {k: (v / W).float() for k, v in sorted(self._extra.items())}

@@ -38,7 +38,9 @@ from coordinator.aggregation import GlobalState
 from coordinator.defences import RoundUpload
 from coordinator.engine import RoundEngine
 from coordinator.methods import DEFAULT, Method, MethodConfig, make_method, method_class
+from coordinator.round_policy import RoundPolicy
 from coordinator.rounds import EnrolmentRefused, RoundConfig, assign_rank
+from coordinator.server_opt import ServerOptState
 from protos import flower_pack as P
 from protos.adapter import A_SUFFIX, B_SUFFIX
 
@@ -67,6 +69,7 @@ class FlowerConfig:
     fraction_evaluate: float = 0.0
     min_evaluate_clients: int = 1
     norm_bound: float = 1e4
+    policy: RoundPolicy = field(default_factory=RoundPolicy)  # weights, the devices' recipe, server optimizer
     properties_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
@@ -132,6 +135,7 @@ class HeteroLoraStrategy(Strategy):
         if config is not None and overrides:
             raise ValueError("pass either config=FlowerConfig(...) or keyword settings, not both")
         self.method: Method = make_method(self.config.method_config())
+        self.policy, self.opt_state = self.config.policy, ServerOptState()
         self.rcfg = RoundConfig(max_rank=self.config.max_rank, strategy=self.config.strategy,
                                 common_rank=method_class(self.config.strategy).common_rank, seed=self.config.seed)
         self.global_state = self.method.initial(init_state)
@@ -179,12 +183,14 @@ class HeteroLoraStrategy(Strategy):
         t0 = time.perf_counter()
         uploads, rejected = [], {}
         losses = []
-        engine = RoundEngine(self.method, self.global_state, server_round, self.config.norm_bound)
+        engine = RoundEngine(self.method, self.global_state, server_round, self.config.norm_bound, self.policy,
+                             self.opt_state)
         for proxy, res in sorted(results, key=lambda r: r[0].cid):
             try:
                 up = self.decode_fit(proxy.cid, res, server_round)
+                progress = res.metrics.get("loss_progress")
                 engine.accept(up.device_id, up.state, up.weight, self.sent[up.device_id].tensors,
-                              self.sent[up.device_id].mode)
+                              self.sent[up.device_id].mode, progress=None if progress is None else float(progress))
                 uploads.append(up)
                 kept = engine.kept_from(up.state, self.sent[up.device_id].mode)
                 if kept:
@@ -306,7 +312,8 @@ class HeteroLoraStrategy(Strategy):
                 P.CFG_TARGETS: json.dumps(self.target_modules), P.CFG_STEPS: int(cfg.local_steps),
                 P.CFG_LR: float(cfg.zo_lr if info.mode == "zo" else cfg.lr), P.CFG_SEED: int(cfg.seed + server_round),
                 P.CFG_ROUND: int(server_round), P.CFG_TASK: cfg.task, P.CFG_LABELS: int(cfg.num_labels),
-                P.CFG_CONTRACT: self.method.contract(info.mode).to_meta()}
+                P.CFG_CONTRACT: self.method.contract(info.mode, server_round).to_meta(),
+                P.CFG_RECIPE: self.policy.recipe(server_round).to_meta()}
 
 
 def _params(tensors: Mapping[str, torch.Tensor]) -> tuple[Parameters, str]:

@@ -145,7 +145,7 @@ def check_message_size(rp: RoundPayload) -> None:
 
 
 def global_from_sum(total: np.ndarray, rp: RoundPayload, method: Method, ranks: Iterable[int],
-                    g: GlobalState) -> GlobalState:
+                    g: GlobalState, round_id: int = 0) -> GlobalState:
     """The round's aggregate from the unmasked sum: the weighted average, as `RoundEngine.close` gives it.
 
     Scales: when the payload folded each device's scale into B the average has scale 1.0; otherwise
@@ -166,12 +166,12 @@ def global_from_sum(total: np.ndarray, rp: RoundPayload, method: Method, ranks: 
     scale = 1.0
     if method.shares_b and not rp.fold_scale:
         scale = method.cfg.scale(int(next(iter(ranks))))
-    avg = method.complete_upload(avg, g)
+    avg = method.complete_upload(avg, g, round_id)
     mods: dict[str, LoraUpdate] = {}
     for key in [k for k in avg if k.endswith(A_SUFFIX)]:
         mod = key[: -len(A_SUFFIX)]
         step = LoraUpdate(A=avg[key], B=avg[mod + B_SUFFIX], scale=scale, weight=weight)  # A (R, in), B (out, R)
-        mods[mod], _ = method.finalise(g.modules[mod], step)
+        mods[mod], _ = method.finalise(g.modules[mod], step, round_id)
     extra = {k: v for k, v in sorted(avg.items()) if not (k.endswith(A_SUFFIX) or k.endswith(B_SUFFIX))}
     return GlobalState(method.name, mods, extra, weight)
 

@@ -107,6 +107,7 @@ def load(trainer: RoundTrainer, t: pb.Task, fetched: Fetched, tracker: DeltaTrac
     trainer.load_adapter_state(state)
     if fetched.recipe is not None:
         trainer.recipe = fetched.recipe
+    trainer.frozen = fetched.contract.frozen
     if t.secagg and t.mode == "zo":  # a seed-scalar secure round: train with the round's shared seed pool
         from protos.secagg_payload import RoundPayload
 

@@ -38,7 +38,8 @@ from edge_runtime.plan import Plan
 from edge_runtime.planner import plan as make_plan
 from edge_runtime.profile import DeviceProfile, load_profile
 from protos import flower_pack as P
-from protos.adapter import CONTRACT_META, DeviceContract, prepare_download, split_upload
+from protos.adapter import (CONTRACT_META, RECIPE_META, DeviceContract, TrainingRecipe, loss_progress,
+                            prepare_download, split_upload)
 from protos.wire import split_download
 
 log = logging.getLogger("edge_runtime.flower")
@@ -150,6 +151,8 @@ class DeviceRuntime:
         if contract.keep_local:
             state = prepare_download(state, t.adapter_state(), kept, contract)
         t.load_adapter_state(state)
+        t.frozen = contract.frozen
+        t.recipe = TrainingRecipe.from_meta({RECIPE_META: str(config.get(P.CFG_RECIPE) or "")})
         return t
 
     # -- rounds --------------------------------------------------------------------------
@@ -168,6 +171,7 @@ class DeviceRuntime:
                                        "rank": int(t.rank), P.PROP_PROFILE: self.profile.name}
             if math.isfinite(result.mean_loss):
                 metrics["train_loss"] = float(result.mean_loss)
+            metrics["loss_progress"] = loss_progress(list(result.losses or []))
             keep: dict[str, torch.Tensor] = {}
             if config[P.CFG_MODE] == "zo":
                 out, keys = P.zo_to_arrays(result.zo_pairs or [])

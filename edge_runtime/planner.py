@@ -26,6 +26,7 @@ UPLOAD_ORDER = ("fp32", "fp16", "bf16", "int8")
 UPLOAD_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 BATCHES = (16, 8, 4, 2, 1)
 MIN_TOKENS = {"classification": 512, "causal_lm": 1024}  # workload floor (batch x seq) before rank trades off
+PLAN_MARGIN = 0.05  # a plan's estimate must stay this fraction below the budget (estimator error; measured ~2 %)
 UPLOAD_SHARE = 0.25          # the upload may take at most this share of the round deadline
 TRAIN_EFFICIENCY = 0.35      # fraction of the GEMM rate a training step sustains
 EXTENDED_TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj"], "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -157,7 +158,7 @@ def plan(profile: DeviceProfile, spec: ModelSpec, task: str, *, round_deadline_s
                                     p, est = _estimate(spec, c, task, profile, overhead, budget, local_steps)
                                     key = f"{mode}:{prec}"
                                     smallest[key] = min(smallest.get(key, est.total_bytes), est.total_bytes)
-                                    if est.fits:
+                                    if _fits(est):
                                         feas.append((c, p, est))
                     if feas:
                         if floor < floor0:
@@ -175,7 +176,12 @@ def _can_fit(spec, mode, prec, task, profile, overhead, budget, smallest, smalle
     if smallest_est is not None and (key not in smallest_est or est.total_bytes <= smallest_est[key].total_bytes):
         smallest_est[key] = est
         est.plan = p  # type: ignore[attr-defined]  (for the explanation)
-    return est.fits
+    return _fits(est)
+
+
+def _fits(est: MemoryEstimate) -> bool:
+    """Within the budget less the planning margin (PLAN_MARGIN)."""
+    return est.budget_bytes <= 0 or est.total_bytes <= est.budget_bytes * (1 - PLAN_MARGIN)
 
 
 def _finish(feas, spec, profile, task, deadline, local_steps, reasons, smallest, budget, overhead) -> Plan:
@@ -236,7 +242,8 @@ def _finish(feas, spec, profile, task, deadline, local_steps, reasons, smallest,
                        f"(limit {UPLOAD_SHARE:.0%} of the deadline)")
     else:
         reasons.append("upload fp32: a ZO update is (seed, projected gradient) pairs, a few bytes per step")
-    reasons.append(f"estimated peak {_gib(est.total_bytes)} of {_gib(budget)} ({100 * est.total_bytes / budget:.0f}%)"
+    reasons.append(f"estimated peak {_gib(est.total_bytes)} of {_gib(budget)} ({100 * est.total_bytes / budget:.0f}%; "
+                   f"plans keep {PLAN_MARGIN:.0%} below the budget for estimator error)"
                    + (f"; the peak is LOADING the base ({load_description(spec, p)}), training alone peaks at "
                       f"{_gib(est.training_peak_bytes)}" if est.load_bound else ""))
     p.reasons = reasons
@@ -265,7 +272,7 @@ def _nothing_fits(spec, task, profile, budget, smallest, overhead, alternatives,
         for mode in ("lora", "zo"):
             c = _Cand(mode, 1, prec, tuple(spec.default_targets), seq_lens(spec, task)[-1], 1, mode == "lora")
             _, est = _estimate(spec, c, task, profile, overhead, budget, 1)
-            if est.fits:
+            if _fits(est):
                 fits_q.append(f"{prec} ({mode}, {_gib(est.total_bytes)})")
                 break
     if fits_q:
@@ -280,7 +287,7 @@ def _nothing_fits(spec, task, profile, budget, smallest, overhead, alternatives,
         b = effective_budget(prof, ov)
         lowest = [q for q in PRECISION_QUALITY if q in prof.precisions][-1]
         c = _Cand("zo", 1, lowest, tuple(spec.default_targets), seq_lens(spec, task)[-1], 1, False)
-        if _estimate(spec, c, task, prof, ov, b, 1)[1].fits:
+        if _fits(_estimate(spec, c, task, prof, ov, b, 1)[1]):
             ok.append(prof.name)
     if ok:
         msg.append(f"Devices whose profile fits: {', '.join(ok[:6])}.")

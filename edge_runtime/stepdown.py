@@ -37,7 +37,8 @@ from protos.adapter import A_SUFFIX, B_SUFFIX
 
 log = logging.getLogger(__name__)
 MiB = 2**20
-LADDER = ("micro_batch", "checkpointing", "rank", "int8", "4bit", "zo")
+LADDER = ("micro_batch", "checkpointing", "rank", "seq_len", "int8", "4bit", "zo")
+MIN_SEQ_LEN = 32  # the seq_len rung halves the sequence (longer texts are truncated) down to this
 FLOAT_BASES = ("fp32", "bf16", "fp16")
 
 
@@ -47,7 +48,7 @@ def _rung(name: str, plan: Plan, precisions: Sequence[str]) -> Plan | None:
     if plan.mode == "zo":
         if name == "micro_batch" and plan.batch_size > 1:
             return replace(plan, batch_size=plan.batch_size // 2, grad_accum=1)
-        if name not in ("int8", "4bit"):
+        if name not in ("seq_len", "int8", "4bit"):
             return None
     if name == "micro_batch" and plan.batch_size > 1:
         b = plan.batch_size // 2
@@ -58,6 +59,8 @@ def _rung(name: str, plan: Plan, precisions: Sequence[str]) -> Plan | None:
     if name == "rank" and plan.rank > 1:
         r = plan.rank // 2
         return replace(plan, rank=r, rank_pattern={k: min(v, r) for k, v in plan.rank_pattern.items()})
+    if name == "seq_len" and plan.seq_len > MIN_SEQ_LEN:
+        return replace(plan, seq_len=max(MIN_SEQ_LEN, plan.seq_len // 2))
     if name == "int8" and plan.base_precision in FLOAT_BASES and "int8" in precisions:
         return replace(plan, base_precision="int8")
     if name == "4bit" and plan.base_precision in FLOAT_BASES + ("int8",):
@@ -72,7 +75,8 @@ def next_rung(plan: Plan, profile: Any) -> tuple[str, Plan] | None:
     """(rung name, plan one rung lower), or None when the ladder is exhausted.
 
     A rung is taken only when every rung above it is exhausted (micro-batch reaches 1 first,
-    then checkpointing, then rank down to 1, then int8, 4-bit, zeroth-order)."""
+    then checkpointing, then rank down to 1, then the sequence length down to MIN_SEQ_LEN, then
+    int8, 4-bit, zeroth-order). A ZO plan takes micro-batch, sequence length and base precision."""
     precisions = list(getattr(profile, "precisions", None) or [])
     for name in LADDER:
         p = _rung(name, plan, precisions)
@@ -218,6 +222,14 @@ class AdaptiveTrainer:
     @property
     def seed(self) -> int:
         return self.inner.seed
+
+    @property
+    def frozen(self) -> tuple[str, ...]:
+        return self.inner.frozen
+
+    @frozen.setter
+    def frozen(self, value: tuple[str, ...]) -> None:
+        self.inner.frozen = value
 
     @property
     def recipe(self) -> Any:
@@ -368,13 +380,14 @@ class AdaptiveTrainer:
             state, rank = inner.adapter_state(), inner.rank
             conf = {**self._conf, "rank": rank, "lora_alpha": inner.lora_alpha, "use_rslora": inner.use_rslora}
             budget, pool, recipe = inner.memory_budget_bytes, (inner.zo_pool_seed, inner.zo_pool_size), inner.recipe
+            frozen = inner.frozen
             self.inner = None
             del inner
             gc.collect()
             inner = self.rebuild(inner_plan)
             inner.memory_budget_bytes = budget
             inner.zo_pool_seed, inner.zo_pool_size = pool
-            inner.recipe = recipe
+            inner.recipe, inner.frozen = recipe, frozen
             self.inner = inner
             for m in self._merges:
                 inner.merge_base_delta(m)

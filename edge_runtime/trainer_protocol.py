@@ -44,6 +44,7 @@ class RoundTrainer(Protocol):
     use_rslora: bool
     seed: int
     zo_pool_seed: int
+    frozen: tuple[str, ...]  # key suffixes the download's contract says not to train (backprop only)
     recipe: Any  # protos.adapter.TrainingRecipe: this round's FedProx / logit adjustment / lr factor
     zo_pool_size: int | None
     memory_budget_bytes: int | None

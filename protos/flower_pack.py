@@ -26,7 +26,9 @@ ZO_SEEDS, ZO_GRADS, ZO_LR = "zo.seeds", "zo.grads", "zo_lr"
 CFG_STRATEGY, CFG_MODE, CFG_RANK, CFG_ALPHA, CFG_RSLORA = "strategy", "mode", "rank", "lora_alpha", "use_rslora"
 CFG_TARGETS, CFG_STEPS, CFG_LR, CFG_SEED, CFG_ROUND = "target_modules", "local_steps", "lr", "seed", "round"
 CFG_TASK, CFG_LABELS = "task", "num_labels"
+CFG_RECIPE = "recipe"  # protos.adapter.TrainingRecipe.to_meta(): FedProx / logit adjustment / lr factor
 CFG_CONTRACT = "device-contract"  # protos.adapter.DeviceContract.to_meta() (absent: the empty contract)
+CFG_RECIPE = "recipe"  # protos.adapter.TrainingRecipe.to_meta(): FedProx / logit adjustment / lr factor
 CFG_CONTRACT = "device-contract"  # protos.adapter.DeviceContract.to_meta(): what the device keeps local / frozen
 # get_properties keys (device -> server)
 PROP_RANK, PROP_MODE, PROP_PROFILE, PROP_BUDGET = "plan_rank", "mode", "profile", "memory_budget_bytes"

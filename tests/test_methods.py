@@ -114,7 +114,7 @@ def test_fold_order_does_not_change_the_global(name):
         for device_id, _, _, up, w, _ in order:
             other.fold(device_id, up, w)
         _assert_same_global(other.close()[0], got, method)
-    batch = aggregate(method, g, [(d, up, w) for d, _, _, up, w, _ in devs[::-1]])
+    batch = aggregate(method, g, [(d, up, w) for d, _, _, up, w, _ in devs[::-1]], round_id=2)
     _assert_same_global(batch, got, method)
     # the global moved: a round is not a no-op for any method
     assert any(_rel(_dense(got)[n], _dense(g)[n]) > 1e-3 for n in MODS) or any(
@@ -125,8 +125,8 @@ def test_fold_order_does_not_change_the_global(name):
 def test_download_has_the_upload_shapes_the_method_expects(name):
     method, g = _round_start(name)
     for device_id, rank, mode, up, w, sent in _devices(method, g):
-        shapes = method.upload_shapes(sent, mode)
-        contract = method.contract(mode)
+        shapes = method.upload_shapes(sent, mode, 2)
+        contract = method.contract(mode, 2)
         adapter, delta = split_download(sent)
         assert not [k for k in shapes if k.startswith(BASE_DELTA)]  # the base delta is merged, never uploaded
         assert set(shapes) == {k for k in adapter if not contract.is_local(k)}, (name, mode)
@@ -178,7 +178,7 @@ def test_unknown_method_names_the_choices():
     assert all(n in str(ei.value) for n in NAMES)
     with pytest.raises(ValueError, match="unknown method"):
         method_class("FedAvg")  # names are exact
-    assert NAMES == tuple(METHODS) and set(NAMES) == {"fedavg", "zero_pad", "stack", "svd", "fedsa", "zo"}
+    assert NAMES == tuple(METHODS) and set(NAMES) == {"fedavg", "zero_pad", "stack", "svd", "fedsa", "zo", "ffa", "rolora"}
     assert all(METHODS[n].name == n for n in NAMES)
     with pytest.raises(ValueError, match="max_rank"):
         MethodConfig("fedavg", max_rank=8, cap_rank=4)

@@ -18,6 +18,7 @@ from coordinator.metrics import histogram_buckets, reject_reason
 from coordinator.rounds import DuplicateUpload, LateUpload, WrongRound
 from coordinator.server import create_server
 from coordinator.service import Coordinator, CoordinatorConfig, UploadRejected, UploadTooLarge
+from coordinator.validation import UpdateInvalid
 from edge_runtime.client import FederationClient, JoinConfig, RetryPolicy, run_join
 from edge_runtime.metrics import RuntimeMetrics
 from edge_runtime.plan import Plan
@@ -197,11 +198,13 @@ def test_each_coordinator_has_its_own_registry(federation, tmp_path):
 def test_reject_reasons_and_buckets():
     assert reject_reason(LateUpload("round 3 is closed")) == "late"
     assert reject_reason(DuplicateUpload("already")) == "duplicate"
-    assert reject_reason(WrongRound("nonce 'x' does not match")) == "replay"
+    assert reject_reason(WrongRound("nonce 'x' does not match", reason="replay")) == "replay"
     assert reject_reason(WrongRound("round 9 does not exist yet")) == "wrong_round"
     assert reject_reason(UploadTooLarge("upload of 9 bytes exceeds the cap")) == "too_large"
-    assert reject_reason(UploadRejected("upload sha256 does not match")) == "checksum"
-    assert reject_reason(UploadRejected("upload norm 3e4 exceeds the bound 1e4")) == "norm_bound"
+    assert reject_reason(UploadRejected("upload sha256 does not match", reason="checksum")) == "checksum"
+    assert reject_reason(UpdateInvalid("norm_bound", "upload norm 3e4 exceeds the bound 1e4")) == "norm_bound"
+    assert reject_reason(UploadRejected("anything else")) == "malformed"
+    assert reject_reason(ValueError("plain")) == "malformed" and reject_reason(KeyError("x")) == "other"
     assert reject_reason(wire.WireError("blob is not a valid safetensors file")) == "malformed"
     assert histogram_buckets([0.5, 2, 2, 70], (1.0, 5.0, 60.0)) == [
         ("1.0", 1.0), ("5.0", 3.0), ("60.0", 3.0), ("+Inf", 4.0)]

@@ -229,7 +229,7 @@ def test_masked_inputs_larger_than_a_message_travel_in_chunks(model, tmp_path):
         m = secure.c.store.rounds()[0]["metrics"]
         assert m["secagg_survivors"] == 3 and 4 * m["secagg_vector_len"] > 10 * 256
         assert_same_global(plain.c.global_state, secure.c.global_state, atol=1e-6)
-        assert secure.c._secagg_parts == {}  # nothing left buffered
+        assert secure.c.secagg_rounds.parts == {}  # nothing left buffered
     finally:
         plain.close()
         secure.close()

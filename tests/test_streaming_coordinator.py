@@ -163,16 +163,16 @@ def test_coordinator_streams_and_survives_a_restart(tmp_path, tiny_model):
     devs = [c.register("{}", json.dumps({"rank": r, "mode": "lora"}), "", f"dev{r}")["device_id"] for r in (2, 4, 3)]
     _send(c, devs[0], 0.05)
     _send(c, devs[1], 0.05)
-    assert c._fold is not None and c._fold.devices == set(devs[:2])  # folded on arrival
+    assert c.publisher.fold is not None and c.publisher.fold.devices == set(devs[:2])  # folded on arrival
     g0 = c.global_state
     c.close()
 
     c = _coordinator(tmp_path, tiny_model)  # restart mid-round: the fold is rebuilt from the durable uploads
-    assert c._fold is None
+    assert c.publisher.fold is None
     _send(c, devs[2], 0.05)
     rid = c.global_round
     assert rid == 1, "the third upload closes round 1"
-    batch = _reference(c.method.name, g0, list(c._stored_uploads(1)), c.method.cfg)
+    batch = _reference(c.method.name, g0, list(c.publisher.stored_uploads(1)), c.method.cfg)
     _assert_same(c.global_state, batch, tol=1e-4)
     metrics = c.store.rounds()[0]["metrics"]
     assert metrics["uploads"] == 3 and "stream_rel_error" in metrics

@@ -65,6 +65,7 @@ def run_round(engine: RoundEngine, devices: Sequence[SimDevice], trainer_for: Ca
                 trainer.merge_base_delta(inc)
         trainer.load_adapter_state(prepare_download(state, trainer.adapter_state(), d.kept, contract))
         trainer.recipe = TrainingRecipe.from_meta(meta)
+        trainer.frozen = contract.frozen
         res = trainer.train(d.records, d.steps, lr=d.lr, seed=seed * 1000 + i, progress=False, **(train_kw or {}))
         traffic.train_losses.append(float(res.mean_loss))
         if d.mode == "zo":

@@ -112,8 +112,8 @@ class Method:
             out[name] = to_scale(u, s)
         return Served(out, {})
 
-    def contract(self, mode: str) -> DeviceContract:
-        """What the device keeps local / frozen (see protos.adapter)."""
+    def contract(self, mode: str, round_id: int = 0) -> DeviceContract:
+        """What the device keeps local / frozen in `round_id` (see protos.adapter)."""
         return DeviceContract()
 
     def coordinator_keeps(self, mode: str) -> tuple[str, ...]:
@@ -121,13 +121,14 @@ class Method:
         (a device that cannot keep them itself, e.g. a ZO device under FedSA-LoRA)."""
         return ()
 
-    def upload_shapes(self, download: Mapping[str, torch.Tensor], mode: str) -> dict[str, tuple[int, ...]]:
+    def upload_shapes(self, download: Mapping[str, torch.Tensor], mode: str,
+                      round_id: int = 0) -> dict[str, tuple[int, ...]]:
         """Key -> shape an upload must have: the downloaded adapter's, less what the device keeps."""
-        keep = self.contract(mode)
+        keep = self.contract(mode, round_id)
         return {k: tuple(v.shape) for k, v in download.items()
                 if not k.startswith("base_delta.") and not keep.is_local(k)}
 
-    def complete_upload(self, state: Mapping[str, torch.Tensor], g: GlobalState) -> State:
+    def complete_upload(self, state: Mapping[str, torch.Tensor], g: GlobalState, round_id: int = 0) -> State:
         """A full adapter state (A and B per module) from an accepted upload."""
         return dict(state)
 
@@ -136,7 +137,7 @@ class Method:
         """A fresh per-module streaming aggregator for one round."""
         return StreamingAggregator("mean")
 
-    def finalise(self, old: LoraUpdate, step: LoraUpdate) -> tuple[LoraUpdate, float]:
+    def finalise(self, old: LoraUpdate, step: LoraUpdate, round_id: int = 0) -> tuple[LoraUpdate, float]:
         """(next global module from the old one and this round's folded step, relative error)."""
         return step, 0.0
 

@@ -23,19 +23,19 @@ class FedSA(Method):
         s = self.cfg.scale(rank)
         return Served({n: LoraUpdate(A=truncate(u, rank).A, B=None, scale=s) for n, u in g.modules.items()}, {})
 
-    def contract(self, mode: str) -> DeviceContract:
+    def contract(self, mode: str, round_id: int = 0) -> DeviceContract:
         return DeviceContract() if mode == "zo" else DeviceContract(keep_local=(B_SUFFIX,))
 
     def coordinator_keeps(self, mode: str) -> tuple[str, ...]:
         return (B_SUFFIX,) if mode == "zo" else ()
 
-    def complete_upload(self, state: Mapping[str, torch.Tensor], g: GlobalState) -> State:
+    def complete_upload(self, state: Mapping[str, torch.Tensor], g: GlobalState, round_id: int = 0) -> State:
         return fill_zero_b(state, g)  # aggregation reads only A
 
     def aggregator(self) -> StreamingAggregator:
         return StreamingAggregator("padded", rank=self.cfg.max_rank)
 
-    def finalise(self, old: LoraUpdate, step: LoraUpdate) -> tuple[LoraUpdate, float]:
+    def finalise(self, old: LoraUpdate, step: LoraUpdate, round_id: int = 0) -> tuple[LoraUpdate, float]:
         return LoraUpdate(A=step.A, B=torch.zeros(step.B.shape), scale=1.0, weight=step.weight), 0.0
 
     def deltas(self, g: GlobalState) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

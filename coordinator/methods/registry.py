@@ -4,6 +4,8 @@ from __future__ import annotations
 from .base import Method, MethodConfig
 from .fedavg import FedAvg
 from .fedsa import FedSA
+from .ffa import FFALoRA
+from .rolora import RoLoRA
 from .stack import Stack
 from .svd import SvdRedistribute
 from .zero_pad import ZeroPad
@@ -16,6 +18,8 @@ METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
     SvdRedistribute,
     FedSA,
     ZerothOrder,
+    FFALoRA,
+    RoLoRA,
 )}
 NAMES = tuple(METHODS)
 DEFAULT = "zero_pad"  # what `edge-coordinator serve`, the Flower app and the library use unless told

@@ -34,7 +34,7 @@ class Stack(Method):
     def aggregator(self) -> StreamingAggregator:
         return StreamingAggregator("stacked", max_rank=self.cfg.cap_rank)
 
-    def finalise(self, old: LoraUpdate, step: LoraUpdate) -> tuple[LoraUpdate, float]:
+    def finalise(self, old: LoraUpdate, step: LoraUpdate, round_id: int = 0) -> tuple[LoraUpdate, float]:
         B = torch.cat([old.B * old.scale, step.B * step.scale], dim=1)  # (out, R_old + R_new)
         A = torch.cat([old.A, step.A], dim=0)  # (R_old + R_new, in)
         return recompress(LoraUpdate(A=A, B=B, scale=1.0, weight=step.weight), self.cfg.cap_rank)

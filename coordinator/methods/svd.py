@@ -28,7 +28,7 @@ class SvdRedistribute(Method):
     def aggregator(self) -> StreamingAggregator:
         return StreamingAggregator("stacked", max_rank=self.cfg.cap_rank)
 
-    def finalise(self, old: LoraUpdate, step: LoraUpdate) -> tuple[LoraUpdate, float]:
+    def finalise(self, old: LoraUpdate, step: LoraUpdate, round_id: int = 0) -> tuple[LoraUpdate, float]:
         U, S, Vh = factor_svd(step.B * step.scale, step.A)
         full = factors_from_svd(U, S, Vh, int(S.shape[0]), 1.0, step.weight)
         return recompress(full, self.cfg.cap_rank)

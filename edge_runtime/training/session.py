@@ -101,6 +101,7 @@ class LocalTrainer:
         self.seed = seed
         self.zo_pool_seed = 0
         self.zo_pool_size: int | None = None  # a round's shared pool (secure seed-scalar rounds); None: the plan's
+        self.frozen: tuple[str, ...] = ()  # key suffixes not to train this round (the download's contract)
         self.recipe = TrainingRecipe()  # this round's FedProx / logit adjustment / lr factor (the download says)
         self._log_prior: torch.Tensor | None = None  # (num_labels,) log label prior of the records being trained
         self._prox_ref: dict[str, torch.Tensor] | None = None  # trainable tensors as downloaded (FedProx)
@@ -332,7 +333,7 @@ class LocalTrainer:
 
     def _train_lora(self, batches, steps: int, lr: float, guard: MemoryGuard, reporter: "_Reporter",
                     snap: _Snapshot, losses_: list[float]) -> int:
-        params = list(self._params.values())
+        params = [p for k, p in self._params.items() if not any(k.endswith(f) for f in self.frozen)]
         opt = (torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if self.plan.optimizer == "adamw"
                else torch.optim.SGD(params, lr=lr))
         self.model.train()
@@ -354,7 +355,8 @@ class LocalTrainer:
             guard.check()
             snap.take(self._params, step + 1)
             reporter.update(step + 1, total)
-        opt.zero_grad(set_to_none=True)
+        for p in self._params.values():  # frozen tensors' gradients too
+            p.grad = None
         return seen
 
     def _train_zo(self, batches, steps: int, lr: float, seed: int, guard: MemoryGuard, reporter: "_Reporter",
