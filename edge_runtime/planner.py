@@ -26,7 +26,8 @@ UPLOAD_ORDER = ("fp32", "fp16", "bf16", "int8")
 UPLOAD_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 BATCHES = (16, 8, 4, 2, 1)
 MIN_TOKENS = {"classification": 512, "causal_lm": 1024}  # workload floor (batch x seq) before rank trades off
-PLAN_MARGIN = 0.05  # a plan's estimate must stay this fraction below the budget (estimator error; measured ~2 %)
+PLAN_MARGIN = 0.05  # a plan keeps this fraction of its estimated model + training memory free (estimator error)
+MIN_MARGIN_BYTES = 8 * 2**20  # ... and at least this (a ZO plan planned at exactly its budget measured +7 MiB)
 UPLOAD_SHARE = 0.25          # the upload may take at most this share of the round deadline
 TRAIN_EFFICIENCY = 0.35      # fraction of the GEMM rate a training step sustains
 EXTENDED_TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj"], "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -179,9 +180,16 @@ def _can_fit(spec, mode, prec, task, profile, overhead, budget, smallest, smalle
     return _fits(est)
 
 
+def margin_bytes(est: MemoryEstimate) -> int:
+    """Headroom a plan keeps below its budget: PLAN_MARGIN of what is estimated (everything but the
+    measured runtime overhead), at least MIN_MARGIN_BYTES."""
+    modelled = est.total_bytes - int(est.breakdown.get("runtime_overhead", 0))
+    return max(MIN_MARGIN_BYTES, int(PLAN_MARGIN * modelled))
+
+
 def _fits(est: MemoryEstimate) -> bool:
-    """Within the budget less the planning margin (PLAN_MARGIN)."""
-    return est.budget_bytes <= 0 or est.total_bytes <= est.budget_bytes * (1 - PLAN_MARGIN)
+    """Within the budget less the planning margin."""
+    return est.budget_bytes <= 0 or est.total_bytes + margin_bytes(est) <= est.budget_bytes
 
 
 def _finish(feas, spec, profile, task, deadline, local_steps, reasons, smallest, budget, overhead) -> Plan:
@@ -243,7 +251,7 @@ def _finish(feas, spec, profile, task, deadline, local_steps, reasons, smallest,
     else:
         reasons.append("upload fp32: a ZO update is (seed, projected gradient) pairs, a few bytes per step")
     reasons.append(f"estimated peak {_gib(est.total_bytes)} of {_gib(budget)} ({100 * est.total_bytes / budget:.0f}%; "
-                   f"plans keep {PLAN_MARGIN:.0%} below the budget for estimator error)"
+                   f"{_gib(margin_bytes(est))} kept free for estimator error)"
                    + (f"; the peak is LOADING the base ({load_description(spec, p)}), training alone peaks at "
                       f"{_gib(est.training_peak_bytes)}" if est.load_bound else ""))
     p.reasons = reasons

@@ -34,8 +34,9 @@ def test_ladder_order_and_end():
         q = r[1]
         assert q.batch_size * q.grad_accum >= 4 or q.mode == "zo"  # effective batch kept while in LoRA mode
         p = q
-    assert seen == ["micro_batch", "micro_batch", "checkpointing", "rank", "rank", "int8", "4bit", "zo"]
-    assert (p.mode, p.rank, p.base_precision, p.batch_size) == ("zo", 1, "nf4", 1)
+    assert seen == ["micro_batch", "micro_batch", "checkpointing", "rank", "rank", "seq_len", "seq_len", "int8", "4bit",
+                    "zo"]
+    assert (p.mode, p.rank, p.base_precision, p.batch_size, p.seq_len) == ("zo", 1, "nf4", 1, 32)
     assert next_plan(p, _profile()) is None
 
 
@@ -46,15 +47,16 @@ def test_a_zeroth_order_plan_still_steps_down_its_batch_then_its_base():
         seen.append(r[0])
         p = r[1]
         assert p.mode == "zo" and p.grad_accum == 1
-    assert seen == ["micro_batch", "int8", "4bit"]
-    assert (p.batch_size, p.base_precision, p.rank) == (1, "nf4", 4)
+    assert seen == ["micro_batch", "seq_len", "seq_len", "int8", "4bit"]  # longer texts: shorter sequences first
+    assert (p.batch_size, p.base_precision, p.rank, p.seq_len) == (1, "nf4", 4, 32)
     only_fp32 = Plan(mode="zo", rank=4, batch_size=2, target_modules=["query"])
     assert [n for n, _ in [next_rung(only_fp32, _profile(("fp32",)))]] == ["micro_batch"]
-    assert next_rung(replace(only_fp32, batch_size=1), _profile(("fp32",))) is None
+    assert next_rung(replace(only_fp32, batch_size=1), _profile(("fp32",)))[0] == "seq_len"
+    assert next_rung(replace(only_fp32, batch_size=1, seq_len=32), _profile(("fp32",))) is None
 
 
 def test_ladder_respects_profile_precisions():
-    p = Plan(rank=1, batch_size=1, gradient_checkpointing=True, target_modules=["query"])
+    p = Plan(rank=1, batch_size=1, seq_len=32, gradient_checkpointing=True, target_modules=["query"])
     assert next_rung(p, _profile(("fp32", "int4")))[1].base_precision == "int4"  # no int8: straight to 4-bit
     r = next_rung(p, _profile(("fp32",)))
     assert r[0] == "zo" and r[1].base_precision == "fp32"

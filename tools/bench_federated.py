@@ -51,7 +51,7 @@ from protos.adapter import A_SUFFIX, B_SUFFIX  # noqa: E402
 
 console = Console(width=150)
 FLEET = [("emu-large-1200mb", 3), ("emu-medium-700mb", 3), ("emu-small-450mb", 2), ("emu-tiny-210mb", 2)]
-ZO_PROFILE = "emu-zo-only-90mb"
+ZO_PROFILE = "emu-zo-only-98mb"
 
 
 def minilm() -> str:
