@@ -86,14 +86,16 @@ def element_step(cfg: ServerOptConfig, st: ServerOptState, key: str, old: torch.
     """The next value of one tensor: old + lr * direction(new - old) (float64 maths, float32 out)."""
     d = new.double() - old.double()
     m = st.m.get(key)
+    m = None if m is None else m.double()
     if cfg.kind == "avgm":
         m = d if m is None else cfg.beta1 * m + d
         step = m
     else:
         m = (1 - cfg.beta1) * d if m is None else cfg.beta1 * m + (1 - cfg.beta1) * d
-        st.v[key] = _second(cfg, st.v.get(key), d * d)
-        step = m / (st.v[key].sqrt() + cfg.tau)
-    st.m[key] = m
+        v = _second(cfg, None if key not in st.v else st.v[key].double(), d * d)
+        st.v[key] = v.float()
+        step = m / (v.clamp_min(0).sqrt() + cfg.tau)
+    st.m[key] = m.float()
     return (old.double() + cfg.lr * step).float()
 
 
@@ -107,7 +109,7 @@ def _concat(*parts: tuple[torch.Tensor, torch.Tensor, float]) -> tuple[torch.Ten
 def _compress(B: torch.Tensor, A: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
     """SVD-ordered factors of B @ A at rank <= cap (B = U sqrt(S), A = sqrt(S) Vh)."""
     U, S, Vh = factor_svd(B, A)
-    k = min(cap, int(S.shape[0]))
+    k = max(1, min(cap, int((S > S[0] * 1e-10).sum()) if S.numel() else 0))  # numerically zero directions dropped
     root = S[:k].sqrt()
     return U[:, :k] * root, root[:, None] * Vh[:k]
 
@@ -127,13 +129,14 @@ def factor_step(cfg: ServerOptConfig, st: ServerOptState, name: str, old: LoraUp
     prev = st.mf.get(name)
     mB, mA = (first * dB, dA) if prev is None else _concat((prev[0], prev[1], cfg.beta1), (dB, dA, first))
     mB, mA = _compress(mB, mA, cap)
-    st.mf[name] = (mB, mA)
+    st.mf[name] = (mB.float(), mA.float())
     sB, sA = mB, mA
     if cfg.kind != "avgm":
         r2, c2 = _row_col_sq(dB, dA)
         pr, pc = st.vf.get(name, (None, None))
-        vr, vc = _second(cfg, pr, r2), _second(cfg, pc, c2)
-        st.vf[name] = (vr, vc)
+        vr = _second(cfg, None if pr is None else pr.double(), r2)
+        vc = _second(cfg, None if pc is None else pc.double(), c2)
+        st.vf[name] = (vr.float(), vc.float())
         norm = vr.clamp_min(0).sum().clamp_min(1e-30) ** 0.25
         a, b = vr.clamp_min(0).sqrt() / norm, vc.clamp_min(0).sqrt() / norm
         sB, sA = mB / (a + cfg.tau ** 0.5)[:, None], mA / (b + cfg.tau ** 0.5)[None, :]
@@ -165,7 +168,7 @@ def apply_server_opt(cfg: ServerOptConfig, st: ServerOptState, old: GlobalState,
 
 def state_nbytes(shapes: dict[str, tuple[int, int]], cfg: ServerOptConfig, factor_space: bool, rank: int,
                  cap: int) -> int:
-    """Extra coordinator bytes (float64 moments) for modules of (out, in) shapes at global `rank`."""
+    """Extra coordinator bytes (float32 moments) for modules of (out, in) shapes at global `rank`."""
     if not cfg.active:
         return 0
     n = 0
@@ -174,4 +177,4 @@ def state_nbytes(shapes: dict[str, tuple[int, int]], cfg: ServerOptConfig, facto
             n += (out + inp) * cap + ((out + inp) if cfg.kind != "avgm" else 0)
         else:
             n += (out + inp) * rank * (1 if cfg.kind == "avgm" else 2)
-    return 8 * n
+    return 4 * n
