@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from coordinator.aggregation import (DeviceState, GlobalState, LoraUpdate, aggregate_modules, factor_svd, fedavg,
-                                     fedsa, stack, validate_updates, zero_pad)
+                                     fedsa, stack, to_scale, validate_updates, zero_pad)
 from coordinator.aggregation.svd import factors_from_svd, stacked_factors
 from coordinator.defences import RoundUpload
 from coordinator.engine import RoundEngine, aggregate
@@ -55,9 +55,13 @@ def _reference(name: str, g: GlobalState, uploads: list[RoundUpload], cfg: Metho
     r = cfg.max_rank
     combine = {"fedavg": fedavg, "zo": fedavg, "zero_pad": lambda ups: zero_pad(ups, r), "svd": _svd_sum,
                "stack": stack,
-               "fedsa": lambda ups: LoraUpdate(A=fedsa(ups, r), B=torch.zeros(ups[0].shape[0], r), scale=1.0)}
+               "fedsa": lambda ups: LoraUpdate(A=fedsa(ups, r), B=torch.zeros(ups[0].shape[0], r), scale=1.0),
+               "ffa": lambda ups: zero_pad(ups, r), "rolora": lambda ups: zero_pad(ups, r)}
     new = aggregate_modules(devs, combine[name])
     mods = new.modules
+    if name in ("ffa", "rolora"):  # round 1 trains B: A stays the global's, B averaged at the global's scale
+        mods = {n: LoraUpdate(A=g.modules[n].A, B=to_scale(u, g.modules[n].scale).B, scale=g.modules[n].scale)
+                for n, u in mods.items()}
     if name == "stack":  # the cumulative base delta grows by this round's exact sum
         mods = {n: LoraUpdate(A=torch.cat([g.modules[n].A, u.A]),
                               B=torch.cat([g.modules[n].B * g.modules[n].scale, u.B * u.scale], dim=1), scale=1.0)
