@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .cli_policy import add_policy_args, policy_from_args
 from .cli_security import add_admin_commands, add_serve_args, print_status_extras, serve_config, status_extras
 from .methods import DEFAULT, METHODS, NAMES
 
@@ -60,6 +61,7 @@ def _serve_parser(sub) -> None:
                    help="examples weights are capped at (0: local steps x largest plan batch)")
     p.add_argument("--secagg-zo-pool", type=int, default=1024,
                    help="zo strategy: shared seed pool; devices send pool+1 scalars instead of adapters (0: adapters)")
+    add_policy_args(p)  # --server-opt, --weight-temper, --prox-mu, --logit-adjust, --lr-decay, ...
     add_serve_args(p)  # --insecure, --open-enrolment, --max-upload-bytes, --robust, --clip-norm, --dp-*
     p.add_argument("--keep-serving", action="store_true", help="do not exit after the last round")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics on this port (0: off)")
@@ -94,7 +96,7 @@ def cmd_serve(args) -> int:
         replan=getattr(args, "replan", False), secagg=args.secagg, secagg_threshold=args.secagg_threshold,
         secagg_neighbours=args.secagg_neighbours, secagg_clip=args.secagg_clip,
         secagg_phase_timeout_s=args.secagg_phase_timeout, secagg_weight_cap=args.secagg_weight_cap,
-        secagg_zo_pool=args.secagg_zo_pool,
+        secagg_zo_pool=args.secagg_zo_pool, policy=policy_from_args(args),
         **serve_config(args))
     creds = _credentials(args)
     from .dashboard import start_ops_servers, stop_ops_servers

@@ -8,6 +8,8 @@ from protos import wire
 from . import rounds as R
 from .defences import DefenceConfig
 from .methods import DEFAULT, MethodConfig, method_class
+from .round_policy import RoundPolicy
+from .server_opt import ServerOptConfig
 from .secagg_round import SecAggSettings, check_secagg_config
 
 
@@ -57,6 +59,7 @@ class CoordinatorConfig:
     secagg_phase_timeout_s: float = 60.0  # each phase after key advertisement closes at most this long after the last
     secagg_weight_cap: int = 0  # weights are min(n, cap) / cap; 0 = local_steps x largest plan batch
     secagg_zo_pool: int = 1024  # zo strategy: the round's shared seed pool; devices send pool + 1 scalars (0: adapters)
+    policy: RoundPolicy = field(default_factory=RoundPolicy)  # weights, the devices' recipe, the server optimizer
 
     def __post_init__(self) -> None:
         if self.secagg_zo_pool < 0:
@@ -79,6 +82,13 @@ class CoordinatorConfig:
                              heartbeat_timeout_s=self.heartbeat_timeout_s, max_rank=self.max_rank,
                              strategy=self.strategy, common_rank=method_class(self.strategy).common_rank,
                              seed=self.seed)
+
+    def round_policy(self) -> RoundPolicy:
+        """The policy (a dict when read back from a store's saved config)."""
+        if isinstance(self.policy, dict):
+            d = dict(self.policy)
+            self.policy = RoundPolicy(**{**d, "server_opt": ServerOptConfig(**d.get("server_opt", {}))})
+        return self.policy
 
     def method_config(self) -> MethodConfig:
         return MethodConfig(name=self.strategy, max_rank=self.max_rank, lora_alpha=self.lora_alpha,

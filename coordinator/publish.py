@@ -18,6 +18,7 @@ from . import rounds as R
 from .aggregation import GlobalState
 from .defences import RoundUpload, defended_round, dp_epsilon
 from .engine import RoundEngine, global_to_bytes
+from .server_opt import state_to_tensors
 from .store import round_dir
 
 if TYPE_CHECKING:
@@ -40,18 +41,27 @@ class Publisher:
         for u in self.c.store.updates(round_id):
             yield RoundUpload(u["device_id"], self.c.stored_state(u), float(max(u["num_examples"], 1)))
 
+    def _progress(self, round_id: int) -> dict[str, tuple[str, float | None]]:
+        """device -> (mode, reported loss progress) of this round's stored uploads."""
+        out = {}
+        for u in self.c.store.updates(round_id):
+            out[u["device_id"]] = ("zo" if u["kind"] == "ZO" else "lora", progress_of(u.get("stats") or {}))
+        return out
+
     def round_fold(self, rnd: R.Round) -> RoundEngine:
         """The streaming aggregate of `rnd`; rebuilt from the durable uploads when missing or stale."""
         accepted = {u["device_id"] for u in self.c.store.updates(rnd.round_id)}
         fold = self.fold
         if fold is None or fold.round_id != rnd.round_id or fold.devices != accepted:
             fold = self.c.engine(rnd.round_id)
+            modes = self._progress(rnd.round_id)
             for up in self.stored_uploads(rnd.round_id):
-                fold.fold(up.device_id, up.state, up.weight)
+                fold.fold(up.device_id, up.state, up.weight, *modes[up.device_id])
             self.fold = fold
         return fold
 
-    def fold_accepted(self, rnd: R.Round, device_id: str, state: dict[str, torch.Tensor], weight: int) -> None:
+    def fold_accepted(self, rnd: R.Round, device_id: str, state: dict[str, torch.Tensor], weight: int,
+                      mode: str = "lora", progress: float | None = None) -> None:
         """Fold an accepted upload (already durable on disk) into the round's streaming aggregate."""
         if self.c.defence.active:  # robust statistics need every update at once: batch at close
             return
@@ -60,7 +70,7 @@ class Publisher:
             if fold is None or fold.round_id != rnd.round_id:
                 fold = self.round_fold(rnd)  # first upload of the round, or after a restart
             if device_id not in fold.devices:
-                fold.fold(device_id, state, float(max(weight, 1)))
+                fold.fold(device_id, state, float(max(weight, 1)), mode, progress)
         except (ValueError, RuntimeError) as e:  # the close re-reads the round from disk
             log.warning("round %d: streaming fold of %s failed (%s); will rebuild from disk", rnd.round_id,
                         device_id, e)
@@ -120,6 +130,10 @@ class Publisher:
         else:
             store.set_meta("initial_global_sha256", sha)
         store.set_meta("global", {"round_id": round_id, "path": rel, "sha256": sha})
+        if c.policy.server_opt.active:  # the server optimizer's moments belong to this global
+            opt_rel = store.rel(d / "server_opt.safetensors")
+            opt_sha = store.write_blob(opt_rel, wire.encode_tensors(state_to_tensors(c.opt_state), {}, packed=False))
+            store.set_meta("server_opt", {"round_id": round_id, "path": opt_rel, "sha256": opt_sha})
 
     def evaluate(self, g: GlobalState) -> dict[str, float]:
         """Held-out metrics of base + g on --eval-data ({} when no eval data is configured)."""
@@ -132,3 +146,14 @@ class Publisher:
             self._evaluator = Evaluator(model, tok, load_eval_records(c.cfg.eval_data, c.cfg.eval_limit),
                                         task=c.cfg.task)
         return self._evaluator.evaluate(c.method.deltas(g), g.extra)
+
+
+def progress_of(stats: dict[str, Any]) -> float | None:
+    """The loss progress a device reported with its upload (TrainStats.extra_json), if any."""
+    import json
+
+    try:
+        v = json.loads(stats.get("extra_json") or "{}").get("loss_progress")
+        return None if v is None else float(v)
+    except (ValueError, TypeError, AttributeError):
+        return None

@@ -178,3 +178,25 @@ def state_nbytes(shapes: dict[str, tuple[int, int]], cfg: ServerOptConfig, facto
         else:
             n += (out + inp) * rank * (1 if cfg.kind == "avgm" else 2)
     return 4 * n
+
+
+def state_to_tensors(st: ServerOptState) -> dict[str, torch.Tensor]:
+    """Flat name -> tensor form of the moments (for a safetensors blob)."""
+    out = {f"m/{k}": t for k, t in st.m.items()} | {f"v/{k}": t for k, t in st.v.items()}
+    for k, (b, a) in st.mf.items():
+        out[f"mfB/{k}"], out[f"mfA/{k}"] = b, a
+    for k, (r, c) in st.vf.items():
+        out[f"vfr/{k}"], out[f"vfc/{k}"] = r, c
+    return out
+
+
+def state_from_tensors(ts: dict[str, torch.Tensor]) -> ServerOptState:
+    st = ServerOptState()
+    for name, t in ts.items():
+        kind, key = name.split("/", 1)
+        if kind in ("m", "v"):
+            getattr(st, kind)[key] = t
+        elif kind in ("mfB", "vfr"):
+            other = ts[name.replace("mfB/", "mfA/", 1) if kind == "mfB" else name.replace("vfr/", "vfc/", 1)]
+            (st.mf if kind == "mfB" else st.vf)[key] = (t, other)
+    return st

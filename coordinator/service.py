@@ -38,6 +38,7 @@ from .publish import Publisher
 from .replanning import Replanner
 from .secagg_round import check_message_size, round_payload
 from .secagg_rounds import SecAggRounds
+from .server_opt import ServerOptState
 from .startup import resume_or_init
 from .store import Store
 from .uploads import Uploads
@@ -62,6 +63,8 @@ class Coordinator:
         self.cfg = cfg
         self.clock = clock
         self.method = make_method(cfg.method_config())
+        self.policy = cfg.round_policy()  # weights, the devices' recipe, the server optimizer
+        self.opt_state = ServerOptState()  # the server optimizer's moments (restored with the global)
         self.fed = R.Federation(cfg.round_config())
         self.store = Store(cfg.store)
         self.defence = cfg.defence_config()
@@ -111,7 +114,8 @@ class Coordinator:
 
     def engine(self, round_id: int) -> RoundEngine:
         """An empty engine for `round_id` from the current global (downloads, validation)."""
-        return RoundEngine(self.method, self.global_state, round_id, self.cfg.norm_bound)
+        return RoundEngine(self.method, self.global_state, round_id, self.cfg.norm_bound, self.policy,
+                           self.opt_state)
 
     def _kept(self, device_id: str, mode: str) -> dict[str, torch.Tensor]:
         """What the method keeps on the coordinator for this device: from its last accepted upload."""

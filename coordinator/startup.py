@@ -39,6 +39,7 @@ def _resume(c: Coordinator, saved: dict) -> None:
     c.target_modules = saved["target_modules"]
     recovered = load_global(c.store)  # newest global that passes its checksum
     c.global_state, c.global_round = recovered.state, recovered.round_id
+    _restore_server_opt(c)
     _restore_rounds(c)
     log.info("resumed store %s at round %d (%d aggregated)", c.cfg.store, c.fed.last_round_id, c.fed.completed)
     c.store.event("resume", c.fed.last_round_id)
@@ -81,3 +82,17 @@ def _restore_rounds(c: Coordinator) -> None:
         c.store.put_round(rnd)
     c.fed.current = rnd
 
+
+def _restore_server_opt(c: Coordinator) -> None:
+    """The server optimizer's moments written with the global in use (fresh ones when they are missing)."""
+    ptr = c.store.get_meta("server_opt")
+    if not c.policy.server_opt.active or not ptr:
+        return
+    if int(ptr["round_id"]) != c.global_round:
+        log.warning("server optimizer state is from round %s, the global from round %d: starting fresh moments",
+                    ptr["round_id"], c.global_round)
+        return
+    from protos import wire
+
+    from .server_opt import state_from_tensors
+    c.opt_state = state_from_tensors(wire.decode_tensors(c.store.read_blob(ptr["path"], ptr["sha256"]))[0])
