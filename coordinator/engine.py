@@ -42,7 +42,7 @@ class RoundEngine:
         self.policy = policy or RoundPolicy()
         self.opt_state = opt_state if opt_state is not None else ServerOptState()
         self.devices: set[str] = set()
-        self._zo_held: list[tuple[str, dict[str, torch.Tensor], float, float]] = []  # (id, state, weight, progress)
+        self._zo_held: list[tuple] = []  # (id, state, weight, progress, what it downloaded)
         self._progress: list[float] = []  # loss progress of the folded LoRA devices
         self._modules = {name: method.aggregator() for name in g.modules}
         self._extra: dict[str, torch.Tensor] = {}  # key -> sum_k w_k extra_k (float64)
@@ -101,7 +101,7 @@ class RoundEngine:
                progress: float | None = None) -> float:
         """Validate an upload against what the device downloaded, then fold it. Returns its norm."""
         norm = self.validate(state, sent, mode, precision)
-        self.fold(device_id, state, examples, mode, progress)
+        self.fold(device_id, state, examples, mode, progress, sent)
         return norm
 
     @staticmethod
@@ -111,26 +111,30 @@ class RoundEngine:
         return zo_replay_update(start, pairs, lr)
 
     def fold(self, device_id: str, state: Mapping[str, torch.Tensor], examples: float, mode: str = "lora",
-             progress: float | None = None) -> None:
+             progress: float | None = None, sent: Mapping[str, torch.Tensor] | None = None) -> None:
         """Fold one validated upload (ZO: the replayed final adapter) with the policy's weight for
-        `examples`; a ZO device with a reported `progress` is held until the close."""
+        `examples`; a ZO device with a reported `progress` is held until the close. `sent`: what the
+        device downloaded, so that its change is folded (`Method.updates`); None folds the upload as is."""
         if device_id in self.devices:
             raise UpdateInvalid("duplicate", f"device {device_id} was already folded into round {self.round_id}")
         if not examples > 0:
             raise UpdateInvalid("malformed", f"device {device_id}: example count must be positive, got {examples}")
         weight = self.policy.weight(examples)
         if mode == "zo" and progress is not None and self.policy.zo_progress:
-            self._zo_held.append((device_id, dict(state), weight, float(progress)))
+            self._zo_held.append((device_id, dict(state), weight, float(progress), sent))
             self.devices.add(device_id)
             return
-        self._fold(device_id, state, weight)
+        self._fold(device_id, state, weight, sent)
         if progress is not None and mode != "zo":
             self._progress.append(float(progress))
 
-    def _fold(self, device_id: str, state: Mapping[str, torch.Tensor], weight: float) -> None:
+    def _fold(self, device_id: str, state: Mapping[str, torch.Tensor], weight: float,
+              sent: Mapping[str, torch.Tensor] | None = None) -> None:
         try:
             mods, extra = split_state(self.method.complete_upload(state, self.g, self.round_id))
-        except ValueError as e:
+            start = None if sent is None else split_download(sent)[0]
+            updates = self.method.updates(mods, self.g, start)
+        except (ValueError, KeyError) as e:
             raise UpdateInvalid("keys", f"device {device_id}: {e}") from e
         if set(mods) != set(self._modules):
             raise UpdateInvalid("keys", f"device {device_id}: LoRA modules differ from the global's "
@@ -140,10 +144,9 @@ class RoundEngine:
         for k, t in extra.items():
             if not bool(torch.isfinite(t).all()):
                 raise UpdateInvalid("non_finite", f"device {device_id}: {k} contains non-finite values")
-        for name, (A, B) in mods.items():
-            s = self.method.cfg.scale(int(A.shape[0]))
+        for name, u in updates.items():
             try:
-                self._modules[name].add(LoraUpdate(A=A, B=B, scale=s, weight=float(weight)))
+                self._modules[name].add(LoraUpdate(A=u.A, B=u.B, scale=u.scale, weight=float(weight)))
             except ValueError as e:
                 raise UpdateInvalid("shape", f"device {device_id}, module {name!r}: {e}") from e
         for k, t in extra.items():
@@ -156,10 +159,10 @@ class RoundEngine:
         """Fold the held ZO uploads, each weighted by its progress relative to the LoRA devices'."""
         ref = sum(self._progress) / len(self._progress) if self._progress else None
         factors = {}
-        for device_id, state, weight, progress in self._zo_held:
+        for device_id, state, weight, progress, sent in self._zo_held:
             factors[device_id] = self.policy.zo_factor(progress, ref)
             self.devices.discard(device_id)
-            self._fold(device_id, state, weight * factors[device_id])
+            self._fold(device_id, state, weight * factors[device_id], sent)
         self._zo_held = []
         return factors
 

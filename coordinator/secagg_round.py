@@ -121,10 +121,10 @@ def round_payload(g: GlobalState, method: Method, ranks: Iterable[int], weight_c
     layout = tuple((k, tuple(int(d) for d in state[k].shape)) for k in keys)
     scales = {cfg.scale(r) for r in ranks}
     rp = RoundPayload(layout=layout, weight_cap=float(weight_cap), fold_scale=not only_a and len(scales) > 1,
-                      ignore_extra=only_a)
+                      ignore_extra=only_a, changes=not method.factor_space)
     if zo is not None and method.all_zo and len(set(ranks)) == 1 and zo.pool_size + 1 < rp.vector_len:
         rp = replace(rp, zo_pool_seed=zo.pool_seed, zo_pool_size=zo.pool_size, zo_lr_ref=zo.lr_ref,
-                     zo_value_scale=zo.value_scale)
+                     zo_value_scale=zo.value_scale, changes=False)
     return rp
 
 
@@ -166,6 +166,8 @@ def global_from_sum(total: np.ndarray, rp: RoundPayload, method: Method, ranks: 
     scale = 1.0
     if method.shares_b and not rp.fold_scale:
         scale = method.cfg.scale(int(next(iter(ranks))))
+    if rp.changes:  # the average change, added to the global (at the payload's scale)
+        avg = _plus_global(avg, g, scale)
     avg = method.complete_upload(avg, g, round_id)
     mods: dict[str, LoraUpdate] = {}
     for key in [k for k in avg if k.endswith(A_SUFFIX)]:
@@ -174,6 +176,20 @@ def global_from_sum(total: np.ndarray, rp: RoundPayload, method: Method, ranks: 
         mods[mod], _ = method.finalise(g.modules[mod], step, round_id)
     extra = {k: v for k, v in sorted(avg.items()) if not (k.endswith(A_SUFFIX) or k.endswith(B_SUFFIX))}
     return GlobalState(method.name, mods, extra, weight)
+
+
+def _plus_global(avg: dict[str, torch.Tensor], g: GlobalState, scale: float) -> dict[str, torch.Tensor]:
+    """global + average change, key by key: A (R, in), B (out, R) at `scale`, extras."""
+    out = {}
+    for k, d in avg.items():
+        if k.endswith(A_SUFFIX):
+            out[k] = g.modules[k[: -len(A_SUFFIX)]].A + d
+        elif k.endswith(B_SUFFIX):
+            u = g.modules[k[: -len(B_SUFFIX)]]
+            out[k] = (u.B.double() * (u.scale / scale) + d.double()).float()
+        else:
+            out[k] = g.extra[k] + d
+    return out
 
 
 @dataclass

@@ -150,7 +150,7 @@ def _upload_state(trainer: RoundTrainer, contract: DeviceContract,
 
 
 def _secagg_send(client: FederationClient, t: pb.Task, up: dict[str, torch.Tensor], result: TrainOutcome,
-                 n_examples: int) -> tuple[pb.UploadReply, int]:
+                 n_examples: int, start: dict[str, torch.Tensor]) -> tuple[pb.UploadReply, int]:
     """Secure aggregation instead of UploadUpdate / SubmitZO: the trained adapter masked, or (a ZO device
     in a seed-scalar round) its per-seed sums of projected gradients."""
     from protos.secagg import SecAggError
@@ -162,7 +162,7 @@ def _secagg_send(client: FederationClient, t: pb.Task, up: dict[str, torch.Tenso
         if session.payload.zo_scalars and t.mode == "zo":
             vec = session.zo_vector(result.zo_pairs or [], float(result.zo_lr or t.lr), n_examples)
         else:
-            vec = session.vector(up, n_examples)
+            vec = session.vector(up, n_examples, start)
         report = session.run(vec)
     except SecAggError as e:  # too few devices left, or a check on the coordinator's messages failed
         log.warning("round %d: secure aggregation stopped: %s", t.round_id, e)
@@ -173,24 +173,25 @@ def _secagg_send(client: FederationClient, t: pb.Task, up: dict[str, torch.Tenso
 
 
 def _deliver(client: FederationClient, trainer: RoundTrainer, t: pb.Task, result: TrainOutcome,
-             stats: pb.TrainStats, contract: DeviceContract, kept: dict[str, torch.Tensor]) -> tuple[pb.UploadReply, int]:
+             stats: pb.TrainStats, fetched: Fetched, kept: dict[str, torch.Tensor]) -> tuple[pb.UploadReply, int]:
     if t.secagg:
-        return _secagg_send(client, t, _upload_state(trainer, contract, kept), result, stats.num_examples)
+        return _secagg_send(client, t, _upload_state(trainer, fetched.contract, kept), result, stats.num_examples,
+                            fetched.state)
     if t.mode == "zo":
         pairs = result.zo_pairs or []
         lr = float(result.zo_lr or _task_lr(t) or 0.0)
         return client.submit_zo(t, pairs, lr, stats.num_examples, stats), len(pairs) * 8
-    up = _upload_state(trainer, contract, kept)
+    up = _upload_state(trainer, fetched.contract, kept)
     data = wire.encode_tensors(up, {"rank": t.assigned_rank, "lora_alpha": t.lora_alpha,
                                     "use_rslora": int(t.use_rslora)}, trainer.plan.upload_precision)
     return client.upload(t, data, stats), len(data)
 
 
 def send(client: FederationClient, trainer: RoundTrainer, t: pb.Task, trained: Trained, stats: pb.TrainStats,
-         contract: DeviceContract, kept: dict[str, torch.Tensor]) -> Sent:
+         fetched: Fetched, kept: dict[str, torch.Tensor]) -> Sent:
     t1 = time.perf_counter()
     try:
-        reply, nbytes = _deliver(client, trainer, t, trained.result, stats, contract, kept)
+        reply, nbytes = _deliver(client, trainer, t, trained.result, stats, fetched, kept)
     except grpc.RpcError as e:
         if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
             raise
@@ -252,7 +253,7 @@ class DeviceRound:
     def send_and_report(self, t: pb.Task, fetched: Fetched, trained: Trained) -> dict[str, Any]:
         self.hb.status = "uploading"
         stats = train_stats(self.trainer, fetched, trained, len(self.cfg.records), self.last_upload_s)
-        sent = send(self.client, self.trainer, t, trained, stats, fetched.contract, self.kept)
+        sent = send(self.client, self.trainer, t, trained, stats, fetched, self.kept)
         self.last_upload_s = sent.seconds
         self.hb.status = "idle"
         r = trained.result

@@ -52,8 +52,16 @@ class SecAggSession:
         self.bytes_sent = self.bytes_received = 0
         self.weight = 0.0
 
-    def vector(self, state: Mapping[str, torch.Tensor], num_examples: int) -> np.ndarray:
-        """(vector_len,) float64 payload of the trained adapter at this device's rank and scale."""
+    def vector(self, state: Mapping[str, torch.Tensor], num_examples: int,
+               start: Mapping[str, torch.Tensor] | None = None) -> np.ndarray:
+        """(vector_len,) float64 payload of the trained adapter at this device's rank and scale: its
+        change from `start` (what it downloaded) when the round's payload asks for changes."""
+        from protos.secagg_payload import device_change
+
+        if self.payload.changes:
+            if start is None:
+                raise ValueError("this secure round aggregates changes: pass the downloaded adapter as start")
+            state = device_change(state, start)
         t = self.task
         vec, self.weight = device_payload(state, self.payload, num_examples,
                                           lora_scale(t.lora_alpha, int(t.assigned_rank), bool(t.use_rslora)))

@@ -130,6 +130,8 @@ class RoundPayload(Wire):
     layout: public (key, global shape) entries (see PayloadLayout); weight_cap: weight = min(n, cap) / cap;
     fold_scale: multiply B by the device's own LoRA scale (the selected devices' scales differ);
     ignore_extra: the device may hold tensors outside the layout (fedsa keeps B on the device).
+    changes: devices send their CHANGE (trained - downloaded, `device_change`), the coordinator adds
+    the average change to the global, as plain rounds do (no dilution of slots a device did not train).
     zo_pool_size > 0: seed-scalar mode (strategy zo): every device trains with the pool
     `protos.zo.seed_pool(zo_pool_seed, zo_pool_size)` and sends `zo_scalars` (pool size + 1
     values) instead of its adapter; zo_lr_ref / zo_value_scale set the scalars' units.
@@ -143,6 +145,7 @@ class RoundPayload(Wire):
     zo_pool_size: int = 0
     zo_lr_ref: float = 0.0
     zo_value_scale: float = 1.0
+    changes: bool = False
 
     def __post_init__(self) -> None:
         if not self.layout:
@@ -165,6 +168,11 @@ class RoundPayload(Wire):
     @property
     def vector_len(self) -> int:
         return self.zo_pool_size + 1 if self.zo_scalars else self.payload_layout.vector_len
+
+
+def device_change(state: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """trained - downloaded for every tensor the device downloaded (what a `changes` payload carries)."""
+    return {k: (v - start[k]) if k in start and start[k].shape == v.shape else v for k, v in state.items()}
 
 
 def device_weight(rp: RoundPayload, num_examples: int) -> float:

@@ -65,13 +65,14 @@ class Federation:
         t = d.wait_task()
         if t.mode == "zo":
             return self.zo_round(i, d, t)
-        upd = device_update(d.download_state(t), i)
+        start = d.download_state(t)
+        upd = device_update(start, i)
         self.updates[d.client.device_id] = upd
         if not t.secagg:
             d.client.upload(t, wire.encode_tensors(upd), pb.TrainStats(num_examples=EXAMPLES[i]))
             return
         s = SecAggSession(d.client, t, max_wait_s=30, chunk_bytes=self.chunk_bytes)
-        vec = s.vector(upd, EXAMPLES[i])
+        vec = s.vector(upd, EXAMPLES[i], start)
         self.reports[d.client.device_id] = {"vector": vec, "params": s.params}
         directory = s.advertise()
         routed = s.share_keys(directory)

@@ -132,6 +132,30 @@ class Method:
         """A full adapter state (A and B per module) from an accepted upload."""
         return dict(state)
 
+    def updates(self, mods: Mapping[str, tuple[torch.Tensor, torch.Tensor]], g: GlobalState,
+                start: Mapping[str, torch.Tensor] | None) -> dict[str, LoraUpdate]:
+        """Module -> what is folded for one device. mods: module -> (A (r, in), B (out, r)) it uploaded;
+        start: the adapter it downloaded (None: what `serve` gives a device of its rank).
+
+        Default (a fixed-shape global): the device's CHANGE rebased on the global at max rank, i.e.
+        A = G.A + pad(A_k - A0_k), B = G.B + pad(B_k - B0_k) * s_k / s (at the max-rank scale s), so a
+        device of rank r < max_rank moves only the slots it trained and never dilutes the others
+        with zeros (plain zero-padding shrinks slots >= r by the weight of the low-rank devices)."""
+        cfg = self.cfg
+        s = cfg.scale(cfg.max_rank)
+        out = {}
+        for n, (A, B) in mods.items():
+            r, s_k = int(A.shape[0]), cfg.scale(int(A.shape[0]))
+            G = g.modules[n]
+            A0, B0 = start_of(self, g, start, n, r)
+            B0 = torch.zeros_like(B) if B0 is None else B0
+            A_new = G.A.double().clone()
+            B_new = (G.B.double() * (G.scale / s)).clone()
+            A_new[:r] += A.double() - A0.double()
+            B_new[:, :r] += (B.double() - B0.double()) * (s_k / s)
+            out[n] = LoraUpdate(A=A_new.float(), B=B_new.float(), scale=s)
+        return out
+
     # -- aggregation -----------------------------------------------------------------------
     def aggregator(self) -> StreamingAggregator:
         """A fresh per-module streaming aggregator for one round."""
@@ -150,3 +174,13 @@ def fill_zero_b(state: Mapping[str, torch.Tensor], g: GlobalState) -> State:
             mod = module_of(key)
             out.setdefault(mod + B_SUFFIX, torch.zeros(g.modules[mod].shape[0], t.shape[0]))
     return out
+
+
+def start_of(method: Method, g: GlobalState, start: Mapping[str, torch.Tensor] | None, name: str,
+             rank: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(A0 (r, in), B0 (out, r) or None) a device of `rank` started module `name` from: its download,
+    or (not given) what the method serves that rank."""
+    if start is not None and name + A_SUFFIX in start:
+        return start[name + A_SUFFIX], start.get(name + B_SUFFIX)
+    u = method.serve(g, rank, 0).adapter[name]
+    return u.A, u.B

@@ -3,6 +3,8 @@ the cumulative base delta (scale 1, recompressed by a factor SVD to cap_rank); e
 merges it into its base weights (W += B @ A) and trains a fresh adapter each round."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from ..aggregation import GlobalState, LoraUpdate, StreamingAggregator
@@ -30,6 +32,11 @@ class Stack(Method):
             delta[n] = ((u.B.to(torch.float64) * u.scale).float(), u.A.clone())
             adapter[n] = fresh_adapter(u.shape, rank, s, gen)
         return Served(adapter, delta)
+
+    def updates(self, mods: Mapping[str, tuple[torch.Tensor, torch.Tensor]], g: GlobalState,
+                start: Mapping[str, torch.Tensor] | None) -> dict[str, LoraUpdate]:
+        """A fresh adapter starts at B = 0: its product s_k B_k A_k is the device's whole change."""
+        return {n: LoraUpdate(A=A, B=B, scale=self.cfg.scale(int(A.shape[0]))) for n, (A, B) in mods.items()}
 
     def aggregator(self) -> StreamingAggregator:
         return StreamingAggregator("stacked", max_rank=self.cfg.cap_rank)

@@ -4,9 +4,13 @@ cap_rank, computed in factor space: QR of the stacked factors + SVD of the small
 of rank r gets the best rank-r approximation, split evenly between its factors at its scale."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import torch
+
 from ..aggregation import GlobalState, LoraUpdate, StreamingAggregator, rescale_balanced, to_scale, truncate
 from ..aggregation.svd import factor_svd, factors_from_svd, recompress
-from .base import Method, Served
+from .base import Method, Served, start_of
 
 
 class SvdRedistribute(Method):
@@ -28,7 +32,23 @@ class SvdRedistribute(Method):
     def aggregator(self) -> StreamingAggregator:
         return StreamingAggregator("stacked", max_rank=self.cfg.cap_rank)
 
+    def updates(self, mods: Mapping[str, tuple[torch.Tensor, torch.Tensor]], g: GlobalState,
+                start: Mapping[str, torch.Tensor] | None) -> dict[str, LoraUpdate]:
+        """Each device's change of its product, as factors: s_k (B_k A_k - B0_k A0_k) =
+        s_k [B_k, -B0_k] [A_k; A0_k] (rank 2 r_k); `finalise` adds the average to the global. (Folding
+        the products themselves would pull the global towards each device's rank-r truncation of it.)"""
+        out = {}
+        for n, (A, B) in mods.items():
+            r = int(A.shape[0])
+            A0, B0 = start_of(self, g, start, n, r)
+            out[n] = LoraUpdate(A=torch.cat([A.float(), A0.float()]), B=torch.cat([B.float(), -B0.float()], dim=1),
+                                scale=self.cfg.scale(r))
+        return out
+
     def finalise(self, old: LoraUpdate, step: LoraUpdate, round_id: int = 0) -> tuple[LoraUpdate, float]:
-        U, S, Vh = factor_svd(step.B * step.scale, step.A)
-        full = factors_from_svd(U, S, Vh, int(S.shape[0]), 1.0, step.weight)
+        B = torch.cat([old.B.double() * old.scale, step.B.double() * step.scale], dim=1)  # (out, R_old + R_step)
+        A = torch.cat([old.A.double(), step.A.double()], dim=0)
+        U, S, Vh = factor_svd(B, A)
+        keep = max(1, int((S > S[0] * 1e-10).sum())) if S.numel() else 1  # numerically zero directions dropped
+        full = factors_from_svd(U, S, Vh, keep, 1.0, step.weight)
         return recompress(full, self.cfg.cap_rank)
