@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from coordinator.round_policy import RoundPolicy
 from protos import flower_pack as P
 
 torch.set_num_threads(1)
@@ -102,10 +103,17 @@ def fleet(tmp_path_factory):
     return {"model": str(model), "nodes": nodes}
 
 
-def _run(fleet, strategy: str, rounds: int, nodes=None, **extra):
-    """Run the deployment ServerApp (server_fn) against ClientApps in process; returns (strategy, server)."""
+def _run(fleet, strategy: str, rounds: int, nodes=None, policy=None, **extra):
+    """Run the deployment ServerApp (server_fn) against ClientApps in process; returns (strategy, server).
+
+    policy: a RoundPolicy the strategy is constructed with (server_fn's run config has none; default
+    RoundPolicy())."""
+    import dataclasses
+    from unittest import mock
+
     from flwr.server import ServerApp
 
+    import coordinator.flower_strategy as fs
     from coordinator.flower_loopback import Node, run_inprocess
     from coordinator.flower_strategy import server_fn
     from edge_runtime.flower_client import app, clear_runtimes
@@ -118,85 +126,127 @@ def _run(fleet, strategy: str, rounds: int, nodes=None, **extra):
         held["server"] = comps.server
         return comps
 
+    real = fs.HeteroLoraStrategy
+
+    def with_policy(init, cfg, **kw):  # server_fn builds FlowerConfig itself: swap in our policy
+        return real(init, cfg if policy is None else dataclasses.replace(cfg, policy=policy), **kw)
+
     nodes = nodes if nodes is not None else [Node(app, nc) for nc in fleet["nodes"]]
     run_config = {"model": fleet["model"], "strategy": strategy, "num-server-rounds": rounds, "max-rank": MAX_RANK,
                   "lora-alpha": ALPHA, "local-steps": 2, "lr": 1e-2, "zo-lr": 1e-3, "min-clients": len(nodes),
                   "max-workers": 1, **extra}
-    run_inprocess(ServerApp(server_fn=fn), nodes, run_config)
+    with mock.patch.object(fs, "HeteroLoraStrategy", with_policy):
+        run_inprocess(ServerApp(server_fn=fn), nodes, run_config)
     server = held["server"]
+    assert server.strategy.policy == (policy or RoundPolicy())
     return server.strategy, server
 
 
-def _device_states(strat, name: str):
-    """Decode the last round's raw FitRes independently of the strategy, as our coordinator would."""
+def _device_uploads(strat):
+    """Decode the last round's raw FitRes independently of the strategy, as our coordinator would:
+    per client (sorted by id) its mode, final adapter state (ZO: replayed from exactly what it was
+    sent), its start (what it downloaded, base delta excluded), its examples and reported progress."""
     from flwr.common import parameters_to_ndarrays
 
-    from coordinator.aggregation import DeviceState, zo_replay_update
+    from coordinator.aggregation import zo_replay_update
 
     rec = strat.last
     devices = []
     for cid, res in sorted(rec.results.items()):
         arrays, keys = parameters_to_ndarrays(res.parameters), json.loads(res.metrics["keys"])
-        sent = rec.sent[cid].tensors
-        if res.metrics["mode"] == "zo":
-            start = {k: v for k, v in sent.items() if not k.startswith("base_delta.")}
+        start = {k: v for k, v in rec.sent[cid].tensors.items() if not k.startswith("base_delta.")}
+        mode = res.metrics["mode"]
+        if mode == "zo":
             state = zo_replay_update(start, list(zip(arrays[0].tolist(), arrays[1].tolist())), res.metrics["zo_lr"])
         else:
             state = {k: torch.from_numpy(a.astype(np.float32)) for k, a in zip(keys, arrays)}
-            if not strat.method.shares_b:  # fedsa: B stays on the device; the coordinator aggregates A only
-                for k in [k for k in state if k.endswith(".lora_A.weight")]:
-                    module = k[: -len(".lora_A.weight")]
-                    state[module + ".lora_B.weight"] = torch.zeros(rec.before.modules[module].shape[0], state[k].shape[0])
-        devices.append(DeviceState(state=state, alpha=ALPHA, weight=float(res.num_examples)))
+        progress = res.metrics.get("loss_progress")
+        devices.append({"cid": cid, "mode": mode, "state": state, "start": start,
+                        "examples": float(max(int(res.num_examples), 1)),
+                        "progress": None if progress is None else float(progress)})
     return devices
+
+
+def _zo_factor(progress: float, lora_progress: list[float]) -> float:
+    """A ZO device's weight multiplier (coordinator.round_policy): min(1, its loss progress / the LoRA
+    devices' mean), floored at 0.01 so it stays in the sum; 1 without a positive LoRA reference."""
+    ref = sum(lora_progress) / len(lora_progress) if lora_progress else 0.0
+    return 1.0 if ref <= 0 else min(1.0, max(0.01, max(0.0, progress) / ref))
+
+
+def _weights(devices, zo_progress: bool) -> dict[str, float]:
+    """Client -> aggregation weight: its examples (default policy: temper 1, no cap), a ZO client's
+    times `_zo_factor` when the policy weights ZO devices by their progress."""
+    lora = [d["progress"] for d in devices if d["mode"] != "zo" and d["progress"] is not None]
+    return {d["cid"]: d["examples"] * (_zo_factor(d["progress"], lora) if zo_progress and d["mode"] == "zo"
+                                       and d["progress"] is not None else 1.0) for d in devices}
+
+
+def _factors(state, module: str, out_dim: int):
+    """(A (r, in), B (out, r)) of `module` in a state dict, float64; a missing B (kept on the device,
+    or not sent) is zero."""
+    A = state[module + ".lora_A.weight"].double()
+    B = state.get(module + ".lora_B.weight")
+    return A, (torch.zeros(out_dim, A.shape[0], dtype=torch.float64) if B is None else B.double())
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-6)
 
 
-def _svd_sum(ups):
-    """The exact weighted sum of the devices' products as SVD-ordered factors (scale 1)."""
-    from coordinator.aggregation import factor_svd, validate_updates
-    from coordinator.aggregation.svd import factors_from_svd, stacked_factors
+def _check_last_round_against_coordinator(strat, name: str, zo_progress: bool = True) -> dict[str, float]:
+    """The strategy's new global == the round's definition built here from the raw FitRes and what
+    each client was sent (A0/B0), with p_k = w_k / sum w:
 
-    ups = validate_updates(ups)
-    U, S, Vh = factor_svd(*stacked_factors(ups))
-    return factors_from_svd(U, S, Vh, int(S.shape[0]), 1.0, float(sum(u.weight for u in ups)))
-
-
-def _fedsa_a(ups):
-    from coordinator.aggregation import LoraUpdate, fedsa
-
-    A = fedsa(ups, MAX_RANK)
-    return LoraUpdate(A=A, B=torch.zeros(ups[0].shape[0], A.shape[0]), scale=1.0)
-
-
-def _check_last_round_against_coordinator(strat, name: str) -> None:
-    from coordinator.aggregation import aggregate_modules, effective, fedavg, stack, zero_pad
+    - fixed shape (zero_pad, fedavg, zo, fedsa): the mean CHANGE, zero-padded to max rank at the
+      max-rank scale s, added to the old global G: A = G.A + sum p_k pad(A_k - A0_k),
+      s B = G.scale G.B + sum p_k s_k pad(B_k - B0_k) (fedsa: A only, B never leaves the devices);
+    - svd: dW = dW_G + sum p_k s_k (B_k A_k - B0_k A0_k);
+    - stack: fresh adapters (B0 = 0): dW = dW_G + sum p_k s_k B_k A_k.
+    Extras (the head) are the weighted mean of the uploads'. Returns the weights used."""
+    from coordinator.aggregation import LoraUpdate, effective, fedavg, fedsa, lora_scale, zero_pad
 
     g, rec = strat.global_state, strat.last
     assert g.strategy == name == strat.method.name
-    devices = _device_states(strat, name)
+    assert strat.policy.zo_progress == zo_progress
+    devices = _device_uploads(strat)
     assert not rec.rejected and len(devices) == len(rec.uploads)
-    if name in ("zero_pad", "fedsa", "fedavg", "zo"):
-        combine = {"zero_pad": lambda ups: zero_pad(ups, MAX_RANK), "fedsa": _fedsa_a, "fedavg": fedavg,
-                   "zo": fedavg}[name]
-        ref = aggregate_modules(devices, combine)
-        for m, u in ref.modules.items():
-            assert _close(g.modules[m].A, u.A), m
-            if name != "fedsa":
-                assert _close(effective(g.modules[m]), effective(u)), m
-    elif name == "svd":
-        ref = aggregate_modules(devices, _svd_sum)
-        for m, u in ref.modules.items():
-            assert _close(effective(g.modules[m]), effective(u)), m
-    else:  # stack: the cumulative delta grows by exactly this round's stacked update
-        ref = aggregate_modules(devices, stack)
-        for m, u in ref.modules.items():
-            assert _close(effective(g.modules[m]), effective(rec.before.modules[m]) + effective(u)), m
-    for k, v in ref.extra.items():
-        assert _close(g.extra[k], v), k
+    w = _weights(devices, zo_progress)
+    W = sum(w.values())
+    assert g.total_weight == pytest.approx(W, rel=1e-12)
+    s = lora_scale(ALPHA, MAX_RANK)
+    for m, G in rec.before.modules.items():
+        out_dim = G.shape[0]
+        if name in ("zero_pad", "fedavg", "zo", "fedsa"):
+            changes = []
+            for d in devices:
+                A, B = _factors(d["state"], m, out_dim)
+                A0, B0 = _factors(d["start"], m, out_dim)
+                changes.append(LoraUpdate(A=(A - A0).float(), B=(B - B0).float(), scale=lora_scale(ALPHA, A.shape[0]),
+                                          weight=w[d["cid"]]))
+            if name == "fedsa":
+                assert _close(g.modules[m].A, G.A.double() + fedsa(changes, MAX_RANK).double()), m
+                assert not g.modules[m].B.any(), m  # no global B
+                continue
+            mean = fedavg(changes) if name in ("fedavg", "zo") else zero_pad(changes, MAX_RANK)
+            assert g.modules[m].scale == s and g.modules[m].rank == MAX_RANK, m
+            assert _close(g.modules[m].A, G.A.double() + mean.A.double()), m
+            assert _close(g.modules[m].B.double() * s, G.B.double() * G.scale + mean.B.double() * mean.scale), m
+        else:  # svd / stack: the change of each device's product
+            want = effective(G)
+            for d in devices:
+                A, B = _factors(d["state"], m, out_dim)
+                A0, B0 = _factors(d["start"], m, out_dim)
+                if name == "stack":
+                    assert not B0.any(), (m, d["cid"])  # a fresh adapter: B0 = 0
+                want = want + (w[d["cid"]] / W) * lora_scale(ALPHA, A.shape[0]) * (B @ A - B0 @ A0)
+            assert _close(effective(g.modules[m]), want), m
+    extra_keys = set(devices[0]["state"]) - {k for k in devices[0]["state"] if ".lora_" in k}
+    assert extra_keys and sorted(extra_keys) == sorted(g.extra)
+    for k in extra_keys:
+        want = sum(w[d["cid"]] * d["state"][k].double() for d in devices) / W
+        assert _close(g.extra[k], want), k
+    return w
 
 
 # -- federations ------------------------------------------------------------------------------
@@ -214,8 +264,15 @@ def test_zero_pad_federation_matches_coordinator_and_replays_zo_exactly(fleet):
     assert [r["uploads"] for r in strat.rounds] == [4, 4] and strat.rounds[-1]["zo_uploads"] == 1
     ev = strat.evaluations  # federated evaluation: every device scores the global at its own rank
     assert [e["clients"] for e in ev] == [4, 4] and all(0 <= e["accuracy"] <= 1 and e["loss"] > 0 for e in ev)
-    _check_last_round_against_coordinator(strat, "zero_pad")
+    w = _check_last_round_against_coordinator(strat, "zero_pad")  # default policy: ZO weighted by its progress
     rec = strat.last
+    zo_cid = next(c for c, i in strat.clients.items() if i.mode == "zo")
+    examples = {c: float(max(int(r.num_examples), 1)) for c, r in rec.results.items()}
+    lora = [float(r.metrics["loss_progress"]) for c, r in rec.results.items() if c != zo_cid]
+    assert all(w[c] == examples[c] for c in w if c != zo_cid)  # LoRA devices: their examples
+    factor = _zo_factor(float(rec.results[zo_cid].metrics["loss_progress"]), lora)
+    assert 0.01 <= factor < 1 and w[zo_cid] == pytest.approx(examples[zo_cid] * factor)  # it learned less than LoRA
+    assert strat.global_state.total_weight < sum(examples.values())  # not plain example weights
     for cid, sent in rec.sent.items():  # what each device got is our per-rank slice of the global
         want = {k: v for k, v in rec.before.extra.items()}
         for m, u in rec.before.modules.items():  # zero_pad: rows [:r] of A, columns [:, :r] of B, at the device's scale
@@ -226,7 +283,6 @@ def test_zero_pad_federation_matches_coordinator_and_replays_zo_exactly(fleet):
     for u in rec.uploads:  # device-side final adapters == what the server decoded (ZO: replayed from seeds)
         local = runtimes[int(u.device_id)].trainer.adapter_state()
         assert sorted(local) == sorted(u.state) and all(_close(local[k], u.state[k]) for k in local), u.device_id
-    zo_cid = next(c for c, i in strat.clients.items() if i.mode == "zo")
     assert runtimes[int(zo_cid)].plan.mode == "zo"
     assert not all(torch.equal(rec.sent[zo_cid].tensors[k], v) for k, v in
                    next(u for u in rec.uploads if u.device_id == zo_cid).state.items())
@@ -236,12 +292,13 @@ def test_zero_pad_federation_matches_coordinator_and_replays_zo_exactly(fleet):
 
 
 @needs_flwr
-@pytest.mark.parametrize("name,rounds", [("stack", 2), ("fedsa", 2), ("svd", 1)])
+@pytest.mark.parametrize("name,rounds", [("stack", 2), ("fedsa", 2), ("svd", 2)])
 def test_heterogeneous_strategies_match_coordinator(fleet, name, rounds):
-    strat, _ = _run(fleet, name, rounds=rounds)
+    strat, _ = _run(fleet, name, rounds=rounds, policy=RoundPolicy(zo_progress=False))  # weights = examples
     assert len({i.rank for i in strat.clients.values()}) == 3
     assert [r["uploads"] for r in strat.rounds] == [4] * rounds
-    _check_last_round_against_coordinator(strat, name)
+    w = _check_last_round_against_coordinator(strat, name, zo_progress=False)
+    assert w == {c: float(max(int(r.num_examples), 1)) for c, r in strat.last.results.items()}
     if name == "fedsa":  # LoRA devices never send B; the ZO device's B is kept for it by the server
         for cid, res in strat.last.results.items():
             if res.metrics["mode"] == "lora":

@@ -44,7 +44,7 @@ class FleetConfig:
 
     model: str = "minilm"
     task: str = "classification"
-    num_labels: int = 2
+    num_labels: int = 0  # classes; 0 = derived from the data (1 + the largest label)
     data: str = "sst2"
     eval_data: str | None = None
     train_examples: int = 6000
@@ -66,6 +66,7 @@ class FleetConfig:
     host_gflops: float | None = None  # pace against this host speed instead of measuring it (reproducible pacing)
     devices: list[dict[str, Any]] = field(default_factory=list)
     extra_coordinator_args: list[str] = field(default_factory=list)
+    policy: dict[str, Any] = field(default_factory=dict)  # round policy flags, e.g. {server-opt: avgm, logit-adjust: 1}
 
     @classmethod
     def load(cls, path: str | Path) -> "FleetConfig":
@@ -150,6 +151,8 @@ def load_train_dev(data: str, eval_data: str | None, seed: int, train_examples: 
 def prepare_data(cfg: FleetConfig, n: int, out: Path) -> tuple[list[Path], Path, list[int]]:
     """Per-device shards (seeded partition of a train subset) and the eval file."""
     train, dev = load_train_dev(cfg.data, cfg.eval_data, cfg.seed, cfg.train_examples, cfg.eval_examples)
+    if not cfg.num_labels:
+        cfg.num_labels = max(2, 1 + max(int(r["label"]) for r in train + dev))
     p = cfg.partition
     shards = partition(train, n, scheme=p.get("scheme", "iid"), alpha=float(p.get("alpha", 0.5)),
                        seed=int(p.get("seed", cfg.seed)))
@@ -213,6 +216,8 @@ def start_coordinator(cfg: FleetConfig, model: str, port: int, store: Path, eval
         cmd += ["--zo-local-steps", str(cfg.zo_local_steps)]
     if cfg.zo_lr:
         cmd += ["--zo-lr", str(cfg.zo_lr)]
+    for k, v in cfg.policy.items():  # edge-coordinator serve's round-policy flags (docs/federated.md)
+        cmd += [f"--{k}"] if v is True else [f"--{k}", str(v)]
     cmd += coordinator_security_args() + cfg.extra_coordinator_args
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
