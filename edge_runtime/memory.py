@@ -250,6 +250,79 @@ def source_residue_bytes(spec: ModelSpec, plan: Plan, device: str, cal: Calibrat
     return {}
 
 
+def _default_overhead(device: str, unified_memory: bool) -> int:
+    """Runtime overhead when none is given: 0 for a discrete GPU's CUDA-allocated peak, else the
+    measured RSS after imports (cached per process)."""
+    if device == "cuda" and not unified_memory:
+        return 0
+    from edge_runtime.measure import measure_runtime_overhead
+    return measure_runtime_overhead()
+
+
+def _quantized_cpu_bytes(spec: ModelSpec, plan: Plan, cal: Calibration, tokens: int, act_b: int) -> dict[str, float]:
+    """Dequantization temporaries (and bitsandbytes int8 saved inputs) of a quantized base on CPU."""
+    zo = plan.mode == "zo"
+    L, h = spec.layers, spec.hidden
+    inter = spec.intermediate or 4 * spec.hidden
+    biggest = max((o * i for o, i in spec.linear_shapes.values()), default=0)
+    out: dict[str, float] = {}
+    # forward: dequantized fp32 copies of the Linear in flight; backward through a quantized
+    # Linear on CPU keeps more alive (fitted fraction of all Linear weights as fp32)
+    quanto = spec.source_format == "gguf" or plan.base_precision == "int4"  # model_loading's quanto route
+    frac = (cal.quanto_saved_int8 if plan.base_precision == "int8" else cal.quanto_saved_4bit) if quanto else cal.dequant_saved
+    saved = 0.0 if zo else frac * spec.linear_params * 4
+    if plan.gradient_checkpointing:
+        saved /= max(1, L)  # saved tensors of one recomputed layer at a time
+    out["dequant_temporaries"] = cal.dequant_copies * biggest * 4 + saved
+    if not zo and plan.base_precision == "int8" and spec.source_format != "gguf":
+        # bitsandbytes' CPU int8 matmul (MatMul8bitFp) keeps each Linear's input on its ctx, outside
+        # save_for_backward, so checkpointing does not drop it: ~(3h + I) values per token per layer
+        out["int8_saved_inputs"] = cal.int8_inputs * tokens * L * (3 * h + inter) * act_b
+    return out
+
+
+def _dynamic_bytes(spec: ModelSpec, plan: Plan, task: str, n_train: int, device: str, attn_implementation: str,
+                   cal: Calibration, response_tokens: int | None) -> dict[str, float]:
+    """Training-time dynamic memory (activations, logits, ZO perturbation, dequant temporaries),
+    before allocator slack."""
+    act_b = BYTES[plan.compute_dtype]
+    b, s, L = plan.batch_size, plan.seq_len, spec.layers
+    h, inter = spec.hidden, spec.intermediate or 4 * spec.hidden
+    kv = spec.kv_heads * spec.head_dim
+    tokens = b * s
+    cpu = device == "cpu"
+    zo = plan.mode == "zo"
+    per_layer = cal.act_hidden * h + cal.act_inter * inter + cal.act_kv * kv  # values / token / layer
+    # BERT-style encoders save more per layer (two LayerNorms, GELU, dropout masks): fitted on the
+    # non-checkpointed rows; under checkpointing `ckpt_layers` already covers the recomputed layer
+    enc_extra = cal.act_hidden_encoder * h if spec.task_kind == "encoder" else 0.0
+    # (b, heads, s, s) scores are materialized by eager attention, by SDPA on CPU whenever the
+    # trainer passes a padding mask (it always does: the math path keeps scores and probabilities
+    # per layer), and by encoders with a padding mask on any device (kept from the earlier fit; on
+    # CUDA a decoder's SDPA uses the memory-efficient kernel).
+    materialized = attn_implementation == "eager" or cpu or spec.task_kind == "encoder"
+    attn = cal.attn_eager * spec.heads * s * s * b * act_b if materialized else 0.0
+    # the trainer's causal-LM loss runs lm_head only on response tokens, LOGIT_CHUNK_ROWS rows at a
+    # time under checkpointing: one chunk's fp32 logits (rows, V) are alive at a time
+    n_resp = tokens if response_tokens is None else max(1, min(int(response_tokens), tokens))
+    logits = min(n_resp, LOGIT_CHUNK_ROWS) * spec.vocab * 4 if task == "causal_lm" else 0
+    dyn: dict[str, float] = {}
+    if zo:
+        dyn["zo_perturbation"] = 2 * 4 * n_train  # clean copy + z
+        dyn["activations_forward"] = tokens * cal.fwd_transient * inter * act_b + attn / max(1.0, cal.attn_eager)
+        dyn["logits"] = cal.logits_zo * logits
+    else:
+        if plan.gradient_checkpointing:
+            kept = tokens * L * cal.ckpt_hidden * h * act_b + tokens * cal.embed_grad_input * h * 4
+            dyn["activations"] = kept + cal.ckpt_layers * (tokens * per_layer * act_b + attn)
+        else:
+            dyn["activations"] = tokens * L * (per_layer + enc_extra) * act_b + attn * L
+        dyn["logits"] = cal.logits_train * logits
+    if plan.base_precision in QUANTIZED and cpu:
+        dyn.update(_quantized_cpu_bytes(spec, plan, cal, tokens, act_b))
+    return dyn
+
+
 def estimate(spec: ModelSpec, plan: Plan, task: str = "classification", overhead_bytes: int | None = None,
              budget_bytes: int = 0, *, device: str = "cpu", attn_implementation: str = "sdpa",
              calibration: Calibration = DEFAULT_CALIBRATION, response_tokens: int | None = None,
@@ -269,18 +342,7 @@ def estimate(spec: ModelSpec, plan: Plan, task: str = "classification", overhead
     spec.check_targets(plan.target_modules)
     cal = calibration
     if overhead_bytes is None:
-        if device == "cuda" and not unified_memory:
-            overhead_bytes = 0
-        else:
-            from edge_runtime.measure import measure_runtime_overhead
-            overhead_bytes = measure_runtime_overhead()
-    act_b = BYTES[plan.compute_dtype]
-    b, s, L = plan.batch_size, plan.seq_len, spec.layers
-    h, inter = spec.hidden, spec.intermediate or 4 * spec.hidden
-    kv = spec.kv_heads * spec.head_dim
-    tokens = b * s
-    cpu = device == "cpu"
-    quantized = plan.base_precision in QUANTIZED
+        overhead_bytes = _default_overhead(device, unified_memory)
 
     parts: dict[str, int] = {"runtime_overhead": int(overhead_bytes)}
     parts.update(weight_bytes(spec, plan.base_precision, task, plan.compute_dtype))
@@ -291,46 +353,7 @@ def estimate(spec: ModelSpec, plan: Plan, task: str = "classification", overhead
     parts["adapter_grads"] = 0 if zo else 4 * n_train
     parts["optimizer_state"] = 0 if zo or plan.optimizer == "sgd" else 8 * n_train
 
-    per_layer = cal.act_hidden * h + cal.act_inter * inter + cal.act_kv * kv  # values / token / layer
-    # BERT-style encoders save more per layer (two LayerNorms, GELU, dropout masks): fitted on the
-    # non-checkpointed rows; under checkpointing `ckpt_layers` already covers the recomputed layer
-    enc_extra = cal.act_hidden_encoder * h if spec.task_kind == "encoder" else 0.0
-    # (b, heads, s, s) scores are materialized by eager attention, by SDPA on CPU whenever the
-    # trainer passes a padding mask (it always does: the math path keeps scores and probabilities
-    # per layer), and by encoders with a padding mask on any device (kept from the earlier fit; on
-    # CUDA a decoder's SDPA uses the memory-efficient kernel).
-    materialized = attn_implementation == "eager" or cpu or spec.task_kind == "encoder"
-    attn = cal.attn_eager * spec.heads * s * s * b * act_b if materialized else 0.0
-    # the trainer's causal-LM loss runs lm_head only on response tokens, LOGIT_CHUNK_ROWS rows at a
-    # time under checkpointing: one chunk's fp32 logits (rows, V) are alive at a time
-    n_resp = tokens if response_tokens is None else max(1, min(int(response_tokens), tokens))
-    logits = min(n_resp, LOGIT_CHUNK_ROWS) * spec.vocab * 4 if task == "causal_lm" else 0
-    biggest = max((o * i for o, i in spec.linear_shapes.values()), default=0)
-    dyn: dict[str, float] = {}
-    if zo:
-        dyn["zo_perturbation"] = 2 * 4 * n_train  # clean copy + z
-        dyn["activations_forward"] = tokens * cal.fwd_transient * inter * act_b + attn / max(1.0, cal.attn_eager)
-        dyn["logits"] = cal.logits_zo * logits
-    else:
-        if plan.gradient_checkpointing:
-            kept = tokens * L * cal.ckpt_hidden * h * act_b + tokens * cal.embed_grad_input * h * 4
-            dyn["activations"] = kept + cal.ckpt_layers * (tokens * per_layer * act_b + attn)
-        else:
-            dyn["activations"] = tokens * L * (per_layer + enc_extra) * act_b + attn * L
-        dyn["logits"] = cal.logits_train * logits
-    if quantized and cpu:
-        # forward: dequantized fp32 copies of the Linear in flight; backward through a quantized
-        # Linear on CPU keeps more alive (fitted fraction of all Linear weights as fp32)
-        quanto = spec.source_format == "gguf" or plan.base_precision == "int4"  # model_loading's quanto route
-        frac = (cal.quanto_saved_int8 if plan.base_precision == "int8" else cal.quanto_saved_4bit) if quanto else cal.dequant_saved
-        saved = 0.0 if zo else frac * spec.linear_params * 4
-        if plan.gradient_checkpointing:
-            saved /= max(1, L)  # saved tensors of one recomputed layer at a time
-        dyn["dequant_temporaries"] = cal.dequant_copies * biggest * 4 + saved
-        if not zo and plan.base_precision == "int8" and spec.source_format != "gguf":
-            # bitsandbytes' CPU int8 matmul (MatMul8bitFp) keeps each Linear's input on its ctx, outside
-            # save_for_backward, so checkpointing does not drop it: ~(3h + I) values per token per layer
-            dyn["int8_saved_inputs"] = cal.int8_inputs * tokens * L * (3 * h + inter) * act_b
+    dyn = _dynamic_bytes(spec, plan, task, n_train, device, attn_implementation, cal, response_tokens)
     dyn_total = sum(dyn.values())
     dyn["allocator_slack"] = cal.alloc_slack * dyn_total
     parts.update({k: int(v) for k, v in dyn.items()})

@@ -193,12 +193,11 @@ def _fits(est: MemoryEstimate) -> bool:
 
 
 def _finish(feas, spec, profile, task, deadline, local_steps, reasons, smallest, budget, overhead) -> Plan:
-    c0 = feas[0][0]
+    """The best feasible candidate as a Plan: upload precision, memory breakdown and reasons filled in."""
     timed = []
     for c, p, est in feas:
         t = step_seconds(spec, profile, c, p.compute_dtype) * local_steps
         timed.append((t, c, p, est))
-    n_up = spec.lora_params(list(c0.targets), c0.rank)
 
     def up_prec(c: _Cand) -> str:
         if c.mode == "zo":
@@ -220,6 +219,14 @@ def _finish(feas, spec, profile, task, deadline, local_steps, reasons, smallest,
     p.memory = est.to_dict()
     p.memory["runtime_overhead_bytes"] = int(overhead)
     p.memory["budget_scope"] = "above_runtime" if profile.budget_excludes_runtime else "process"
+    _reasons(reasons, spec, profile, c, p, est, t, deadline, local_steps, smallest, budget)
+    p.reasons = reasons
+    return p
+
+
+def _reasons(reasons: list[str], spec: ModelSpec, profile: DeviceProfile, c: _Cand, p: Plan, est: MemoryEstimate,
+             t: float, deadline: float, local_steps: int, smallest: dict[str, int], budget: int) -> None:
+    """Append the human-readable reasons for choosing candidate `c` (plan `p`, estimate `est`)."""
     if c.mode == "zo":
         lora_min = min((v for k, v in smallest.items() if k.startswith("lora:")), default=0)
         reasons.append(f"mode zo: no backprop plan fits (smallest LoRA plan needs {_gib(lora_min)} > budget "
@@ -254,9 +261,6 @@ def _finish(feas, spec, profile, task, deadline, local_steps, reasons, smallest,
                    f"{_gib(margin_bytes(est))} kept free for estimator error)"
                    + (f"; the peak is LOADING the base ({load_description(spec, p)}), training alone peaks at "
                       f"{_gib(est.training_peak_bytes)}" if est.load_bound else ""))
-    p.reasons = reasons
-    del n_up
-    return p
 
 
 def _nothing_fits(spec, task, profile, budget, smallest, overhead, alternatives, smallest_est=None) -> str:

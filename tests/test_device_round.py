@@ -30,6 +30,7 @@ class FakeResult:
     peak_rss_bytes: int = 1
     zo_pairs: list | None = None
     zo_lr: float | None = None
+    losses: tuple[float, ...] = (0.6, 0.5, 0.4)
 
 
 class FakeTrainer:
@@ -40,6 +41,8 @@ class FakeTrainer:
         self.rank, self.lora_alpha, self.use_rslora, self.seed = 2, 4.0, False, 0
         self.zo_pool_seed, self.zo_pool_size, self.memory_budget_bytes = 0, None, None
         self.last_events: list = []
+        self.frozen: tuple[str, ...] = ()
+        self.recipe = None
         self.state = {k: torch.zeros(s) for k, s in KEYS.items()}
         self.loaded: list[dict] = []
 

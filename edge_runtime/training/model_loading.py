@@ -131,30 +131,24 @@ def quantize_quanto(model: nn.Module, precision: str) -> None:
     malloc_trim()
 
 
-def load_base(model_src: str | Path, plan: Plan, task: Any, seed: int = 0,
-              quant_backend: str = "auto") -> tuple[nn.Module, Any]:
-    """(model, tokenizer) at `plan.base_precision`, frozen, with the task head (seeded) and
-    gradient checkpointing per plan. `quant_backend`: 'auto' | 'bnb' | 'quanto'.
-
-    bitsandbytes is hidden from this process unless the plan takes its route (see
-    `edge_runtime.training.imports`); with 'auto', a bitsandbytes that is installed but will
-    not import falls back to optimum-quanto (logged)."""
-    t = resolve_task(task)
-    directory, gguf = resolve_source(model_src)
-    prec = plan.base_precision
+def _bnb_route(prec: str, quant_backend: str, gguf: str | None) -> bool:
+    """Whether the bitsandbytes route is taken (with 'auto', an installed bitsandbytes that does not
+    import falls back to optimum-quanto, logged)."""
     use_bnb = needs_bitsandbytes(prec, quant_backend, bool(gguf))
     bnb_ok = use_bitsandbytes(use_bnb)
     if use_bnb and not bnb_ok and quant_backend == "auto" and bitsandbytes_installed():
         log.warning("base_precision %s: bitsandbytes is installed but does not import here; using optimum-quanto "
                     "(%s) instead", prec, "qint8" if prec == "int8" else "qint4")
         use_bnb = False
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    return use_bnb
 
-    compute = _DTYPES[plan.compute_dtype]
+
+def _from_pretrained_kwargs(prec: str, compute: torch.dtype, gguf: str | None,
+                            use_bnb: bool, use_quanto: bool) -> dict[str, Any]:
+    """Keyword arguments for `from_pretrained`: GGUF file, quantization config, device map, dtype."""
     kwargs: dict[str, Any] = {}
     if gguf:
         kwargs["gguf_file"] = gguf
-    use_quanto = prec == "int4" or (prec in ("int8", "nf4") and not use_bnb)
     if use_bnb:
         kwargs["quantization_config"] = _bnb_config(prec, compute)
         kwargs["device_map"] = _device()
@@ -163,12 +157,26 @@ def load_base(model_src: str | Path, plan: Plan, task: Any, seed: int = 0,
         kwargs["dtype"] = compute
     else:
         kwargs["dtype"] = _DTYPES[prec]
+    return kwargs
+
+
+def _load_tokenizer(directory: Any, gguf: str | None) -> Any:
+    """The tokenizer at `directory` (or its GGUF file), with a pad token set."""
+    from transformers import AutoTokenizer
+
     try:
         tok = AutoTokenizer.from_pretrained(directory, **({"gguf_file": gguf} if gguf else {}))
     except Exception as e:  # noqa: BLE001 - third-party loaders raise many kinds
         raise ModelLoadError(f"cannot load a tokenizer from {directory}{'/' + gguf if gguf else ''}: {e}") from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def _load_model(directory: Any, gguf: str | None, t: Any, prec: str, seed: int, kwargs: dict[str, Any]) -> nn.Module:
+    """The model with its task head (seeded), loaded under LOAD_LOCK."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
     try:
         with LOAD_LOCK:  # transformers patches process globals while it loads (protos.model_load)
             torch.manual_seed(seed)  # the new head is initialised inside from_pretrained
@@ -181,6 +189,29 @@ def load_base(model_src: str | Path, plan: Plan, task: Any, seed: int = 0,
     except (OSError, ValueError, ImportError, RuntimeError) as e:
         raise ModelLoadError(f"cannot load {directory}{'/' + gguf if gguf else ''} as {t.kind} at "
                              f"{prec}: {e}") from e
+    return model
+
+
+def load_base(model_src: str | Path, plan: Plan, task: Any, seed: int = 0,
+              quant_backend: str = "auto") -> tuple[nn.Module, Any]:
+    """(model, tokenizer) at `plan.base_precision`, frozen, with the task head (seeded) and
+    gradient checkpointing per plan. `quant_backend`: 'auto' | 'bnb' | 'quanto'.
+
+    bitsandbytes is hidden from this process unless the plan takes its route (see
+    `edge_runtime.training.imports`); with 'auto', a bitsandbytes that is installed but will
+    not import falls back to optimum-quanto (logged)."""
+    t = resolve_task(task)
+    directory, gguf = resolve_source(model_src)
+    prec = plan.base_precision
+    use_bnb = _bnb_route(prec, quant_backend, gguf)
+    # imported here, once the bitsandbytes route is settled (the helpers below reuse the loaded module)
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401
+
+    compute = _DTYPES[plan.compute_dtype]
+    use_quanto = prec == "int4" or (prec in ("int8", "nf4") and not use_bnb)
+    kwargs = _from_pretrained_kwargs(prec, compute, gguf, use_bnb, use_quanto)
+    tok = _load_tokenizer(directory, gguf)
+    model = _load_model(directory, gguf, t, prec, seed, kwargs)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
     if use_quanto:
