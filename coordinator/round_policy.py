@@ -25,11 +25,11 @@ from .server_opt import ServerOptConfig
 @dataclass(frozen=True)
 class RoundPolicy:
     server_opt: ServerOptConfig = field(default_factory=ServerOptConfig)
-    weight_temper: float = 1.0
+    weight_temper: float = 0.5  # defaults: what tools/bench_federated.py measured best (docs/federated.md)
     weight_cap: float = 0.0
     zo_progress: bool = True
     prox_mu: float = 0.0
-    logit_adjust: float = 0.0
+    logit_adjust: float = 1.0
     lr_decay: float = 1.0
 
     def __post_init__(self) -> None:

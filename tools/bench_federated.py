@@ -169,13 +169,13 @@ def run_centralized(model: str, train: list[dict], evaluator: Evaluator, steps: 
     from edge_runtime.plan import Plan
 
     p = Plan(rank=16, target_modules=["query", "value"], batch_size=args.central_batch, seq_len=128,
-             lora_alpha=args.alpha_lora, learning_rate=args.lr)
+             lora_alpha=args.alpha_lora, learning_rate=args.central_lr)
     t = LocalTrainer(model, p, {"kind": "classification", "num_labels": num_labels}, seed=args.seed, threads=1)
     rows = [{"round": 0, **evaluator.evaluate({}, {}), "bytes_up": 0, "bytes_down": 0, "wall_s": 0.0}]
     per = steps // args.rounds
     for rnd in range(1, args.rounds + 1):
         t0 = time.perf_counter()
-        t.train(train, per, lr=args.lr, seed=args.seed + rnd, progress=False)
+        t.train(train, per, lr=args.central_lr, seed=args.seed + rnd, progress=False)
         mods, extra = split_state(t.adapter_state())
         m = evaluator.evaluate({n: (B * t.scale(), A) for n, (A, B) in mods.items()}, extra)
         rows.append({"round": rnd, **m, "bytes_up": 0, "bytes_down": 0, "wall_s": time.perf_counter() - t0})
@@ -237,23 +237,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--local-steps", type=int, default=12)
     ap.add_argument("--zo-steps", type=int, default=60)
     ap.add_argument("--zo-devices", type=int, default=2)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--zo-lr", type=float, default=2e-4)
     ap.add_argument("--zo-eps", type=float, default=1e-3)
     ap.add_argument("--alpha-lora", type=float, default=16.0)
     ap.add_argument("--central-batch", type=int, default=6)
+    ap.add_argument("--central-lr", type=float, default=1e-3, help="centralized baseline's learning rate")
     ap.add_argument("--max-batch", type=int, default=0, help="cap the plans' micro-batch (CPU time; 0 = as planned)")
-    ap.add_argument("--strategies", default="centralized,fedavg,zero_pad,stack,svd,fedsa,svd+zo")
+    ap.add_argument("--strategies", default="centralized,fedavg,zero_pad,stack,svd,fedsa,ffa,rolora,svd+zo")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="no training: merge these runs' results and write")
     ap.add_argument("--server-opt", default="none", choices=("none", "avgm", "adam", "yogi"))
     ap.add_argument("--server-lr", type=float, default=1.0)
     ap.add_argument("--server-momentum", type=float, default=0.9)
     ap.add_argument("--server-beta2", type=float, default=0.99)
     ap.add_argument("--server-tau", type=float, default=1e-3)
-    ap.add_argument("--weight-temper", type=float, default=1.0, help="device weight = examples ** temper")
+    ap.add_argument("--weight-temper", type=float, default=RoundPolicy().weight_temper,
+                    help="device weight = examples ** temper")
     ap.add_argument("--weight-cap", type=float, default=0.0, help="cap a device's examples at this (0: none)")
     ap.add_argument("--zo-progress", type=int, default=1, help="1: weight ZO devices by their loss progress")
     ap.add_argument("--prox-mu", type=float, default=0.0, help="FedProx mu (0: off)")
-    ap.add_argument("--logit-adjust", type=float, default=0.0, help="local logit adjustment tau (0: off)")
+    ap.add_argument("--logit-adjust", type=float, default=RoundPolicy().logit_adjust,
+                    help="local logit adjustment tau (0: off)")
     ap.add_argument("--lr-decay", type=float, default=1.0, help="round r trains at lr * decay ** (r - 1)")
     ap.add_argument("--tag", default="", help="suffix of the output files (bench_federated<tag>.json/png)")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (data partition, init, training)")
@@ -303,8 +307,24 @@ def run_seed(args, seed: int, model: str) -> tuple[dict[str, dict[str, Any]], li
     return results, desc
 
 
+def merge(paths: list[str]) -> tuple[dict[str, dict[int, dict[str, Any]]], dict, list[int]]:
+    """Results of several runs (e.g. strategies split over processes), keyed by strategy then seed."""
+    results: dict[str, dict[int, dict[str, Any]]] = {}
+    fleets: dict = {}
+    for p in paths:
+        doc = json.loads(Path(p).read_text())
+        fleets.update(doc["fleets"])
+        for name, runs in doc["results"].items():
+            results.setdefault(name, {}).update({int(k): v for k, v in runs.items()})
+    return results, fleets, sorted({int(s) for r in results.values() for s in r})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        results, fleets, seeds = merge(args.merge)
+        args.seeds = ",".join(map(str, seeds))
+        return write_outputs(args, results, fleets, seeds)
     torch.set_num_threads(1)  # 2 threads on a shared 2-core box oversubscribe badly
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -316,6 +336,12 @@ def main(argv: list[str] | None = None) -> int:
         runs, fleets[seed] = run_seed(args, seed, model)
         for name, r in runs.items():
             results.setdefault(name, {})[seed] = r
+    return write_outputs(args, results, fleets, seeds)
+
+
+def write_outputs(args, results: dict[str, dict[int, dict[str, Any]]], fleets: dict, seeds: list[int]) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     summary = summarize(results)
     print_summary(summary, args, len(seeds))
     doc = {"args": vars(args), "seeds": seeds, "fleets": fleets, "summary": summary, "results": results}
