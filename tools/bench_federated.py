@@ -263,6 +263,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (data partition, init, training)")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (few examples, 2 rounds, one seed)")
     ap.add_argument("--out", default="docs")
+    ap.add_argument("--md", default="", help="markdown file whose bench_federated section gets the tables")
     args = ap.parse_args(argv)
     if args.quick:
         args.train_examples, args.eval_examples, args.rounds, args.local_steps, args.zo_steps = 600, 64, 2, 3, 6
@@ -301,6 +302,8 @@ def run_seed(args, seed: int, model: str) -> tuple[dict[str, dict[str, Any]], li
             r = run_federated(name, lora_devs, lora_shards, fleet, evaluator, init_state, args)
         r["wall_s"] = time.perf_counter() - t0
         results[name] = r
+    shares = [sum(int(r["label"]) == k for r in dev) / len(dev) for k in range(num_labels)]
+    results["_dev"] = {"majority_share": max(shares), "rows": len(dev)}
     desc = [{"name": d["name"], "mode": d["plan"].mode, "rank": d["plan"].rank, "batch": d["plan"].batch_size,
              "examples": len(s), "label_shares": [round(sum(int(x["label"]) == k for x in s) / max(len(s), 1), 2)
                                                   for k in range(num_labels)]} for d, s in zip(devices, shards)]
@@ -324,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         results, fleets, seeds = merge(args.merge)
         args.seeds = ",".join(map(str, seeds))
+        if "_dev" not in results:  # runs written before the majority share was recorded
+            dev = load_data(args)[1]
+            share = max(sum(int(r["label"]) == k for r in dev) for k in {int(r["label"]) for r in dev}) / len(dev)
+            results["_dev"] = {0: {"majority_share": share, "rows": len(dev)}}
         return write_outputs(args, results, fleets, seeds)
     torch.set_num_threads(1)  # 2 threads on a shared 2-core box oversubscribe badly
     out = Path(args.out)
@@ -342,9 +349,16 @@ def main(argv: list[str] | None = None) -> int:
 def write_outputs(args, results: dict[str, dict[int, dict[str, Any]]], fleets: dict, seeds: list[int]) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    dev = results.pop("_dev", {})
+    majority = max((float(v["majority_share"]) for v in dev.values()), default=0.5)
     summary = summarize(results)
     print_summary(summary, args, len(seeds))
-    doc = {"args": vars(args), "seeds": seeds, "fleets": fleets, "summary": summary, "results": results}
+    checks = targets(summary, results, majority)
+    console.print(checks)
+    if args.md:
+        write_md(Path(args.md), summary, checks, args, fleets)
+    doc = {"args": vars(args), "seeds": seeds, "fleets": fleets, "summary": summary, "checks": checks,
+           "results": {**results, "_dev": dev}}
     (out / f"bench_federated{args.tag}.json").write_text(json.dumps(doc, indent=2, default=str))
     title = (f"{args.data}, Dirichlet {args.dirichlet}, {args.rounds} rounds x {args.local_steps} steps, "
              f"seeds {args.seeds}, {args.eval_examples} dev rows")
@@ -378,6 +392,51 @@ def print_summary(summary: dict[str, Any], args, n_seeds: int) -> None:
         tab.add_row(name, *cells, "-" if low is None else f"{100 * low:.1f}", f"{s['up_mb_per_round']:.3f}",
                     f"{s['down_mb_per_round']:.3f}")
     console.print(tab)
+
+
+HETERO = ("zero_pad", "stack", "svd", "fedsa", "ffa", "rolora")
+
+
+def targets(summary: dict[str, Any], results: dict[str, Any], majority: float) -> dict[str, Any]:
+    """The issue's checks: best heterogeneous-rank method vs centralized, nobody at the majority class
+    after round 2 (accuracy within 1 point of the majority share), svd with ZO devices vs without."""
+    out: dict[str, Any] = {"majority_share": majority}
+    hetero = {n: s["final_mean"] for n, s in summary.items() if n in HETERO}
+    if hetero and "centralized" in summary:
+        best = max(hetero, key=hetero.get)
+        out.update(best=best, best_final=hetero[best], centralized_final=summary["centralized"]["final_mean"],
+                   gap_points=100 * (summary["centralized"]["final_mean"] - hetero[best]))
+    stuck = [(n, int(seed), x["round"]) for n, runs in results.items() if n != "centralized"
+             for seed, r in runs.items() for x in r["rounds"] if x["round"] > 2 and x["accuracy"] <= majority + 0.01]
+    out["at_majority_after_round_2"] = stuck
+    if "svd" in summary and "svd+zo" in summary:
+        out["svd_zo_minus_svd_points"] = 100 * (summary["svd+zo"]["final_mean"] - summary["svd"]["final_mean"])
+    return out
+
+
+def write_md(path: Path, summary: dict[str, Any], checks: dict[str, Any], args, fleets: dict) -> None:
+    sys.path.insert(0, str(ROOT / "tools"))
+    from md_section import markdown_table, replace_section
+
+    n = len(next(iter(summary.values()))["per_round"])
+    head = ["strategy"] + [f"round {i}" for i in range(n)] + ["final", "up MB/round", "down MB/round"]
+    rows = [[name] + [f"{100 * x['mean']:.1f} ± {100 * x['sd']:.1f}" for x in s["per_round"]]
+            + [f"**{100 * s['final_mean']:.1f} ± {100 * s['final_sd']:.1f}**", f"{s['up_mb_per_round']:.2f}",
+               f"{s['down_mb_per_round']:.2f}"] for name, s in summary.items()]
+    lines = markdown_table(head, rows)
+    lines += ["", f"Seeds {args.seeds}; {args.eval_examples} dev rows; Dirichlet {args.dirichlet}; {args.rounds} rounds x "
+              f"{args.local_steps} local steps (ZO: {args.zo_steps}); lr {args.lr} (centralized {args.central_lr}); "
+              f"round policy: logit adjustment {args.logit_adjust}, weights examples^{args.weight_temper}, "
+              f"server optimizer {args.server_opt}, ZO weighted by progress: {bool(args.zo_progress)}.", ""]
+    if "best" in checks:
+        lines.append(f"- best heterogeneous-rank method: **{checks['best']}** {100 * checks['best_final']:.1f} % vs "
+                     f"centralized {100 * checks['centralized_final']:.1f} % (gap {checks['gap_points']:.1f} points).")
+    stuck = checks["at_majority_after_round_2"]
+    lines.append(f"- rounds after round 2 at the majority class ({100 * checks['majority_share']:.1f} %): "
+                 + (", ".join(f"{n} seed {s} round {r}" for n, s, r in stuck) if stuck else "none") + ".")
+    if "svd_zo_minus_svd_points" in checks:
+        lines.append(f"- svd with the 2 ZO devices minus svd without: {checks['svd_zo_minus_svd_points']:+.1f} points.")
+    replace_section(path, "bench_federated", "\n".join(lines), "Federated benchmark")
 
 
 if __name__ == "__main__":
