@@ -221,8 +221,8 @@ def global_from_bytes(data: bytes) -> GlobalState:
 def aggregate(method: Method, g: GlobalState, uploads: Sequence[tuple[str, Mapping[str, torch.Tensor], float]],
               round_id: int = 0) -> GlobalState:
     """Batch aggregation = fold every (device_id, state, examples) upload, then close (no validation;
-    the default policy: weights = examples, no server optimizer)."""
-    engine = RoundEngine(method, g, round_id)
+    `RoundPolicy.plain()`: weights = examples, no server optimizer)."""
+    engine = RoundEngine(method, g, round_id, policy=RoundPolicy.plain())
     for device_id, state, examples in uploads:
         engine.fold(device_id, state, examples)
     return engine.close()[0]

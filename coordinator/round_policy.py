@@ -42,6 +42,11 @@ class RoundPolicy:
             raise ValueError(f"--lr-decay {self.lr_decay!r}: expected a factor in (0, 1] per round")
         self.recipe(1)  # validates prox_mu / logit_adjust
 
+    @classmethod
+    def plain(cls) -> RoundPolicy:
+        """Weights = examples, no recipe, no server optimizer (the methods' textbook aggregation)."""
+        return cls(weight_temper=1.0, zo_progress=False, logit_adjust=0.0)
+
     def recipe(self, round_id: int) -> TrainingRecipe:
         """What every device is told to do in `round_id` (1-based)."""
         return TrainingRecipe(prox_mu=self.prox_mu, logit_adjust=self.logit_adjust,

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from coordinator.aggregation import GlobalState
+from coordinator.round_policy import RoundPolicy
 from coordinator.engine import RoundEngine, aggregate
 from coordinator.methods import METHODS, NAMES, Method, MethodConfig, make_method, method_class
 from protos.adapter import A_SUFFIX, B_SUFFIX, DeviceContract
@@ -104,13 +105,13 @@ def _assert_same_global(a: GlobalState, b: GlobalState, method: Method, tol: flo
 def test_fold_order_does_not_change_the_global(name):
     method, g = _round_start(name)
     devs = _devices(method, g)
-    forward = RoundEngine(method, g, 2)
+    forward = RoundEngine(method, g, 2, policy=RoundPolicy.plain())
     for device_id, _, mode, up, w, sent in devs:
         forward.accept(device_id, up, w, sent, mode)  # validated against what it downloaded, then folded
     got, metrics = forward.close()
     assert forward.count == len(devs) and metrics["stream_rel_error"] == 0.0
     for order in (devs[::-1], [devs[i] for i in (2, 0, 3, 1)]):
-        other = RoundEngine(method, g, 2)
+        other = RoundEngine(method, g, 2, policy=RoundPolicy.plain())
         for device_id, _, _, up, w, _ in order:
             other.fold(device_id, up, w)
         _assert_same_global(other.close()[0], got, method)
@@ -140,8 +141,8 @@ def test_download_has_the_upload_shapes_the_method_expects(name):
         assert shapes[HEAD] == (2, 4)
         served = method.serve(g, rank, 0)
         assert set(delta) == set(served.base_delta)
-        assert RoundEngine(method, g, 2).validate(up, sent, mode) > 0
-        meta = read_metadata(RoundEngine(method, g, 2).blob(sent, rank, mode))
+        assert RoundEngine(method, g, 2, policy=RoundPolicy.plain()).validate(up, sent, mode) > 0
+        meta = read_metadata(RoundEngine(method, g, 2, policy=RoundPolicy.plain()).blob(sent, rank, mode))
         assert DeviceContract.from_meta(meta) == contract and int(meta["rank"]) == rank
         # a wrong rank, a missing key, a non-finite value, a local key uploaded: each is refused
         a_key = next(k for k in sorted(up) if k.endswith(A_SUFFIX))
@@ -150,10 +151,10 @@ def test_download_has_the_upload_shapes_the_method_expects(name):
         nan = {**up, HEAD: torch.full_like(up[HEAD], float("nan"))}
         for bad, why in ((bad_rank, "has shape"), (missing, "missing"), (nan, "non-finite")):
             with pytest.raises(ValueError, match=why):
-                RoundEngine(method, g, 2).validate(bad, sent, mode)
+                RoundEngine(method, g, 2, policy=RoundPolicy.plain()).validate(bad, sent, mode)
         for key, shape in _local_b(method, g, rank, mode):
             with pytest.raises(ValueError, match="unexpected"):
-                RoundEngine(method, g, 2).validate({**up, key: torch.zeros(shape)}, sent, mode)
+                RoundEngine(method, g, 2, policy=RoundPolicy.plain()).validate({**up, key: torch.zeros(shape)}, sent, mode)
 
 
 def test_every_method_serves_the_ranks_it_can():

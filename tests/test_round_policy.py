@@ -76,7 +76,8 @@ def test_server_state_memory_for_llama_7b_shapes():
 def test_policy_weights_and_recipe():
     p = RoundPolicy(weight_temper=0.5, weight_cap=400, lr_decay=0.5, prox_mu=0.01, logit_adjust=1.0)
     assert p.weight(100) == pytest.approx(10.0) and p.weight(10_000) == pytest.approx(20.0)
-    assert RoundPolicy().weight(100) == 100 and RoundPolicy(weight_temper=0).weight(100) == 1
+    assert RoundPolicy.plain().weight(100) == 100 and RoundPolicy(weight_temper=0).weight(100) == 1
+    assert RoundPolicy().weight(100) == pytest.approx(10.0) and RoundPolicy().recipe(1).logit_adjust == 1.0
     r3 = p.recipe(3)
     assert (r3.lr_scale, r3.prox_mu, r3.logit_adjust) == (0.25, 0.01, 1.0)
     assert TrainingRecipe.from_meta({"recipe": r3.to_meta()}) == r3

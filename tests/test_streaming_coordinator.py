@@ -12,6 +12,8 @@ from coordinator.aggregation.svd import factors_from_svd, stacked_factors
 from coordinator.defences import RoundUpload
 from coordinator.engine import RoundEngine, aggregate
 from coordinator.methods import NAMES, MethodConfig, make_method
+from coordinator.round_policy import RoundPolicy
+from coordinator.server_opt import ServerOptState
 from coordinator.service import Coordinator, CoordinatorConfig
 from protos import wire
 from protos.adapter import A_SUFFIX, B_SUFFIX
@@ -102,7 +104,7 @@ def test_fold_equals_batch_aggregate_for_every_method(name):
     ranks = [4, 4, 4] if method.common_rank else [1, 4, 2]
     uploads = [RoundUpload(f"d{k}", _upload(r, k, with_b=method.shares_b or k != 1), float(k + 1))
                for k, r in enumerate(ranks)]
-    fold = RoundEngine(method, g, 1)
+    fold = RoundEngine(method, g, 1, policy=RoundPolicy.plain())
     for u in uploads:
         fold.fold(u.device_id, u.state, u.weight)
     got, metrics = fold.close()
@@ -132,7 +134,7 @@ def test_stack_rank_is_capped_and_the_error_is_reported():
     cfg = MethodConfig(name="stack", max_rank=4, cap_rank=6)
     g = _global(cfg)
     uploads = [RoundUpload(f"d{k}", _upload(4, k), 1.0) for k in range(5)]  # stacked rank 20 > cap 6
-    fold = RoundEngine(make_method(cfg), g, 1)
+    fold = RoundEngine(make_method(cfg), g, 1, policy=RoundPolicy.plain())
     for u in uploads:
         fold.fold(u.device_id, u.state, u.weight)
     got, metrics = fold.close()
@@ -184,8 +186,20 @@ def test_coordinator_streams_and_survives_a_restart(tmp_path, tiny_model):
     _send(c, devs[2], 0.05)
     rid = c.global_round
     assert rid == 1, "the third upload closes round 1"
-    batch = _reference(c.method.name, g0, list(c.publisher.stored_uploads(1)), c.method.cfg)
+    stored = [RoundUpload(u.device_id, u.state, c.policy.weight(u.weight)) for u in c.publisher.stored_uploads(1)]
+    batch = _reference(c.method.name, g0, stored, c.method.cfg)
     _assert_same(c.global_state, batch, tol=1e-4)
+    # the benchmarks' path (tools/sim.py: a RoundEngine with the round policy, uploads accepted against
+    # what each device downloaded) gives the coordinator's global for the same uploads
+    bench = RoundEngine(c.method, g0, 1, policy=c.policy, opt_state=ServerOptState())
+    for u in c.store.updates(1):
+        state = c.stored_state(u)
+        bench.accept(u["device_id"], state, float(u["num_examples"]), c.download_tensors(u["download_id"]), "lora")
+    got = bench.close()[0]
+    for n, m in got.modules.items():
+        want = c.global_state.modules[n]
+        assert float((m.B * m.scale @ m.A - want.B * want.scale @ want.A).abs().max()) <= 1e-6
+    assert all(float((got.extra[k] - c.global_state.extra[k]).abs().max()) <= 1e-6 for k in got.extra)
     metrics = c.store.rounds()[0]["metrics"]
     assert metrics["uploads"] == 3 and "stream_rel_error" in metrics
     c.close()
