@@ -203,3 +203,31 @@ def test_coordinator_streams_and_survives_a_restart(tmp_path, tiny_model):
     metrics = c.store.rounds()[0]["metrics"]
     assert metrics["uploads"] == 3 and "stream_rel_error" in metrics
     c.close()
+
+
+@pytest.mark.parametrize("kind", ["avgm", "adam"])
+def test_server_optimizer_moments_survive_a_restart(tmp_path, tiny_model, kind):
+    from coordinator.server_opt import ServerOptConfig
+
+    policy = RoundPolicy(server_opt=ServerOptConfig(kind, lr=0.5 if kind == "avgm" else 0.01, beta1=0.5))
+
+    def coordinator():
+        return Coordinator(CoordinatorConfig(model=str(tiny_model), store=str(tmp_path / "store"), strategy="zero_pad",
+                                             rounds=3, min_devices=2, max_rank=4, policy=policy))
+
+    c = coordinator()
+    devs = [c.register("{}", json.dumps({"rank": r, "mode": "lora"}), "", f"dev{r}")["device_id"] for r in (2, 4)]
+    g0 = c.global_state
+    for d in devs:
+        _send(c, d, 0.05)
+    assert c.global_round == 1 and c.opt_state.m  # the round closed through the server optimizer
+    u0, u1 = g0.modules, c.global_state.modules
+    n = next(iter(u0))
+    moved = float((u1[n].A - u0[n].A).norm())
+    assert moved > 0
+    saved = {k: v.clone() for k, v in c.opt_state.m.items()}
+    c.close()
+    c = coordinator()  # resumed: the moments of round 1 come back with its global
+    assert set(c.opt_state.m) == set(saved) and all(torch.equal(c.opt_state.m[k], saved[k]) for k in saved)
+    assert c.store.get_meta("server_opt")["round_id"] == 1
+    c.close()
