@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -168,7 +168,7 @@ def apply_update(g: GlobalState, combined: Mapping[str, LoraUpdate], method: Met
         new = factors_from_svd(U, S, Vh, target, gm.scale, weight)
         mods[name] = new if method.factor_space else _fill_empty(new, gen)
     extra = {k: (x.double() + effective(combined[EXTRA + k]).reshape(x.shape)).float() for k, x in g.extra.items()}
-    return GlobalState(g.strategy, mods, extra, weight)
+    return replace(g, modules=mods, extra=extra, total_weight=weight)
 
 
 def defended_round(g: GlobalState, uploads: Sequence[RoundUpload], downloads: Sequence[Mapping[str, torch.Tensor]],

@@ -170,9 +170,7 @@ class RoundEngine:
     def nbytes(self) -> int:
         """Bytes held by the running aggregate (independent of the number of devices folded)."""
         n = sum(t.numel() * t.element_size() for t in self._extra.values())
-        for agg in self._modules.values():
-            n += sum(t.numel() * t.element_size() for t in (agg._A, agg._B, agg._Bs) if t is not None)
-        return n
+        return n + sum(agg.nbytes() for agg in self._modules.values())
 
     def close(self) -> tuple[GlobalState, dict[str, float]]:
         """(next global, metrics) from the folded uploads and the round's starting global."""
@@ -182,16 +180,11 @@ class RoundEngine:
         W = self.total_weight
         metrics = {"stream_rank": max(a.current_rank for a in self._modules.values()),
                    "stream_rel_error": max(a.relative_error for a in self._modules.values())}
-        mods: dict[str, LoraUpdate] = {}
-        err = 0.0
-        for name, agg in sorted(self._modules.items()):
-            mods[name], e = self.method.finalise(self.g.modules[name], agg.result(), self.round_id)
-            err = max(err, e)
-        metrics["recompress_rel_error"] = err
         extra = {k: (v / W).float() for k, v in sorted(self._extra.items())}
+        steps = {name: agg.result() for name, agg in sorted(self._modules.items())}
+        agg, metrics["recompress_rel_error"] = self.method.next_global(self.g, steps, extra, W, self.round_id)
         if zo_factors:
             metrics["zo_weight_factor"] = min(zo_factors.values())
-        agg = GlobalState(self.method.name, mods, extra, W)
         cfg = self.policy.server_opt
         return apply_server_opt(cfg, self.opt_state, self.g, agg, self.method.factor_space,
                                 self.method.cfg.cap_rank), metrics
@@ -205,6 +198,8 @@ def global_to_bytes(g: GlobalState) -> bytes:
         tensors[name + A_SUFFIX], tensors[name + B_SUFFIX] = u.A, u.B
         mods[name] = [u.scale, u.weight]
     tensors.update(g.extra)
+    for name, u in g.base.items():  # the residual folded into every base (FedEx-LoRA), scale 1
+        tensors[BASE_DELTA + name + ".B"], tensors[BASE_DELTA + name + ".A"] = u.B * u.scale, u.A
     meta = {"strategy": g.strategy, "modules": json.dumps(mods), "total_weight": g.total_weight}
     return encode_tensors(tensors, meta)
 
@@ -214,8 +209,10 @@ def global_from_bytes(data: bytes) -> GlobalState:
     mods = json.loads(meta["modules"])
     modules = {name: LoraUpdate(A=tensors.pop(name + A_SUFFIX), B=tensors.pop(name + B_SUFFIX), scale=float(s),
                                 weight=float(w)) for name, (s, w) in mods.items()}
-    return GlobalState(strategy=meta["strategy"], modules=modules, extra=tensors,
-                       total_weight=float(meta.get("total_weight", 1.0)))
+    rest, base = split_download(tensors)
+    return GlobalState(strategy=meta["strategy"], modules=modules, extra=rest,
+                       total_weight=float(meta.get("total_weight", 1.0)),
+                       base={n: LoraUpdate(A=A, B=B, scale=1.0) for n, (B, A) in base.items()})
 
 
 def aggregate(method: Method, g: GlobalState, uploads: Sequence[tuple[str, Mapping[str, torch.Tensor], float]],

@@ -19,7 +19,7 @@ moment. `state_nbytes` reports it (docs/federated.md has the LLaMA-2-7B figure).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -163,7 +163,7 @@ def apply_server_opt(cfg: ServerOptConfig, st: ServerOptState, old: GlobalState,
                                 B=element_step(cfg, st, name + ".B", o.B, n.B), scale=o.scale, weight=n.weight)
     extra = {k: element_step(cfg, st, "extra:" + k, old.extra[k], t) if k in old.extra else t
              for k, t in new.extra.items()}
-    return GlobalState(new.strategy, mods, extra, new.total_weight)
+    return replace(new, modules=mods, extra=extra)
 
 
 def state_nbytes(shapes: dict[str, tuple[int, int]], cfg: ServerOptConfig, factor_space: bool, rank: int,

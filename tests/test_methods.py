@@ -179,7 +179,7 @@ def test_unknown_method_names_the_choices():
     assert all(n in str(ei.value) for n in NAMES)
     with pytest.raises(ValueError, match="unknown method"):
         method_class("FedAvg")  # names are exact
-    assert NAMES == tuple(METHODS) and set(NAMES) == {"fedavg", "zero_pad", "stack", "svd", "fedsa", "zo", "ffa", "rolora"}
+    assert NAMES == tuple(METHODS) and set(NAMES) == {"fedavg", "zero_pad", "stack", "svd", "fedsa", "zo", "ffa", "rolora", "fedex"}
     assert all(METHODS[n].name == n for n in NAMES)
     with pytest.raises(ValueError, match="max_rank"):
         MethodConfig("fedavg", max_rank=8, cap_rank=4)
@@ -230,3 +230,29 @@ def test_the_source_check_sees_a_branch_on_a_method_name(tmp_path):
     ok = _allowed_nodes(tree, rel)
     hits = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value in NAMES and id(n) not in ok]
     assert hits == ["fedsa"]
+
+
+def test_fedex_global_is_exactly_the_average_of_the_device_models():
+    """FedEx-LoRA: adapter mean(B) mean(A) plus the residual in the base == sum_k p_k s B_k A_k, over rounds."""
+    R, OUT, IN = 4, 12, 10
+    method = make_method(MethodConfig("fedex", max_rank=R, cap_rank=64))
+    gen = torch.Generator().manual_seed(0)
+    g = method.initial({"m" + A_SUFFIX: torch.randn(R, IN, generator=gen), "m" + B_SUFFIX: torch.zeros(OUT, R)})
+    s = method.cfg.scale(R)
+    for rnd in (1, 2):
+        engine = RoundEngine(method, g, rnd, policy=RoundPolicy.plain())
+        want = torch.zeros(OUT, IN, dtype=torch.float64)
+        for k, w in enumerate((1.0, 2.0, 3.0)):
+            sent = engine.download(R, "lora", rnd)
+            up = {"m" + A_SUFFIX: sent["m" + A_SUFFIX] + 0.3 * torch.randn(R, IN, generator=gen),
+                  "m" + B_SUFFIX: sent["m" + B_SUFFIX] + 0.3 * torch.randn(OUT, R, generator=gen)}
+            engine.accept(f"d{k}", up, w, sent, "lora")
+            base = sum((B.double() @ A.double() for key, (B, A) in [(n, (sent[f"base_delta.{n}.B"], sent[f"base_delta.{n}.A"]))
+                        for n in ["m"] if f"base_delta.{n}.B" in sent]), torch.zeros(OUT, IN, dtype=torch.float64))
+            want += w / 6.0 * (s * up["m" + B_SUFFIX].double() @ up["m" + A_SUFFIX].double() + base)
+        g, metrics = engine.close()
+        B, A = method.deltas(g)["m"]
+        got = B.double() @ A.double()
+        assert float((got - want).norm() / want.norm()) < 1e-5, rnd
+        assert metrics["recompress_rel_error"] == 0.0 and g.base["m"].rank <= 64
+    assert float(g.base["m"].B.norm()) > 0  # the residual is real: mean(B) mean(A) alone is not the average

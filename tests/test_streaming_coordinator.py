@@ -52,7 +52,7 @@ def _reference(name: str, g: GlobalState, uploads: list[RoundUpload], cfg: Metho
              if not (k.endswith(A_SUFFIX) or k.endswith(B_SUFFIX))}
     mods = {}
     for n, G in g.modules.items():
-        acc = {"A": 0, "B": 0, "D": 0}
+        acc = {"A": 0, "B": 0, "D": 0, "P": 0}
         for u in uploads:
             A = u.state[n + A_SUFFIX].double()
             r, s_k = A.shape[0], cfg.scale(A.shape[0])
@@ -65,6 +65,8 @@ def _reference(name: str, g: GlobalState, uploads: list[RoundUpload], cfg: Metho
             acc["A"] = acc["A"] + u.weight * dA / W
             acc["B"] = acc["B"] + u.weight * dB / W
             acc["D"] = acc["D"] + u.weight * s_k * ((B @ A) - (B0 @ A0 if name == "svd" else 0)) / W
+            YA, YB = G.A.double() + dA, G.B.double() * G.scale / s + dB  # the device's model on the global
+            acc["P"] = acc["P"] + u.weight * s * (YB @ YA) / W
         GA, GB = G.A.double(), G.B.double() * G.scale / s
         if name == "svd":  # dense product: the global's plus the average change
             mods[n] = ("dense", G.scale * G.B.double() @ G.A.double() + acc["D"])
@@ -72,6 +74,8 @@ def _reference(name: str, g: GlobalState, uploads: list[RoundUpload], cfg: Metho
             mods[n] = ("dense", G.scale * G.B.double() @ G.A.double() + acc["D"])
         elif name == "fedsa":
             mods[n] = ("A", GA + acc["A"])
+        elif name == "fedex":  # exactly the average of the devices' models
+            mods[n] = ("dense", acc["P"])
         elif name in ("ffa", "rolora"):  # round 1 trains B: A stays the global's
             mods[n] = ("dense", s * (GB + acc["B"]) @ G.A.double())
         else:
@@ -80,7 +84,11 @@ def _reference(name: str, g: GlobalState, uploads: list[RoundUpload], cfg: Metho
 
 
 def _dense(g: GlobalState) -> dict[str, torch.Tensor]:
-    return {n: (u.B.double() * u.scale) @ u.A.double() for n, u in g.modules.items()}
+    """What the global adds to each weight: its adapter's product plus what it folds into the base."""
+    out = {n: (u.B.double() * u.scale) @ u.A.double() for n, u in g.modules.items()}
+    for n, b in g.base.items():
+        out[n] = out[n] + (b.B.double() * b.scale) @ b.A.double()
+    return out
 
 
 def _assert_same(a: GlobalState, ref, tol: float = 1e-5) -> None:

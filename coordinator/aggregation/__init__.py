@@ -12,7 +12,7 @@ from .fedsa import fedsa
 from .robust import clip_updates, coordinate_median, effective_norm, trimmed_mean
 from .stack import stack
 from .state import DeviceState, GlobalState, aggregate_modules, fresh_adapter, module_updates, split_state
-from .streaming import StreamingAggregator
+from .streaming import PairedAggregator, StreamingAggregator
 from .svd import factor_svd, svd_redistribute
 from .types import LoraUpdate, effective, lora_scale, pad, rescale_balanced, to_scale, truncate
 from .validation import validate_updates
@@ -26,5 +26,5 @@ __all__ = [
     "split_state", "module_updates", "aggregate_modules", "fresh_adapter", "DeviceState", "GlobalState",
     "effective_norm", "clip_updates", "trimmed_mean", "coordinate_median",
     "DPConfig", "DPResult", "RDPAccountant", "dp_aggregate", "epsilon_per_round",
-    "StreamingAggregator",
+    "StreamingAggregator", "PairedAggregator",
 ]

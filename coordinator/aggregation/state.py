@@ -40,6 +40,7 @@ class GlobalState:
     modules: dict[str, LoraUpdate]
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     total_weight: float = 1.0
+    base: dict[str, LoraUpdate] = field(default_factory=dict)  # folded into every device's base weights
 
 
 def split_state(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], State]:

@@ -83,6 +83,9 @@ class StreamingAggregator:
         root = S[:k].sqrt()
         self._B, self._A = U[:, :k] * root, root[:, None] * Vh[:k]
 
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self._A, self._B, self._Bs) if t is not None)
+
     @property
     def current_rank(self) -> int:
         return 0 if self._A is None else int(self._A.shape[0])
@@ -117,3 +120,30 @@ class StreamingAggregator:
         U, S, Vh = factor_svd(self._B / W, self._A, k=max(int(r) for r in ranks))
         return [factors_from_svd(U, S, Vh, validate_rank(r), 1.0 if scales is None else float(scales[j]), W)
                 for j, r in enumerate(ranks)]
+
+
+class PairedAggregator:
+    """Both a zero-padded mean of the factors and the stacked sum of the products of the same updates
+    (FedEx-LoRA needs mean(B) mean(A) and mean(B A) to find the residual). `result()` -> (mean, stacked)."""
+
+    def __init__(self, rank: int, max_rank: int) -> None:
+        self.mean = StreamingAggregator("padded", rank=rank)
+        self.products = StreamingAggregator("stacked", max_rank=max_rank)
+
+    def add(self, update: LoraUpdate) -> None:
+        self.mean.add(update)
+        self.products.add(update)
+
+    def result(self) -> tuple[LoraUpdate, LoraUpdate]:
+        return self.mean.result(), self.products.result()
+
+    def nbytes(self) -> int:
+        return self.mean.nbytes() + self.products.nbytes()
+
+    @property
+    def current_rank(self) -> int:
+        return self.products.current_rank
+
+    @property
+    def relative_error(self) -> float:
+        return self.products.relative_error

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
 import torch
 
@@ -160,6 +160,15 @@ class Method:
     def aggregator(self) -> StreamingAggregator:
         """A fresh per-module streaming aggregator for one round."""
         return StreamingAggregator("mean")
+
+    def next_global(self, g: GlobalState, steps: Mapping[str, Any], extra: dict[str, torch.Tensor], weight: float,
+                    round_id: int = 0) -> tuple[GlobalState, float]:
+        """(the next global, the largest relative recompression error) from every module's folded step."""
+        mods, err = {}, 0.0
+        for name, step in steps.items():
+            mods[name], e = self.finalise(g.modules[name], step, round_id)
+            err = max(err, e)
+        return replace(g, strategy=self.name, modules=mods, extra=extra, total_weight=weight), err
 
     def finalise(self, old: LoraUpdate, step: LoraUpdate, round_id: int = 0) -> tuple[LoraUpdate, float]:
         """(next global module from the old one and this round's folded step, relative error)."""

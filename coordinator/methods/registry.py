@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from .base import Method, MethodConfig
 from .fedavg import FedAvg
+from .fedex import FedExLoRA
 from .fedsa import FedSA
 from .ffa import FFALoRA
 from .rolora import RoLoRA
@@ -20,6 +21,7 @@ METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
     ZerothOrder,
     FFALoRA,
     RoLoRA,
+    FedExLoRA,
 )}
 NAMES = tuple(METHODS)
 DEFAULT = "zero_pad"  # what `edge-coordinator serve`, the Flower app and the library use unless told
