@@ -284,7 +284,7 @@ def run_seed(args, seed: int, model: str) -> tuple[dict[str, dict[str, Any]], li
     base, tok = load_base_model(model, "classification", num_labels, seed)
     evaluator = Evaluator(base, tok, dev, task="classification")
     targets = resolve_target_modules(base, lora_devs[0]["plan"].target_modules)
-    init_state = initial_adapter_state(base, targets, 16, args.alpha_lora, False, seed)
+    init_state = initial_adapter_state(base, targets, max(d["plan"].rank for d in devices), args.alpha_lora, False, seed)
     fleet = Fleet(model, devices, seed, args, num_labels)
     results: dict[str, dict[str, Any]] = {}
     total_steps = len(lora_devs) * args.rounds * args.local_steps
