@@ -237,7 +237,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--local-steps", type=int, default=12)
     ap.add_argument("--zo-steps", type=int, default=60)
     ap.add_argument("--zo-devices", type=int, default=2)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--zo-lr", type=float, default=2e-4)
     ap.add_argument("--zo-eps", type=float, default=1e-3)
     ap.add_argument("--alpha-lora", type=float, default=16.0)
@@ -258,7 +258,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prox-mu", type=float, default=0.0, help="FedProx mu (0: off)")
     ap.add_argument("--logit-adjust", type=float, default=RoundPolicy().logit_adjust,
                     help="local logit adjustment tau (0: off)")
-    ap.add_argument("--lr-decay", type=float, default=1.0, help="round r trains at lr * decay ** (r - 1)")
+    ap.add_argument("--lr-decay", type=float, default=RoundPolicy().lr_decay,
+                    help="round r trains at lr * decay ** (r - 1)")
     ap.add_argument("--tag", default="", help="suffix of the output files (bench_federated<tag>.json/png)")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (data partition, init, training)")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (few examples, 2 rounds, one seed)")
