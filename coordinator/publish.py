@@ -55,8 +55,10 @@ class Publisher:
         if fold is None or fold.round_id != rnd.round_id or fold.devices != accepted:
             fold = self.c.engine(rnd.round_id)
             modes = self._progress(rnd.round_id)
+            sent = {u["device_id"]: u["download_id"] for u in self.c.store.updates(rnd.round_id)}
             for up in self.stored_uploads(rnd.round_id):
-                fold.fold(up.device_id, up.state, up.weight, *modes[up.device_id])
+                fold.fold(up.device_id, up.state, up.weight, *modes[up.device_id],
+                          sent=self.c.download_tensors(sent[up.device_id]))
             self.fold = fold
         return fold
 
@@ -70,7 +72,8 @@ class Publisher:
             if fold is None or fold.round_id != rnd.round_id:
                 fold = self.round_fold(rnd)  # first upload of the round, or after a restart
             if device_id not in fold.devices:
-                fold.fold(device_id, state, float(max(weight, 1)), mode, progress)
+                sent = self.c.download_tensors(self.c.download_id(rnd, device_id))
+                fold.fold(device_id, state, float(max(weight, 1)), mode, progress, sent=sent)
         except (ValueError, RuntimeError) as e:  # the close re-reads the round from disk
             log.warning("round %d: streaming fold of %s failed (%s); will rebuild from disk", rnd.round_id,
                         device_id, e)

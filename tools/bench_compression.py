@@ -6,7 +6,9 @@
    upload precision (fp32 / fp16 / bf16 / int8 with per-row scales).
 2. Accuracy: an in-process federation on real all-MiniLM-L6-v2 + an SST-2 subset; every
    device trains with `edge_runtime.training.LocalTrainer`, its adapter goes through
-   encode -> decode at the precision under test, and `coordinator.aggregation` aggregates.
+   encode -> decode at the precision under test, and the coordinator's round engine
+   (`coordinator.engine.RoundEngine`, method `fedavg`, weights = examples) validates and folds
+   each device's change from its download; every device downloads `RoundEngine.download`.
    Same seeds and data for every precision, so the only difference is the upload encoding.
 
     .venv/bin/python tools/bench_compression.py [--devices 4 --rounds 3 --steps 8] [--out docs]
@@ -24,7 +26,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from coordinator.aggregation import DeviceState, aggregate_state, slice_for_device  # noqa: E402
+from coordinator.aggregation import GlobalState  # noqa: E402
+from coordinator.engine import RoundEngine  # noqa: E402
+from coordinator.methods import Method, MethodConfig, make_method  # noqa: E402
+from coordinator.round_policy import RoundPolicy  # noqa: E402
 from edge_runtime.data import load_sst2, partition  # noqa: E402
 from edge_runtime.plan import Plan  # noqa: E402
 from edge_runtime.training.session import LocalTrainer  # noqa: E402
@@ -67,14 +72,24 @@ def bytes_table(ranks: list[int]) -> list[dict]:
     return rows
 
 
+def served(method: Method, g: GlobalState, round_id: int, rank: int) -> dict[str, torch.Tensor]:
+    """The adapter state a device of `rank` downloads in `round_id` from global `g`."""
+    sent = RoundEngine(method, g, round_id, policy=RoundPolicy.plain()).download(rank, "lora", seed=round_id)
+    return wire.split_download(sent)[0]  # fedavg sends no base delta
+
+
 def federate(precision: str, trainer: LocalTrainer, shards: list[list[dict]], evalset: list[dict], rounds: int,
              steps: int, init: dict[str, torch.Tensor]) -> dict:
-    """fedavg over `rounds` with uploads encoded at `precision`; held-out metrics per round."""
-    rank, alpha = trainer.rank, trainer.lora_alpha
-    download = {k: v.clone() for k, v in init.items()}
+    """fedavg over `rounds` through the round engine, uploads encoded at `precision`; held-out metrics per round."""
+    rank = trainer.rank
+    method = make_method(MethodConfig("fedavg", max_rank=rank, lora_alpha=trainer.lora_alpha,
+                                      use_rslora=trainer.use_rslora, cap_rank=max(64, rank)))
+    g = method.initial(init)
     history, up_bytes, errs = [], 0, []
     for rnd in range(1, rounds + 1):
-        devices = []
+        engine = RoundEngine(method, g, rnd, policy=RoundPolicy.plain())  # weights = examples
+        sent = engine.download(rank, "lora", seed=rnd)
+        download, _ = wire.split_download(sent)
         for k, shard in enumerate(shards):
             trainer.load_adapter_state(download)
             trainer.train(shard, steps, seed=1000 * rnd + k, progress=False)
@@ -83,10 +98,9 @@ def federate(precision: str, trainer: LocalTrainer, shards: list[list[dict]], ev
             decoded = wire.decode_tensors(blob)[0]
             up_bytes += len(blob)
             errs.append(rel_error(state, decoded))
-            devices.append(DeviceState(state=decoded, alpha=alpha, weight=float(len(shard))))
-        g = aggregate_state("fedavg", devices)
-        download = slice_for_device(g, rank, alpha).state
-        trainer.load_adapter_state(download)
+            engine.accept(f"device-{k}", decoded, float(len(shard)), sent, "lora", precision=precision)
+        g, _ = engine.close()
+        trainer.load_adapter_state(served(method, g, rnd + 1, rank))  # what next round's devices download
         history.append({"round": rnd, **trainer.evaluate(evalset)})
     return {"precision": precision, "rounds": history, "accuracy": history[-1]["accuracy"],
             "loss": history[-1]["loss"], "upload_bytes_per_device_round": up_bytes / (rounds * len(shards)),

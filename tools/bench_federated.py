@@ -3,9 +3,10 @@
 fleet with zeroth-order devices mixed in — on SST-2 dev (or any text-classification file).
 
 Runs in one process with the project's real parts: `LocalTrainer` for every device's local
-training, the coordinator's own `coordinator.strategy` functions (downloads, ZO replay,
-aggregation) and `coordinator.model.Evaluator` for the global model; uploads go through
-`protos.wire` at each device's planned upload precision, so bytes are real wire bytes.
+training, the coordinator's round engine (`coordinator.engine.RoundEngine`, through
+tools/sim.py: downloads, ZO replay, validation and aggregation) and `coordinator.model.Evaluator`
+for the global model; uploads go through `protos.wire` at each device's planned upload
+precision, so bytes are real wire bytes.
 
 Device ranks come from the devices' plans: the emulated profiles' budgets/tiers give
 {16, 8, 4, 2}; ZO devices are the `emu-zo-only` profile (no backprop plan fits).
