@@ -107,6 +107,10 @@ def load_data(cfg: Config) -> tuple[list[dict], list[dict]]:
     for name, recs in (("--data", train), ("--eval-data", held)):
         if "label" not in recs[0]:
             raise ValueError(f"{name} must be a text-classification file ({{'text', 'label'}} rows)")
+        classes = 1 + max(int(r["label"]) for r in recs)  # the number of classes comes from the data
+        if classes > len(cfg.label_words):
+            raise ValueError(f"{name} has {classes} classes (labels 0..{classes - 1}) but --label-words gives "
+                             f"{len(cfg.label_words)} ({', '.join(cfg.label_words)}); pass one word per class")
     rng = random.Random(cfg.seed)
     train = rng.sample(list(train), min(cfg.train_rows, len(train)))
     held = random.Random(cfg.seed + 1).sample(list(held), min(cfg.eval_rows, len(held)))
