@@ -24,7 +24,7 @@ import torch
 
 from protos.adapter import A_SUFFIX, B_SUFFIX, DeviceContract, State, module_of
 
-from ..aggregation import GlobalState, LoraUpdate, StreamingAggregator, lora_scale, split_state, to_scale
+from ..aggregation import GlobalState, LoraUpdate, StreamingAggregator, lora_scale, split_state, to_scale, truncate
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,11 @@ class Method:
                 raise ValueError(f"module {name!r}: {self.name} keeps one rank ({u.rank}); cannot serve rank {rank}")
             out[name] = to_scale(u, s)
         return Served(out, {})
+
+    def serve_slices(self, g: GlobalState, rank: int) -> Served:
+        """Zero-padding's download (HetLoRA): rows [:r] of A, columns [:, :r] of B, at the device's scale."""
+        s = self.cfg.scale(rank)
+        return Served({n: to_scale(truncate(u, rank), s) for n, u in g.modules.items()}, {})
 
     def contract(self, mode: str, round_id: int = 0) -> DeviceContract:
         """What the device keeps local / frozen in `round_id` (see protos.adapter)."""

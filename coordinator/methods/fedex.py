@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..aggregation import GlobalState, LoraUpdate, PairedAggregator, to_scale, truncate
+from ..aggregation import GlobalState, LoraUpdate, PairedAggregator
 from ..aggregation.svd import recompress
 from .base import Method, Served
 
@@ -32,8 +32,7 @@ class FedExLoRA(Method):
                       "of factors does not give")
 
     def serve(self, g: GlobalState, rank: int, seed: int) -> Served:
-        s = self.cfg.scale(rank)
-        adapter = {n: to_scale(truncate(u, rank), s) for n, u in g.modules.items()}
+        adapter = self.serve_slices(g, rank).adapter
         return Served(adapter, {n: ((u.B.double() * u.scale).float(), u.A.clone()) for n, u in g.base.items()})
 
     def aggregator(self) -> PairedAggregator:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from protos.adapter import A_SUFFIX, DeviceContract
 
-from ..aggregation import GlobalState, LoraUpdate, StreamingAggregator, to_scale, truncate
+from ..aggregation import GlobalState, LoraUpdate, StreamingAggregator, to_scale
 from .base import Method, Served
 
 
@@ -22,8 +22,7 @@ class FFALoRA(Method):
     common_rank = False
 
     def serve(self, g: GlobalState, rank: int, seed: int) -> Served:
-        s = self.cfg.scale(rank)
-        return Served({n: to_scale(truncate(u, rank), s) for n, u in g.modules.items()}, {})
+        return self.serve_slices(g, rank)
 
     def contract(self, mode: str, round_id: int = 0) -> DeviceContract:
         return DeviceContract(frozen=(A_SUFFIX,)) if mode != "zo" else DeviceContract()

@@ -13,7 +13,7 @@ import torch
 
 from protos.adapter import A_SUFFIX, B_SUFFIX, DeviceContract, State
 
-from ..aggregation import GlobalState, LoraUpdate, StreamingAggregator, to_scale, truncate
+from ..aggregation import GlobalState, LoraUpdate, StreamingAggregator
 from .base import Method, Served
 from .ffa import keep_a
 
@@ -30,8 +30,7 @@ class RoLoRA(Method):
                       "masked sum of mixed-rank uploads cannot do")
 
     def serve(self, g: GlobalState, rank: int, seed: int) -> Served:
-        s = self.cfg.scale(rank)
-        return Served({n: to_scale(truncate(u, rank), s) for n, u in g.modules.items()}, {})
+        return self.serve_slices(g, rank)
 
     def contract(self, mode: str, round_id: int = 0) -> DeviceContract:
         if mode == "zo":

@@ -3,7 +3,7 @@ and columns [:, :r] of B; uploads are zero-padded to max_rank and averaged (scal
 when devices' scales differ)."""
 from __future__ import annotations
 
-from ..aggregation import GlobalState, StreamingAggregator, to_scale, truncate
+from ..aggregation import GlobalState, StreamingAggregator
 from .base import Method, Served
 
 
@@ -13,8 +13,7 @@ class ZeroPad(Method):
     common_rank = False
 
     def serve(self, g: GlobalState, rank: int, seed: int) -> Served:
-        s = self.cfg.scale(rank)
-        return Served({n: to_scale(truncate(u, rank), s) for n, u in g.modules.items()}, {})
+        return self.serve_slices(g, rank)
 
     def aggregator(self) -> StreamingAggregator:
         return StreamingAggregator("padded", rank=self.cfg.max_rank)
