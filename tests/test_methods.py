@@ -256,3 +256,33 @@ def test_fedex_global_is_exactly_the_average_of_the_device_models():
         assert float((got - want).norm() / want.norm()) < 1e-5, rnd
         assert metrics["recompress_rel_error"] == 0.0 and g.base["m"].rank <= 64
     assert float(g.base["m"].B.norm()) > 0  # the residual is real: mean(B) mean(A) alone is not the average
+
+
+@pytest.mark.parametrize("round_id", [1, 2])
+def test_rolora_and_ffa_rounds_average_the_products_exactly(round_id):
+    """With the other factor frozen and shared, the global's product moves by exactly the weighted
+    average of the devices' product changes, for devices of different ranks (RoLoRA B and A rounds)."""
+    for name in ("rolora", "ffa"):
+        if name == "ffa" and round_id == 2:
+            continue
+        R, OUT, IN = 4, 12, 10
+        method = make_method(MethodConfig(name, max_rank=R))
+        gen = torch.Generator().manual_seed(round_id)
+        g = method.initial({"m" + A_SUFFIX: torch.randn(R, IN, generator=gen),
+                            "m" + B_SUFFIX: torch.randn(OUT, R, generator=gen)})
+        engine = RoundEngine(method, g, round_id, policy=RoundPolicy.plain())
+        frozen = method.contract("lora", round_id).frozen
+        G = g.modules["m"]
+        want = G.scale * G.B.double() @ G.A.double()
+        for k, (r, w) in enumerate(((1, 1.0), (4, 2.0), (2, 3.0))):
+            sent = engine.download(r, "lora", round_id)
+            up = {key: t + (0 if any(key.endswith(f) for f in frozen) else 0.3 * torch.randn(t.shape, generator=gen))
+                  for key, t in sent.items()}
+            s_k = method.cfg.scale(r)
+            change = up["m" + B_SUFFIX].double() @ up["m" + A_SUFFIX].double() - \
+                sent["m" + B_SUFFIX].double() @ sent["m" + A_SUFFIX].double()
+            want += w / 6.0 * s_k * change
+            engine.accept(f"d{k}", up, w, sent, "lora")
+        new = engine.close()[0].modules["m"]
+        got = new.scale * new.B.double() @ new.A.double()
+        assert float((got - want).norm() / want.norm()) < 1e-5, (name, round_id)
