@@ -174,12 +174,13 @@ def _zo_factor(progress: float, lora_progress: list[float]) -> float:
     return 1.0 if ref <= 0 else min(1.0, max(0.01, max(0.0, progress) / ref))
 
 
-def _weights(devices, zo_progress: bool) -> dict[str, float]:
-    """Client -> aggregation weight: its examples (default policy: temper 1, no cap), a ZO client's
-    times `_zo_factor` when the policy weights ZO devices by their progress."""
+def _weights(devices, policy) -> dict[str, float]:
+    """Client -> aggregation weight: its examples through the policy (examples ** temper, capped), a ZO
+    client's times `_zo_factor` when the policy weights ZO devices by their progress."""
     lora = [d["progress"] for d in devices if d["mode"] != "zo" and d["progress"] is not None]
-    return {d["cid"]: d["examples"] * (_zo_factor(d["progress"], lora) if zo_progress and d["mode"] == "zo"
-                                       and d["progress"] is not None else 1.0) for d in devices}
+    return {d["cid"]: policy.weight(d["examples"]) * (
+        _zo_factor(d["progress"], lora) if policy.zo_progress and d["mode"] == "zo" and d["progress"] is not None
+        else 1.0) for d in devices}
 
 
 def _factors(state, module: str, out_dim: int):
@@ -211,7 +212,7 @@ def _check_last_round_against_coordinator(strat, name: str, zo_progress: bool = 
     assert strat.policy.zo_progress == zo_progress
     devices = _device_uploads(strat)
     assert not rec.rejected and len(devices) == len(rec.uploads)
-    w = _weights(devices, zo_progress)
+    w = _weights(devices, strat.policy)
     W = sum(w.values())
     assert g.total_weight == pytest.approx(W, rel=1e-12)
     s = lora_scale(ALPHA, MAX_RANK)
@@ -269,10 +270,11 @@ def test_zero_pad_federation_matches_coordinator_and_replays_zo_exactly(fleet):
     zo_cid = next(c for c, i in strat.clients.items() if i.mode == "zo")
     examples = {c: float(max(int(r.num_examples), 1)) for c, r in rec.results.items()}
     lora = [float(r.metrics["loss_progress"]) for c, r in rec.results.items() if c != zo_cid]
-    assert all(w[c] == examples[c] for c in w if c != zo_cid)  # LoRA devices: their examples
+    weight = strat.policy.weight  # the default policy: examples ** 0.5
+    assert all(w[c] == pytest.approx(weight(examples[c])) for c in w if c != zo_cid)  # LoRA devices
     factor = _zo_factor(float(rec.results[zo_cid].metrics["loss_progress"]), lora)
-    assert 0.01 <= factor < 1 and w[zo_cid] == pytest.approx(examples[zo_cid] * factor)  # it learned less than LoRA
-    assert strat.global_state.total_weight < sum(examples.values())  # not plain example weights
+    assert 0.01 <= factor < 1 and w[zo_cid] == pytest.approx(weight(examples[zo_cid]) * factor)  # it learned less
+    assert strat.global_state.total_weight < sum(weight(n) for n in examples.values())  # not plain weights
     for cid, sent in rec.sent.items():  # what each device got is our per-rank slice of the global
         want = {k: v for k, v in rec.before.extra.items()}
         for m, u in rec.before.modules.items():  # zero_pad: rows [:r] of A, columns [:, :r] of B, at the device's scale
@@ -294,7 +296,7 @@ def test_zero_pad_federation_matches_coordinator_and_replays_zo_exactly(fleet):
 @needs_flwr
 @pytest.mark.parametrize("name,rounds", [("stack", 2), ("fedsa", 2), ("svd", 2)])
 def test_heterogeneous_strategies_match_coordinator(fleet, name, rounds):
-    strat, _ = _run(fleet, name, rounds=rounds, policy=RoundPolicy(zo_progress=False))  # weights = examples
+    strat, _ = _run(fleet, name, rounds=rounds, policy=RoundPolicy.plain())  # weights = examples
     assert len({i.rank for i in strat.clients.values()}) == 3
     assert [r["uploads"] for r in strat.rounds] == [4] * rounds
     w = _check_last_round_against_coordinator(strat, name, zo_progress=False)
