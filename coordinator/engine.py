@@ -216,10 +216,10 @@ def global_from_bytes(data: bytes) -> GlobalState:
 
 
 def aggregate(method: Method, g: GlobalState, uploads: Sequence[tuple[str, Mapping[str, torch.Tensor], float]],
-              round_id: int = 0) -> GlobalState:
+              round_id: int = 0, policy: RoundPolicy | None = None) -> GlobalState:
     """Batch aggregation = fold every (device_id, state, examples) upload, then close (no validation;
-    `RoundPolicy.plain()`: weights = examples, no server optimizer)."""
-    engine = RoundEngine(method, g, round_id, policy=RoundPolicy.plain())
+    default `RoundPolicy.plain()`: weights = examples, no server optimizer)."""
+    engine = RoundEngine(method, g, round_id, policy=policy or RoundPolicy.plain())
     for device_id, state, examples in uploads:
         engine.fold(device_id, state, examples)
     return engine.close()[0]

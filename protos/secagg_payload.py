@@ -146,6 +146,7 @@ class RoundPayload(Wire):
     zo_lr_ref: float = 0.0
     zo_value_scale: float = 1.0
     changes: bool = False
+    weight_temper: float = 1.0  # weight = (min(n, cap) / cap) ** temper, as the coordinator's round policy
 
     def __post_init__(self) -> None:
         if not self.layout:
@@ -176,10 +177,10 @@ def device_change(state: Mapping[str, torch.Tensor], start: Mapping[str, torch.T
 
 
 def device_weight(rp: RoundPayload, num_examples: int) -> float:
-    """min(num_examples, cap) / cap: in (0, 1], so weighted values stay inside the clip range."""
+    """(min(num_examples, cap) / cap) ** temper: in (0, 1], so weighted values stay inside the clip range."""
     if num_examples < 1:
         raise ValueError(f"num_examples must be >= 1, got {num_examples}")
-    return min(float(num_examples), rp.weight_cap) / rp.weight_cap
+    return (min(float(num_examples), rp.weight_cap) / rp.weight_cap) ** rp.weight_temper
 
 
 def device_payload(state: Mapping[str, torch.Tensor], rp: RoundPayload, num_examples: int,

@@ -278,7 +278,7 @@ def test_dropouts_are_recovered_from_the_survivors_shares(model, tmp_path):
         assert sorted(done["survivors"]) == sorted(ids[:3] + [ids[4]]) and done["dropped"] == [ids[3]]
         g0 = global_from_bytes(fed.c.store.read_blob("rounds/0000/global.safetensors"))
         uploads = [(ids[i], fed.updates[ids[i]], EXAMPLES[i]) for i in (0, 1, 2, 4)]
-        want = aggregate(fed.c.method, g0, uploads)  # the plain round engine on the survivors' updates
+        want = aggregate(fed.c.method, g0, uploads, policy=fed.c.policy)  # the plain engine on the survivors' updates
         assert_same_global(want, fed.c.global_state, atol=1e-6)
         assert leaked(tmp_path / "store", fed) == []
     finally:
