@@ -429,7 +429,8 @@ def write_md(path: Path, summary: dict[str, Any], checks: dict[str, Any], args, 
     lines += ["", f"Seeds {args.seeds}; {args.eval_examples} dev rows; Dirichlet {args.dirichlet}; {args.rounds} rounds x "
               f"{args.local_steps} local steps (ZO: {args.zo_steps}); lr {args.lr} (centralized {args.central_lr}); "
               f"round policy: logit adjustment {args.logit_adjust}, weights examples^{args.weight_temper}, "
-              f"server optimizer {args.server_opt}, ZO weighted by progress: {bool(args.zo_progress)}.", ""]
+              f"lr decay {args.lr_decay} per round, server optimizer {args.server_opt}, ZO weighted by progress: "
+              f"{bool(args.zo_progress)}.", ""]
     if "best" in checks:
         lines.append(f"- best heterogeneous-rank method: **{checks['best']}** {100 * checks['best_final']:.1f} % vs "
                      f"centralized {100 * checks['centralized_final']:.1f} % (gap {checks['gap_points']:.1f} points).")
