@@ -114,7 +114,8 @@ class RoundEngine:
              progress: float | None = None, sent: Mapping[str, torch.Tensor] | None = None) -> None:
         """Fold one validated upload (ZO: the replayed final adapter) with the policy's weight for
         `examples`; a ZO device with a reported `progress` is held until the close. `sent`: what the
-        device downloaded, so that its change is folded (`Method.updates`); None folds the upload as is."""
+        device downloaded, so that its change is folded (`Method.updates`); None: what the method
+        serves a device of its rank."""
         if device_id in self.devices:
             raise UpdateInvalid("duplicate", f"device {device_id} was already folded into round {self.round_id}")
         if not examples > 0:

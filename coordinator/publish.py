@@ -41,30 +41,25 @@ class Publisher:
         for u in self.c.store.updates(round_id):
             yield RoundUpload(u["device_id"], self.c.stored_state(u), float(max(u["num_examples"], 1)))
 
-    def _progress(self, round_id: int) -> dict[str, tuple[str, float | None]]:
-        """device -> (mode, reported loss progress) of this round's stored uploads."""
-        out = {}
-        for u in self.c.store.updates(round_id):
-            out[u["device_id"]] = ("zo" if u["kind"] == "ZO" else "lora", progress_of(u.get("stats") or {}))
-        return out
-
     def round_fold(self, rnd: R.Round) -> RoundEngine:
-        """The streaming aggregate of `rnd`; rebuilt from the durable uploads when missing or stale."""
-        accepted = {u["device_id"] for u in self.c.store.updates(rnd.round_id)}
+        """The streaming aggregate of `rnd`; rebuilt from the durable uploads when missing or stale
+        (each upload folded against what its device downloaded, read once)."""
+        c = self.c
+        rows = c.store.updates(rnd.round_id)
         fold = self.fold
-        if fold is None or fold.round_id != rnd.round_id or fold.devices != accepted:
-            fold = self.c.engine(rnd.round_id)
-            modes = self._progress(rnd.round_id)
-            sent = {u["device_id"]: u["download_id"] for u in self.c.store.updates(rnd.round_id)}
-            for up in self.stored_uploads(rnd.round_id):
-                fold.fold(up.device_id, up.state, up.weight, *modes[up.device_id],
-                          sent=self.c.download_tensors(sent[up.device_id]))
+        if fold is None or fold.round_id != rnd.round_id or fold.devices != {u["device_id"] for u in rows}:
+            fold = c.engine(rnd.round_id)
+            for u in rows:
+                sent = c.download_tensors(u["download_id"])
+                fold.fold(u["device_id"], c.stored_state(u, sent), float(max(u["num_examples"], 1)),
+                          "zo" if u["kind"] == "ZO" else "lora", progress_of(u.get("stats") or {}), sent)
             self.fold = fold
         return fold
 
     def fold_accepted(self, rnd: R.Round, device_id: str, state: dict[str, torch.Tensor], weight: int,
-                      mode: str = "lora", progress: float | None = None) -> None:
-        """Fold an accepted upload (already durable on disk) into the round's streaming aggregate."""
+                      mode: str, progress: float | None, sent: dict[str, torch.Tensor]) -> None:
+        """Fold an accepted upload (already durable on disk; `sent`: what its device downloaded) into the
+        round's streaming aggregate."""
         if self.c.defence.active:  # robust statistics need every update at once: batch at close
             return
         try:
@@ -72,7 +67,6 @@ class Publisher:
             if fold is None or fold.round_id != rnd.round_id:
                 fold = self.round_fold(rnd)  # first upload of the round, or after a restart
             if device_id not in fold.devices:
-                sent = self.c.download_tensors(self.c.download_id(rnd, device_id))
                 fold.fold(device_id, state, float(max(weight, 1)), mode, progress, sent=sent)
         except (ValueError, RuntimeError) as e:  # the close re-reads the round from disk
             log.warning("round %d: streaming fold of %s failed (%s); will rebuild from disk", rnd.round_id,

@@ -143,13 +143,15 @@ class Coordinator:
             raise R.WrongRound(f"download {download_id!r} does not exist")
         return wire.decode_tensors(self.store.read_blob(row["path"], row["sha256"]))[0]
 
-    def stored_state(self, u: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """A stored upload's adapter state (ZO: replayed from what the device downloaded)."""
+    def stored_state(self, u: dict[str, Any], sent: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """A stored upload's adapter state (ZO: replayed from what the device downloaded, `sent` when
+        the caller has read it already)."""
         if u["kind"] != "ZO":
             return wire.decode_tensors(self.store.read_blob(u["path"], u["sha256"]))[0]
         z = json.loads(self.store.read_blob(u["path"], u["sha256"]))
-        return RoundEngine.replay_zo(self.download_tensors(u["download_id"]), list(zip(z["seeds"], z["grads"])),
-                                     z["lr"])
+        if sent is None:
+            sent = self.download_tensors(u["download_id"])
+        return RoundEngine.replay_zo(sent, list(zip(z["seeds"], z["grads"])), z["lr"])
 
     # -- the round clock --------------------------------------------------------------------
     def tick(self) -> None:

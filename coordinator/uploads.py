@@ -119,7 +119,7 @@ class Uploads:
                 raise e
             did = c.download_id(rnd, device_id)
             try:
-                state = self._checked(rnd, device_id, did, header, data)
+                state, sent = self._checked(rnd, device_id, did, header, data)
             except UploadRejected as e:
                 c.store.drop_partial(key)
                 c.store.event("upload_rejected", rnd.round_id, device_id, reason=e.reason, detail=str(e)[:300])
@@ -128,12 +128,12 @@ class Uploads:
             c.store.put_update(rnd.round_id, device_id, header["nonce"], "LORA", data, ".safetensors", wire_bytes,
                                int(stats.get("num_examples", 1)), did, stats)
             c.store.drop_partial(key)
-            self._accept(rnd, device_id, len(data), state, int(stats.get("num_examples", 1)), stats)
+            self._accept(rnd, device_id, len(data), state, int(stats.get("num_examples", 1)), stats, sent)
         c.tick()
         return len(data)
 
     def _checked(self, rnd: R.Round, device_id: str, download_id: str, header: dict[str, Any], data: bytes):
-        """The decoded adapter state of a complete upload, or UploadRejected naming what is wrong."""
+        """(decoded adapter state, what the device downloaded) of a complete upload, or UploadRejected."""
         c = self.c
         if len(data) != header["total_size"]:
             raise UploadRejected(f"received {len(data)} bytes but the header declared {header['total_size']}; "
@@ -146,9 +146,9 @@ class Uploads:
         except (wire.WireError, ValueError, RuntimeError, KeyError) as e:
             raise UploadRejected(f"upload is not a valid tensor blob: {e}") from None
         mode = c.method.device_mode(c.fed.devices[device_id].mode)
-        c.engine(rnd.round_id).validate(state, c.download_tensors(download_id), mode,
-                                        meta.get("precision"))  # UpdateInvalid (an UploadRejected)
-        return state
+        sent = c.download_tensors(download_id)
+        c.engine(rnd.round_id).validate(state, sent, mode, meta.get("precision"))  # UpdateInvalid (an UploadRejected)
+        return state, sent
 
     def submit_zo(self, device_id: str, round_id: int, nonce: str, seeds: list[int], grads: list[float], lr: float,
                   num_examples: int, stats: dict[str, Any], wire_bytes: int) -> int:
@@ -171,14 +171,15 @@ class Uploads:
             data = json.dumps({"seeds": list(seeds), "grads": list(grads), "lr": lr, "mode": mode}).encode()
             c.store.put_update(round_id, device_id, nonce, "ZO", data, ".zo.json", wire_bytes, int(num_examples),
                                did, stats)
-            self._accept(rnd, device_id, len(data), final, int(num_examples), stats)
+            self._accept(rnd, device_id, len(data), final, int(num_examples), stats, sent)
         c.tick()
         return len(data)
 
-    def _accept(self, rnd: R.Round, device_id: str, size: int, state, weight: int, stats: dict[str, Any]) -> None:
+    def _accept(self, rnd: R.Round, device_id: str, size: int, state, weight: int, stats: dict[str, Any],
+                sent: dict[str, Any]) -> None:
         """A durably stored upload counts: its reported plan noted, the round told, the aggregate folded."""
         c = self.c
         c.replanner.note_plan(device_id, stats)
         c.accept_upload(rnd, device_id, size)
         mode = c.method.device_mode(c.fed.devices[device_id].mode)
-        c.publisher.fold_accepted(rnd, device_id, state, weight, mode, progress_of(stats))
+        c.publisher.fold_accepted(rnd, device_id, state, weight, mode, progress_of(stats), sent)

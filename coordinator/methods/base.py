@@ -149,10 +149,11 @@ class Method:
         cfg = self.cfg
         s = cfg.scale(cfg.max_rank)
         out = {}
+        starts = starts_of(self, g, mods, start)
         for n, (A, B) in mods.items():
             r, s_k = int(A.shape[0]), cfg.scale(int(A.shape[0]))
             G = g.modules[n]
-            A0, B0 = start_of(self, g, start, n, r)
+            A0, B0 = starts[n]
             B0 = torch.zeros_like(B) if B0 is None else B0
             A_new = G.A.double().clone()
             B_new = (G.B.double() * (G.scale / s)).clone()
@@ -190,11 +191,17 @@ def fill_zero_b(state: Mapping[str, torch.Tensor], g: GlobalState) -> State:
     return out
 
 
-def start_of(method: Method, g: GlobalState, start: Mapping[str, torch.Tensor] | None, name: str,
-             rank: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(A0 (r, in), B0 (out, r) or None) a device of `rank` started module `name` from: its download,
-    or (not given) what the method serves that rank."""
-    if start is not None and name + A_SUFFIX in start:
-        return start[name + A_SUFFIX], start.get(name + B_SUFFIX)
-    u = method.serve(g, rank, 0).adapter[name]
-    return u.A, u.B
+def starts_of(method: Method, g: GlobalState, mods: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+              start: Mapping[str, torch.Tensor] | None) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Module -> (A0 (r, in), B0 (out, r) or None) a device started from: its download, or (not
+    given) what the method serves its rank (served once per rank, not once per module)."""
+    out, served = {}, {}
+    for name, (A, _) in mods.items():
+        if start is not None and name + A_SUFFIX in start:
+            out[name] = (start[name + A_SUFFIX], start.get(name + B_SUFFIX))
+            continue
+        r = int(A.shape[0])
+        if r not in served:
+            served[r] = method.serve(g, r, 0).adapter
+        out[name] = (served[r][name].A, served[r][name].B)
+    return out

@@ -10,7 +10,7 @@ import torch
 
 from ..aggregation import GlobalState, LoraUpdate, StreamingAggregator, rescale_balanced, to_scale, truncate
 from ..aggregation.svd import factor_svd, factors_from_svd, recompress
-from .base import Method, Served, start_of
+from .base import Method, Served, starts_of
 
 
 class SvdRedistribute(Method):
@@ -38,9 +38,10 @@ class SvdRedistribute(Method):
         s_k [B_k, -B0_k] [A_k; A0_k] (rank 2 r_k); `finalise` adds the average to the global. (Folding
         the products themselves would pull the global towards each device's rank-r truncation of it.)"""
         out = {}
+        starts = starts_of(self, g, mods, start)
         for n, (A, B) in mods.items():
             r = int(A.shape[0])
-            A0, B0 = start_of(self, g, start, n, r)
+            A0, B0 = starts[n]
             out[n] = LoraUpdate(A=torch.cat([A.float(), A0.float()]), B=torch.cat([B.float(), -B0.float()], dim=1),
                                 scale=self.cfg.scale(r))
         return out
