@@ -128,14 +128,20 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
     if not p.is_file():
         raise FileNotFoundError(f"data file {p} does not exist")
     suffix = _base_suffix(p)
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        recs = _read_jsonl(p)
-    elif suffix == ".csv":
-        recs = _read_delimited(p, ",")
-    elif suffix == ".tsv":
-        recs = _read_delimited(p, "\t")
-    else:
+    readers = {".jsonl": _read_jsonl, ".json": _read_jsonl, ".ndjson": _read_jsonl,
+               ".csv": lambda q: _read_delimited(q, ","), ".tsv": lambda q: _read_delimited(q, "\t")}
+    if suffix not in readers:
         raise DataError(f"{p}: unsupported data format {suffix!r}; use .jsonl, .csv or .tsv (optionally .gz)")
+    try:
+        recs = readers[suffix](p)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{p}: not a UTF-8 text file (found byte 0x{e.object[e.start]:02x}, which is not UTF-8); pass a JSONL / CSV / TSV text file saved as UTF-8, "
+                        "optionally gzip-compressed as .gz") from None
+    except (gzip.BadGzipFile, EOFError, OSError, csv.Error) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise DataError(f"{p}: cannot be read as {'gzip-compressed ' if p.suffix == '.gz' else ''}text ({e}); "
+                        "pass a JSONL / CSV / TSV text file saved as UTF-8, optionally gzip-compressed as .gz") from None
     if not recs:
         raise DataError(f"{p}: no records found")
     kinds = {record_kind(r) for r in recs}

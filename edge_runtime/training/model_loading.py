@@ -173,6 +173,25 @@ def _load_tokenizer(directory: Any, gguf: str | None) -> Any:
     return tok
 
 
+END_TOKEN_FALLBACKS = ("sep_token",)
+
+
+def ensure_end_token(tok: Any, where: str) -> None:
+    """A causal LM's tokenizer must end each response with a token: its EOS, else its SEP token
+    (BERT-style tokenizers: set as EOS, logged). Neither -> ModelLoadError saying what to add."""
+    if tok.eos_token_id is not None:
+        return
+    for attr in END_TOKEN_FALLBACKS:
+        alt = getattr(tok, attr, None)
+        if alt is not None and tok.convert_tokens_to_ids(alt) is not None:
+            log.warning("the tokenizer of %s has no EOS token; using its %s %r to end each response", where, attr, alt)
+            tok.eos_token = alt
+            return
+    raise ModelLoadError(f"the tokenizer of {where} has no EOS token (eos_token is None) and no SEP token to use "
+                         "instead, so a causal LM cannot learn where a response ends; add an end token, e.g. "
+                         '"eos_token": "</s>" in its tokenizer_config.json (the token must be in the vocabulary)')
+
+
 def _load_model(directory: Any, gguf: str | None, t: Any, prec: str, seed: int, kwargs: dict[str, Any]) -> nn.Module:
     """The model with its task head (seeded), loaded under LOAD_LOCK."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -211,6 +230,8 @@ def load_base(model_src: str | Path, plan: Plan, task: Any, seed: int = 0,
     use_quanto = prec == "int4" or (prec in ("int8", "nf4") and not use_bnb)
     kwargs = _from_pretrained_kwargs(prec, compute, gguf, use_bnb, use_quanto)
     tok = _load_tokenizer(directory, gguf)
+    if t.kind == "causal_lm":
+        ensure_end_token(tok, f"{directory}{'/' + gguf if gguf else ''}")
     model = _load_model(directory, gguf, t, prec, seed, kwargs)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
