@@ -191,6 +191,9 @@ def _own_memory_cgroup() -> Path | None:
 def apply_memory_cap(limit_bytes: int, name: str) -> str:
     """Hard memory cap for this process: a nested cgroup v1 memory controller where writable,
     else RLIMIT_AS (address space, so it is given headroom for torch's virtual reservations).
+    The cgroup counts what a device's OOM killer counts: it charges page cache too, but reclaims
+    clean file pages (a mmapped model, a file being read) before it kills, so only anonymous
+    memory can end the process, as the guard (`guard.anon_bytes`) measures it.
     Returns a description of what was applied."""
     parent = _own_memory_cgroup()
     if parent is not None:

@@ -6,7 +6,7 @@ import torch
 
 from edge_runtime.data import load_sst2
 from edge_runtime.plan import Plan
-from edge_runtime.training.guard import MemoryBudgetExceeded, MemoryGuard, max_rss_bytes, rss_bytes
+from edge_runtime.training.guard import MemoryBudgetExceeded, MemoryGuard, anon_bytes, max_rss_bytes, rss_bytes
 from edge_runtime.training.session import LocalTrainer
 from edge_runtime.training.tiny import make_tiny_llama
 
@@ -18,7 +18,7 @@ def test_guard_records_peak_and_trips_on_check():
     with MemoryGuard(None) as g:
         g.check()
     assert g.peak_bytes > 0 and max_rss_bytes() >= g.peak_bytes * 0.5
-    with MemoryGuard(rss_bytes() + 64 * MiB, interrupt=False) as g:
+    with MemoryGuard(anon_bytes() + 64 * MiB, interrupt=False) as g:
         g.check()
         ballast = torch.ones(160 * MiB // 4)  # 160 MiB resident
         with pytest.raises(MemoryBudgetExceeded) as e:
@@ -30,7 +30,7 @@ def test_guard_records_peak_and_trips_on_check():
 
 
 def test_guard_interrupts_a_long_running_step():
-    g = MemoryGuard(rss_bytes() + 64 * MiB, interval_s=0.01)
+    g = MemoryGuard(anon_bytes() + 64 * MiB, interval_s=0.01)
     t0 = time.perf_counter()
     with pytest.raises(MemoryBudgetExceeded):
         with g:
@@ -55,7 +55,7 @@ def test_training_stops_and_keeps_last_good_adapter(tmp_path):
                      "causal_lm")
     t.train(recs, steps=3, progress=False)
     good = t.adapter_state()
-    t.memory_budget_bytes = rss_bytes() // 2  # already far over: the next run must stop
+    t.memory_budget_bytes = anon_bytes() // 2  # already far over: the next run must stop
     with pytest.raises(MemoryBudgetExceeded) as e:
         t.train(recs, steps=5, progress=False, checkpoint_dir=tmp_path / "ckpt")
     assert e.value.result.stopped_early and e.value.result.steps == 0
@@ -77,11 +77,11 @@ def test_model_load_is_guarded_and_reported_as_out_of_memory(tmp_path):
     src = make_tiny_llama(tmp_path / "m")
     plan = Plan(rank=2, target_modules=["q_proj", "v_proj"], batch_size=2, seq_len=16)
     assert load_limit_bytes(1000 * MiB) < hard_cap_bytes(1000 * MiB)
-    budget = int((rss_bytes() - 200 * MiB) / 1.25)  # limit already below this process's RSS
+    budget = int((anon_bytes() - 200 * MiB) / 1.25)  # limit already below this process's RSS
     with pytest.raises(LoadOutOfMemory) as e:
         LocalTrainer(src, plan, "causal_lm", memory_budget_bytes=budget)
     assert "out of memory while loading m at fp32" in str(e.value) and "edge-runtime plan" in str(e.value)
-    t = LocalTrainer(src, plan, "causal_lm", memory_budget_bytes=rss_bytes() + 256 * MiB)  # room: loads
+    t = LocalTrainer(src, plan, "causal_lm", memory_budget_bytes=anon_bytes() + 256 * MiB)  # room: loads
     assert t.load_peak_sampled_bytes > 0
     assert LocalTrainer(src, plan, "causal_lm", memory_budget_bytes=budget, guard_load=False).base is not None
     data = tmp_path / "d.jsonl"
@@ -92,3 +92,25 @@ def test_model_load_is_guarded_and_reported_as_out_of_memory(tmp_path):
                            "--budget", "1", "--steps", "1"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 3, proc.stderr[-1500:]
     assert "out of memory while loading" in proc.stderr
+
+
+def test_guard_counts_anonymous_memory_not_clean_file_pages(tmp_path):
+    """What an OOM killer counts: a mmapped file read end to end (clean file pages, reclaimable)
+    raises the RSS but not the guard's figure; the same bytes copied into the heap raise both."""
+    import mmap
+
+    f = tmp_path / "blob.bin"
+    f.write_bytes(b"\x01" * (96 * MiB))
+    with open(f, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        rss0, anon0 = rss_bytes(), anon_bytes()
+        total = sum(m[i] for i in range(0, len(m), 4096))  # touch every page
+        rss1, anon1 = rss_bytes(), anon_bytes()
+        heap = bytearray(m[:])  # 96 MiB of anonymous memory
+        anon2 = anon_bytes()
+        del heap
+    assert total == len(range(0, 96 * MiB, 4096))
+    assert rss1 - rss0 > 80 * MiB  # the file's pages are resident ...
+    assert anon1 - anon0 < 16 * MiB  # ... but not anonymous
+    assert anon2 - anon1 > 80 * MiB
+    with MemoryGuard(None) as g:
+        assert abs(g.sample() - anon_bytes()) < 16 * MiB

@@ -11,7 +11,7 @@ from edge_runtime.plan import Plan
 from edge_runtime.profile import DeviceProfile
 from edge_runtime.stepdown import (AdaptiveTrainer, EstimatorError, grow_state, is_oom, next_plan, next_rung,
                                    shrink_state, step_down)
-from edge_runtime.training.guard import MemoryBudgetExceeded, rss_bytes
+from edge_runtime.training.guard import MemoryBudgetExceeded, anon_bytes
 from edge_runtime.training.model_loading import malloc_trim
 
 torch.set_num_threads(1)
@@ -111,7 +111,7 @@ def test_trainer_steps_down_and_finishes(bert):
     t.plan = replace(plan, batch_size=64)
     start = t.adapter_state()
     malloc_trim()
-    t.memory_budget_bytes = rss_bytes() + 100 * MiB
+    t.memory_budget_bytes = anon_bytes() + 100 * MiB
     a = AdaptiveTrainer(t, _profile())
     res = a.train(recs, steps=4, progress=False)
     assert a.last_events, "the plan should have run out of memory and stepped down"
@@ -168,7 +168,7 @@ def test_join_steps_down_and_the_round_is_accepted(bert, tmp_path):
         t.train(recs, steps=1, progress=False)  # warm up small, then claim the real (smaller) memory
         t.plan = p
         malloc_trim()
-        t.memory_budget_bytes = rss_bytes() + 100 * MiB
+        t.memory_budget_bytes = anon_bytes() + 100 * MiB
         return t
 
     try:

@@ -1,7 +1,9 @@
 """Memory guard: stop training cleanly before the OS kills the process for exceeding its budget.
 
-`MemoryGuard(budget_bytes)` samples the process RSS (psutil) from a light background thread
-and at every `check()` (called once per training step). When RSS exceeds the budget the
+`MemoryGuard(budget_bytes)` samples the process memory an OOM killer counts (`anon_bytes`:
+anonymous + shared-memory pages; clean file pages such as a mmapped model or the page cache of
+a file being read are reclaimable and not counted) from a light background thread and at every
+`check()` (called once per training step). When that exceeds the budget the
 guard trips: `check()` raises `MemoryBudgetExceeded`, and if the guard was started on the
 main thread the sampler also interrupts it (SIGUSR1 -> the same exception) so a runaway step
 stops at the next Python bytecode rather than at the next step boundary.
@@ -60,8 +62,29 @@ def load_limit_bytes(budget_bytes: int) -> int:
 
 
 def rss_bytes() -> int:
-    """Current resident set size of this process."""
+    """Current resident set size of this process (anonymous + file-backed pages)."""
     return psutil.Process().memory_info().rss
+
+
+_STATUS = "/proc/self/status"
+_KILLABLE_FIELDS = ("RssAnon", "RssShmem")
+
+
+def anon_bytes() -> int:
+    """Memory an OOM killer counts against this process: anonymous + shared-memory resident pages
+    (Linux `/proc/self/status` RssAnon + RssShmem). Clean file pages (the mapped libraries, a
+    mmapped model file, the page cache of a file being read) are reclaimable and left out; where
+    /proc is missing (macOS) this is the RSS."""
+    try:
+        total = 0
+        with open(_STATUS, "rb") as f:
+            for line in f:
+                key, _, value = line.partition(b":")
+                if key.decode() in _KILLABLE_FIELDS:
+                    total += int(value.split()[0]) * 1024
+        return total
+    except (OSError, ValueError, IndexError):
+        return rss_bytes()
 
 
 def max_rss_bytes() -> int:
@@ -71,7 +94,7 @@ def max_rss_bytes() -> int:
 
 
 class MemoryGuard:
-    """Watch RSS against `budget_bytes` (None: only record the peak). Use as a context manager."""
+    """Watch `anon_bytes()` against `budget_bytes` (None: only record the peak). Use as a context manager."""
 
     def __init__(self, budget_bytes: int | None, interval_s: float = 0.02, interrupt: bool = True):
         if budget_bytes is not None and budget_bytes <= 0:
@@ -85,11 +108,10 @@ class MemoryGuard:
         self._thread: threading.Thread | None = None
         self._prev_handler: Any = None
         self._armed = False
-        self._proc = psutil.Process()
 
     def sample(self) -> int:
-        """Read RSS, update the peak, trip when over budget; returns the RSS."""
-        rss = self._proc.memory_info().rss
+        """Read the killable memory (`anon_bytes`), update the peak, trip when over budget; returns it."""
+        rss = anon_bytes()
         self.peak_bytes = max(self.peak_bytes, rss)
         if self.budget_bytes is not None and rss > self.budget_bytes:
             self.tripped = True
