@@ -5,9 +5,12 @@ Precision routes (CPU unless CUDA is present):
 - int8 / nf4: bitsandbytes through `BitsAndBytesConfig` (works on CPU with device_map="cpu").
 - int4: optimum-quanto `qint4` weights (the CPU route); `quant_backend="quanto"` also gives
   int8 as quanto `qint8`.
-GGUF files are dequantized by transformers (`gguf_file=`) and then follow the same routes
-(bitsandbytes levels are applied by quanto for GGUF sources: int8 -> qint8, nf4 -> qint4).
-The task head (classifier / score) and `lm_head` are never quantized.
+A causal LM on CPU from a GGUF file (any precision), or from safetensors at a quantized precision
+or a dtype other than the stored one, goes through the streaming loader (`stream_load`): one
+tensor in flight, no file mapping, each Linear quantized as it arrives; a GGUF base at a
+quantized precision keeps the file's own Q4_0 / Q4_1 / Q8_0 blocks (`gguf_linear.GGUFLinear`).
+Classification models and CUDA loads use `from_pretrained` (GGUF: dequantized by transformers,
+then quanto). The task head (classifier / score) and `lm_head` are never quantized.
 """
 from __future__ import annotations
 
@@ -211,6 +214,45 @@ def _load_model(directory: Any, gguf: str | None, t: Any, prec: str, seed: int, 
     return model
 
 
+def streams(t: TrainTask, directory: Path, gguf: str | None, prec: str) -> bool:
+    """Whether `load_base` takes the streaming loader (`stream_load`): a causal LM on CPU from a GGUF
+    file (any precision), or from safetensors at a quantized precision or another dtype than stored.
+    A same-dtype safetensors base stays mmapped by transformers (views of the file, nothing copied)."""
+    if t.kind != "causal_lm" or _device() != "cpu":
+        return False
+    if gguf:
+        return True
+    from edge_runtime.training.stream_load import safetensors_dtype
+
+    try:
+        stored = safetensors_dtype(directory)
+    except (FileNotFoundError, OSError, ValueError):
+        return False  # not a plain safetensors checkpoint: transformers' loader decides
+    return prec not in _DTYPES or _DTYPES[prec] != stored
+
+
+def _stream_model(directory: Path, gguf: str | None, prec: str, compute: torch.dtype, use_bnb: bool) -> nn.Module:
+    """The causal LM through the streaming loader, under LOAD_LOCK; errors as ModelLoadError."""
+    from transformers import AutoConfig
+
+    from edge_runtime.modelspec import spec_from_gguf
+    from edge_runtime.training.stream_load import stream_load_causal_lm
+
+    where = f"{directory}{'/' + gguf if gguf else ''}"
+    try:
+        if gguf:
+            cfg = dict(spec_from_gguf(directory / gguf).config)
+            config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        else:
+            config = AutoConfig.from_pretrained(directory)
+        with LOAD_LOCK:
+            model, kept = stream_load_causal_lm(directory, gguf, config, prec, compute, use_bnb)
+    except (OSError, ValueError, ImportError, RuntimeError, KeyError) as e:
+        raise ModelLoadError(f"cannot load {where} as causal_lm at {prec} (streaming loader): {e}") from e
+    log.info("streamed %s at %s: %s", where, prec, sorted(set(kept.values())))
+    return model
+
+
 def load_base(model_src: str | Path, plan: Plan, task: Any, seed: int = 0,
               quant_backend: str = "auto") -> tuple[nn.Module, Any]:
     """(model, tokenizer) at `plan.base_precision`, frozen, with the task head (seeded) and
@@ -232,12 +274,16 @@ def load_base(model_src: str | Path, plan: Plan, task: Any, seed: int = 0,
     tok = _load_tokenizer(directory, gguf)
     if t.kind == "causal_lm":
         ensure_end_token(tok, f"{directory}{'/' + gguf if gguf else ''}")
-    model = _load_model(directory, gguf, t, prec, seed, kwargs)
+    streamed = streams(t, directory, gguf, prec)
+    if streamed:
+        model = _stream_model(directory, gguf, prec, compute, use_bnb)
+    else:
+        model = _load_model(directory, gguf, t, prec, seed, kwargs)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
-    if use_quanto:
+    if use_quanto and not streamed:
         quantize_quanto(model, prec)
-    elif use_bnb:
+    elif use_bnb or streamed:
         malloc_trim()
     elif _device() == "cuda":
         model.to("cuda")

@@ -1,0 +1,327 @@
+"""Streaming loader for causal LMs on CPU / unified memory: one tensor in flight, no file mapping.
+
+The model skeleton is built with its parameters on the meta device; the checkpoint is then read
+tensor by tensor with plain file reads (`os.preadv` into a fresh buffer, never a mmap, so no file
+page is charged to the process and nothing keeps the file open afterwards). Each Linear weight is
+quantized as it arrives:
+
+- safetensors + nf4 / int8: bitsandbytes `Linear4bit` (nf4, double quantization) / `Linear8bitLt`;
+  optimum-quanto `qint4` / `qint8` where bitsandbytes is not used; int4: quanto `qint4`;
+- GGUF + any quantized plan: `GGUFLinear` keeps the file's Q4_0 / Q4_1 / Q8_0 blocks (no
+  requantization; other GGUF types are dequantized and quantized with quanto at the plan's level);
+- fp32 / bf16 / fp16 plans: each tensor converted to the plan's dtype.
+
+Embeddings, norms, an untied lm_head and biases are kept in the compute dtype. Peak memory is
+the quantized weights + the float embeddings / head + one tensor in flight (its file dtype,
+fp32 copy and quantized copy) + the runtime.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from edge_runtime.training.gguf_linear import NATIVE_TYPES, GGUFLinear
+
+log = logging.getLogger(__name__)
+QUANTIZED = ("int8", "nf4", "int4")
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+_GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+               "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+               "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+               "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+SKIP_QUANT = ("lm_head", "score", "classifier")
+Reader = Callable[[], Any]  # reads one tensor: a torch.Tensor, or (raw GGUF bytes, ggml type) for a block tensor
+
+
+def _pread(path: Path, offset: int, nbytes: int) -> np.ndarray:
+    """`nbytes` of `path` from `offset` into a fresh uint8 array (plain reads: no mapping); the
+    file's page cache for that range is then dropped (POSIX_FADV_DONTNEED) where supported."""
+    buf = np.empty(nbytes, dtype=np.uint8)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        view, done = memoryview(buf), 0
+        while done < nbytes:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise OSError(f"{path}: unexpected end of file at byte {offset + done} (wanted {nbytes} from {offset})")
+            done += n
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return buf
+
+
+# ----------------------------------------------------------------------------- sources
+
+def safetensors_files(directory: Path) -> list[Path]:
+    """The checkpoint files of an HF directory (single file or sharded index)."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [directory / n for n in names]
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(f"{directory} has no model.safetensors (or model.safetensors.index.json)")
+
+
+def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """(byte offset of the data section, {name: {"dtype", "shape", "data_offsets"}})."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
+def safetensors_dtype(directory: Path) -> torch.dtype:
+    """The floating dtype of the first floating tensor of the checkpoint (what is stored on disk)."""
+    for path in safetensors_files(directory):
+        _, header = read_safetensors_header(path)
+        for info in header.values():
+            dt = _ST_DTYPES.get(info["dtype"])
+            if dt is not None and dt.is_floating_point:
+                return dt
+    return torch.float32
+
+
+def safetensors_tensors(directory: Path) -> Iterator[tuple[str, Reader]]:
+    """(name, reader) for every tensor of an HF safetensors checkpoint, in file order."""
+    for path in safetensors_files(directory):
+        start, header = read_safetensors_header(path)
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            def read(info: dict[str, Any] = info, path: Path = path) -> torch.Tensor:
+                lo, hi = info["data_offsets"]
+                raw = torch.from_numpy(_pread(path, start + lo, hi - lo))
+                return raw.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+            yield name, read
+
+
+def _unpermute_rows(out_features: int, n_head: int) -> torch.Tensor:
+    """Row order that undoes llama.cpp's q/k permutation (transformers' `_reverse_permute_weights`)."""
+    rows = torch.arange(out_features)
+    dim = out_features // n_head // 2
+    return rows.reshape(n_head, dim, 2).transpose(1, 2).reshape(out_features)
+
+
+def gguf_hf_name(name: str) -> str:
+    """GGUF tensor name -> HF llama parameter name ('blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight')."""
+    parts = name.split(".")
+    if parts[0] == "blk" and len(parts) >= 4 and parts[2] in _GGUF_NAMES:
+        return f"model.layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{'.'.join(parts[3:])}"
+    if parts[0] in _GGUF_NAMES:
+        return f"{_GGUF_NAMES[parts[0]]}.{'.'.join(parts[1:])}"
+    raise ValueError(f"GGUF tensor {name!r} has no Hugging Face llama name")
+
+
+def gguf_tensors(path: Path, config: Any) -> Iterator[tuple[str, Reader]]:
+    """(HF name, reader) for every tensor of a llama-family GGUF file. A reader returns a float
+    tensor, or (raw bytes (out, row bytes), ggml type, row order) for a Q4_0 / Q4_1 / Q8_0 matrix."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(str(path))
+    infos = [(t.name, int(t.tensor_type), [int(x) for x in t.shape], int(t.data_offset), int(t.n_bytes),
+              t.data.dtype, tuple(t.data.shape)) for t in reader.tensors]
+    del reader  # closes the header mapping: from here on only plain reads
+    heads, kv = int(config.num_attention_heads), int(config.num_key_value_heads)
+    for name, qtype, shape, offset, nbytes, np_dtype, np_shape in infos:
+        hf = gguf_hf_name(name)
+        rows = None
+        if ".attn_q." in name or ".attn_k." in name:
+            rows = _unpermute_rows(shape[-1], heads if ".attn_q." in name else kv)
+
+        def read(qtype: int = qtype, offset: int = offset, nbytes: int = nbytes, np_dtype: Any = np_dtype,
+                 np_shape: tuple = np_shape, rows: torch.Tensor | None = rows, shape: list[int] = shape) -> Any:
+            raw = _pread(path, offset, nbytes).view(np_dtype).reshape(np_shape)
+            if qtype in NATIVE_TYPES and len(shape) == 2:
+                return raw, qtype, rows
+            t = torch.from_numpy(np.ascontiguousarray(dequantize(raw, qtype), dtype=np.float32))
+            t = t.reshape(list(reversed(shape)))
+            return t[rows].contiguous() if rows is not None else t
+        yield hf, read
+
+
+# ----------------------------------------------------------------------------- quantizers
+
+def bnb_linear(w: torch.Tensor, bias: torch.Tensor | None, precision: str, compute: torch.dtype) -> nn.Module:
+    """bitsandbytes Linear4bit (nf4, double quantization) / Linear8bitLt from an (out, in) weight, on CPU."""
+    import bitsandbytes as bnb
+
+    out_f, in_f = w.shape
+    if precision == "nf4":
+        lin = bnb.nn.Linear4bit(in_f, out_f, bias=bias is not None, compute_dtype=compute, quant_type="nf4",
+                                compress_statistics=True, device="meta")
+        lin.weight = bnb.nn.Params4bit(w.to(compute), requires_grad=False, quant_type="nf4",
+                                       compress_statistics=True, module=lin)
+    else:
+        lin = bnb.nn.Linear8bitLt(in_f, out_f, bias=bias is not None, has_fp16_weights=False, threshold=6.0,
+                                  device="meta")
+        lin.weight = bnb.nn.Int8Params(w.to(torch.float16), requires_grad=False, has_fp16_weights=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.to(compute), requires_grad=False)
+    return lin.to("cpu")
+
+
+def quanto_linear(w: torch.Tensor, bias: torch.Tensor | None, precision: str, compute: torch.dtype) -> nn.Module:
+    """optimum-quanto QLinear (qint4 for int4 / nf4, qint8 for int8) from an (out, in) weight, frozen."""
+    from optimum.quanto import QLinear, qint4, qint8
+
+    out_f, in_f = w.shape
+    with torch.device("meta"):
+        lin = nn.Linear(in_f, out_f, bias=bias is not None)
+    lin.weight = nn.Parameter(w.to(compute), requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.to(compute), requires_grad=False)
+    q = QLinear.from_module(lin, weights=qint8 if precision == "int8" else qint4)
+    q.freeze()
+    return q
+
+
+# ----------------------------------------------------------------------------- the loader
+
+def build_skeleton(config: Any, compute: torch.dtype) -> nn.Module:
+    """The causal LM with its parameters on the meta device (buffers such as rotary tables real)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=compute)
+    return model
+
+
+def _resolve(model: nn.Module, name: str, names: set[str]) -> str | None:
+    """The model's parameter name for checkpoint name `name` (with or without the base prefix)."""
+    if name in names:
+        return name
+    prefix = getattr(model, "base_model_prefix", "model")
+    for cand in (f"{prefix}.{name}", name.removeprefix(f"{prefix}.")):
+        if cand in names:
+            return cand
+    return None
+
+
+class StreamLoader:
+    """Fill a meta skeleton from (name, reader) pairs, quantizing each Linear weight as it arrives."""
+
+    def __init__(self, model: nn.Module, precision: str, compute: torch.dtype, use_bnb: bool) -> None:
+        self.model, self.precision, self.compute, self.use_bnb = model, precision, compute, use_bnb
+        self.modules = dict(model.named_modules())
+        self.names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+        self.pending_bias: dict[str, torch.Tensor] = {}
+        self.kept: dict[str, str] = {}  # module name -> how its weight is kept (for tests / logs)
+
+    def _quantizable(self, module_name: str) -> bool:
+        mod = self.modules.get(module_name)
+        return (self.precision in QUANTIZED and type(mod) is nn.Linear
+                and module_name.rsplit(".", 1)[-1] not in SKIP_QUANT)
+
+    def _replace(self, module_name: str, new: nn.Module) -> None:
+        parent_name, _, child = module_name.rpartition(".")
+        setattr(self.modules[parent_name] if parent_name else self.model, child, new)
+        self.modules[module_name] = new
+
+    def _set_param(self, pname: str, value: torch.Tensor) -> None:
+        module_name, _, leaf = pname.rpartition(".")
+        mod = self.modules[module_name] if module_name else self.model
+        dtype = self.compute if value.is_floating_point() else value.dtype
+        mod._parameters[leaf] = nn.Parameter(value.to(dtype), requires_grad=False)
+
+    def put(self, name: str, read: Reader) -> None:
+        """Load one checkpoint tensor: a quantizable Linear weight is quantized, anything else set."""
+        pname = _resolve(self.model, name, self.names)
+        if pname is None:
+            log.debug("checkpoint tensor %s has no parameter in the model; skipped", name)
+            return
+        module_name, _, leaf = pname.rpartition(".")
+        if not self._quantizable(module_name) and not isinstance(self.modules.get(module_name), nn.Linear):
+            value = read()
+            self._set_param(pname, value if isinstance(value, torch.Tensor) else _dequantized(value))
+            return
+        if leaf == "bias":
+            mod = self.modules[module_name]
+            if type(mod) is not nn.Linear:  # already replaced by a quantized Linear
+                mod.bias = nn.Parameter(read().to(self.compute), requires_grad=False)
+            elif mod._parameters["weight"].is_meta:  # weight not read yet: it takes the bias along
+                self.pending_bias[module_name] = read()
+            else:
+                self._set_param(pname, read())
+            return
+        self._linear_weight(module_name, read())
+
+    def _linear_weight(self, module_name: str, value: Any) -> None:
+        bias = self.pending_bias.pop(module_name, None)
+        if not isinstance(value, torch.Tensor):  # GGUF blocks
+            raw, qtype, rows = value
+            if self._quantizable(module_name):
+                old = self.modules[module_name]
+                lin = GGUFLinear.from_raw(raw, qtype, old.out_features, old.in_features, rows)
+                if bias is not None:
+                    lin.bias = nn.Parameter(bias.to(self.compute), requires_grad=False)
+                self._replace(module_name, lin)
+                self.kept[module_name] = f"gguf-{lin.qtype_name}"
+                return
+            value = _dequantized(value)
+        if not self._quantizable(module_name):
+            self._set_param(f"{module_name}.weight", value)
+            if bias is not None:
+                self._set_param(f"{module_name}.bias", bias)
+            self.kept[module_name] = str(self.compute).replace("torch.", "")
+            return
+        make = bnb_linear if self.use_bnb else quanto_linear
+        self._replace(module_name, make(value, bias, self.precision, self.compute))
+        self.kept[module_name] = f"{'bnb' if self.use_bnb else 'quanto'}-{self.precision}"
+
+    def finish(self) -> nn.Module:
+        """Tie the output embedding if the config says so; fail on any parameter left unloaded."""
+        model = self.model
+        if getattr(model.config, "tie_word_embeddings", False):
+            out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+            if out is not None and inp is not None and out.weight.is_meta:
+                out.weight = inp.weight
+        missing = [n for n, p in model.named_parameters() if p.is_meta] + [f"{m}.bias" for m in self.pending_bias]
+        if missing:
+            raise ValueError(f"the checkpoint has no tensor for {len(missing)} parameter(s), e.g. {missing[:3]}")
+        model.eval()
+        return model
+
+
+def _dequantized(value: tuple) -> torch.Tensor:
+    """A GGUF block tensor read as blocks, dequantized to fp32 (out, in)."""
+    from gguf.quants import dequantize
+
+    raw, qtype, rows = value
+    t = torch.from_numpy(np.ascontiguousarray(dequantize(raw, qtype), dtype=np.float32))
+    return t[rows].contiguous() if rows is not None else t
+
+
+def stream_load_causal_lm(directory: Path, gguf: str | None, config: Any, precision: str, compute: torch.dtype,
+                          use_bnb: bool) -> tuple[nn.Module, dict[str, str]]:
+    """(model, {module: how its weight is kept}) loaded tensor by tensor; see the module docstring."""
+    from edge_runtime.training.model_loading import malloc_trim
+
+    dtype = compute if precision in QUANTIZED else {"fp32": torch.float32, "bf16": torch.bfloat16,
+                                                     "fp16": torch.float16}[precision]
+    loader = StreamLoader(build_skeleton(config, dtype), precision, dtype, use_bnb)
+    source = gguf_tensors(directory / gguf, config) if gguf else safetensors_tensors(directory)
+    for i, (name, read) in enumerate(source):
+        loader.put(name, read)
+        if i % 16 == 15:
+            malloc_trim()
+    model = loader.finish()
+    malloc_trim()
+    if use_bnb and precision in ("nf4", "int8"):
+        model.is_loaded_in_4bit = precision == "nf4"  # what peft reads to wrap bitsandbytes layers
+        model.is_loaded_in_8bit = precision == "int8"
+    return model, loader.kept
