@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,7 @@ class FlowerConfig:
     lora_alpha: float = 16.0
     use_rslora: bool = False
     local_steps: int = 20
+    zo_local_steps: int = 0  # 0 = local_steps
     lr: float = 0.0
     zo_lr: float = 0.0
     seed: int = 0
@@ -148,6 +150,7 @@ class HeteroLoraStrategy(Strategy):
         self.last: RoundRecord | None = None  # only the last round: tensors are not kept forever
         self.rounds: list[dict[str, Scalar]] = []  # per-round aggregate metrics
         self.evaluations: list[dict[str, Scalar]] = []  # per-round federated evaluation
+        self.listener: Any = None  # round_closed(strategy) / evaluated(round, metrics), e.g. flower_run.RoundJournal
 
     def __repr__(self) -> str:
         return f"HeteroLoraStrategy(strategy={self.config.strategy!r}, max_rank={self.config.max_rank})"
@@ -168,6 +171,7 @@ class HeteroLoraStrategy(Strategy):
         n = max(int(client_manager.num_available() * cfg.fraction_fit), cfg.min_fit_clients)
         proxies = client_manager.sample(num_clients=n, min_num_clients=cfg.min_available_clients)
         self.sent = {}
+        self._first_contact(proxies, server_round)
         out = []
         for proxy in sorted(proxies, key=lambda p: p.cid):
             info = self._client(proxy, server_round)
@@ -214,6 +218,8 @@ class HeteroLoraStrategy(Strategy):
         if finite:
             metrics["train_loss"] = sum(l * w for l, w in finite) / sum(w for _, w in finite)
         self.rounds.append({"round": server_round, **metrics})
+        if self.listener is not None:
+            self.listener.round_closed(self)
         return self.global_parameters(), metrics
 
     def decode_fit(self, cid: str, res: FitRes, server_round: int) -> RoundUpload:
@@ -272,9 +278,19 @@ class HeteroLoraStrategy(Strategy):
         if self.evaluate_fn is None:
             return None
         m = dict(self.evaluate_fn(self.global_state))
+        if self.listener is not None:
+            self.listener.evaluated(server_round, m)
         return float(m.get("loss", float("nan"))), {k: v for k, v in m.items() if isinstance(v, (int, float, str))}
 
     # -- helpers -----------------------------------------------------------------------------
+    def _first_contact(self, proxies: list[ClientProxy], server_round: int) -> None:
+        """Ask every new client for its properties concurrently (on a deployment each answer starts a
+        ClientApp process: sequential first contact would cost a process start per client)."""
+        new = [p for p in proxies if p.cid not in self.clients and p.cid not in self.refused]
+        if len(new) > 1:
+            with ThreadPoolExecutor(max_workers=min(len(new), 32)) as pool:
+                list(pool.map(lambda p: self._client(p, server_round), new))
+
     def _client(self, proxy: ClientProxy, server_round: int) -> ClientInfo | None:
         """Cached client info; asks the client's properties the first time. None: refused."""
         cid = proxy.cid
@@ -309,7 +325,7 @@ class HeteroLoraStrategy(Strategy):
         cfg = self.config
         return {P.KEYS: json.dumps(sorted(tensors)), P.CFG_STRATEGY: cfg.strategy, P.CFG_MODE: info.mode,
                 P.CFG_RANK: info.rank, P.CFG_ALPHA: float(cfg.lora_alpha), P.CFG_RSLORA: bool(cfg.use_rslora),
-                P.CFG_TARGETS: json.dumps(self.target_modules), P.CFG_STEPS: int(cfg.local_steps),
+                P.CFG_TARGETS: json.dumps(self.target_modules), P.CFG_STEPS: int(cfg.zo_local_steps if info.mode == "zo" and cfg.zo_local_steps else cfg.local_steps),
                 P.CFG_LR: float(cfg.zo_lr if info.mode == "zo" else cfg.lr), P.CFG_SEED: int(cfg.seed + server_round),
                 P.CFG_ROUND: int(server_round), P.CFG_TASK: cfg.task, P.CFG_LABELS: int(cfg.num_labels),
                 P.CFG_CONTRACT: self.method.contract(info.mode, server_round).to_meta(),
@@ -348,37 +364,37 @@ def export_state(g: GlobalState, method: Method) -> State:
 def server_fn(context: Any) -> Any:
     """ServerAppComponents from the run config (pyproject [tool.flwr.app.config] or --run-config).
 
-    Keys: model (HF dir, required), strategy, num-server-rounds, max-rank, cap-rank, lora-alpha,
-    local-steps, lr, zo-lr, seed, task, num-labels, min-clients, fraction-fit, fraction-evaluate, eval-data,
-    target-modules (JSON list), max-workers.
+    Keys (coordinator.flower_run): model (HF dir, required), strategy, num-server-rounds, max-rank, cap-rank,
+    lora-alpha, local-steps, zo-local-steps, lr, zo-lr, seed, task, num-labels, min-clients, fraction-fit,
+    fraction-evaluate, eval-data, eval-limit, target-modules (JSON list), max-workers, journal, journal-tensors,
+    and the round policy (weight-temper, weight-cap, zo-progress, prox-mu, logit-adjust, lr-decay, server-opt,
+    server-lr).
     """
     from flwr.server import Server, ServerAppComponents, ServerConfig, SimpleClientManager
 
+    from coordinator.flower_run import RoundJournal, flower_config
     from coordinator.model import (Evaluator, initial_adapter_state, load_base_model, load_eval_records,
                                    resolve_target_modules)
 
     rc = dict(context.run_config)
-    if "model" not in rc:
-        raise ValueError("run config needs 'model' (a Hugging Face model directory on the SuperLink host)")
-    cfg = FlowerConfig(strategy=str(rc.get("strategy", DEFAULT)), max_rank=int(rc.get("max-rank", 8)),
-                       cap_rank=int(rc.get("cap-rank", 64)), lora_alpha=float(rc.get("lora-alpha", 16.0)),
-                       local_steps=int(rc.get("local-steps", 20)), lr=float(rc.get("lr", 0.0)),
-                       zo_lr=float(rc.get("zo-lr", 0.0)), seed=int(rc.get("seed", 0)),
-                       task=str(rc.get("task", "classification")), num_labels=int(rc.get("num-labels", 2)),
-                       min_fit_clients=int(rc.get("min-clients", 1)), min_available_clients=int(rc.get("min-clients", 1)),
-                       fraction_fit=float(rc.get("fraction-fit", 1.0)),
-                       fraction_evaluate=float(rc.get("fraction-evaluate", 0.0)))
+    if not rc.get("model"):
+        raise ValueError("run config needs 'model' (a Hugging Face model directory on the SuperLink host): "
+                         "flwr run . CONN --run-config 'model=\"/path/to/model\"'")
+    cfg = flower_config(rc)
     model, tok = load_base_model(rc["model"], cfg.task, cfg.num_labels, cfg.seed)
-    targets = resolve_target_modules(model, json.loads(rc["target-modules"]) if "target-modules" in rc else None)
+    targets = resolve_target_modules(model, json.loads(rc["target-modules"]) if rc.get("target-modules") else None)
     init = initial_adapter_state(model, targets, cfg.max_rank, cfg.lora_alpha, cfg.use_rslora, cfg.seed)
     evaluate_fn = None
     if rc.get("eval-data"):
-        ev = Evaluator(model, tok, load_eval_records(str(rc["eval-data"]), 512), task=cfg.task)
+        ev = Evaluator(model, tok, load_eval_records(str(rc["eval-data"]), int(rc.get("eval-limit", 512))),
+                       task=cfg.task)
         method = make_method(cfg.method_config())
         evaluate_fn = lambda g: ev.evaluate(method.deltas(g), g.extra)  # noqa: E731
     strategy = HeteroLoraStrategy(init, cfg, evaluate_fn=evaluate_fn, target_modules=targets)
+    if rc.get("journal"):
+        strategy.listener = RoundJournal(str(rc["journal"]), tensors=bool(rc.get("journal-tensors", False)))
     server = Server(client_manager=SimpleClientManager(), strategy=strategy)
-    if "max-workers" in rc:  # clients trained concurrently per round (Flower's thread pool)
+    if int(rc.get("max-workers", 0) or 0) > 0:  # clients driven concurrently per round (Flower's thread pool)
         server.set_max_workers(int(rc["max-workers"]))
     return ServerAppComponents(server=server, config=ServerConfig(num_rounds=int(rc.get("num-server-rounds", 3))))
 

@@ -71,6 +71,7 @@ class DeviceSettings:
     overhead_bytes: int | None = None
     threads: int | None = None
     progress: bool = False
+    local_steps: int | None = None  # what the planner assumes for the round deadline (None: its default)
 
     def __post_init__(self) -> None:
         if not self.records:
@@ -100,7 +101,8 @@ class DeviceRuntime:
     def _plan(self) -> Plan:
         s = self.settings
         spec = load_model_spec(s.model)
-        return make_plan(self.profile, spec, s.task, data_examples=len(s.records), overhead_bytes=s.overhead_bytes)
+        return make_plan(self.profile, spec, s.task, data_examples=len(s.records), overhead_bytes=s.overhead_bytes,
+                         round_deadline_s=self.profile.round_deadline_s, local_steps=s.local_steps or 20)
 
     def properties(self) -> dict[str, Any]:
         return {P.PROP_RANK: int(self.plan.rank), P.PROP_MODE: self.plan.mode, P.PROP_PROFILE: self.profile.name,
@@ -112,8 +114,7 @@ class DeviceRuntime:
             return None
         extra = 0
         if self.profile.budget_excludes_runtime:
-            from edge_runtime.measure import measure_runtime_overhead
-            extra = self.overhead if self.overhead is not None else measure_runtime_overhead()
+            extra = self.overhead if self.overhead is not None else runtime_overhead_here()
         return int(self.profile.memory_budget_bytes + extra)
 
     def _trainer_for(self, config: Mapping[str, Any]) -> Any:
@@ -126,12 +127,14 @@ class DeviceRuntime:
         plan = replace(self.plan, mode=mode, target_modules=list(targets), lora_alpha=alpha, use_rslora=rslora)
         t = self.trainer
         if t is None or t.plan.mode != mode or list(t.plan.target_modules) != list(targets):
+            from edge_runtime.stepdown import adaptive_for_join
             from edge_runtime.training.session import LocalTrainer
 
             task = {"kind": str(config.get(P.CFG_TASK, self.settings.task)),
                     "num_labels": int(config.get(P.CFG_LABELS, 2))}
-            t = LocalTrainer(self.settings.model, plan, task, memory_budget_bytes=self._budget(),
-                             seed=int(config.get(P.CFG_SEED, 0)), threads=self.settings.threads)
+            inner = LocalTrainer(self.settings.model, plan, task, memory_budget_bytes=self._budget(),
+                                 seed=int(config.get(P.CFG_SEED, 0)), threads=self.settings.threads)
+            t = adaptive_for_join(inner, self.settings, task, LocalTrainer)  # OOM step-down, as `join`
             self.trainer, self.tracker = t, DeltaTracker()
         if t.rank != rank or t.lora_alpha != alpha or t.use_rslora != rslora:
             t.configure(rank=rank, lora_alpha=alpha, use_rslora=rslora, seed=int(config.get(P.CFG_SEED, 0)))
@@ -172,6 +175,8 @@ class DeviceRuntime:
             if math.isfinite(result.mean_loss):
                 metrics["train_loss"] = float(result.mean_loss)
             metrics["loss_progress"] = loss_progress(list(result.losses or []))
+            if getattr(t, "last_events", None):
+                metrics["stepdown"] = json.dumps(t.last_events)
             keep: dict[str, torch.Tensor] = {}
             if config[P.CFG_MODE] == "zo":
                 out, keys = P.zo_to_arrays(result.zo_pairs or [])
@@ -195,6 +200,18 @@ class DeviceRuntime:
                 t.load_adapter_state(prev)
         metrics = {k: float(v) for k, v in m.items() if isinstance(v, (int, float)) and k != "loss"}
         return float(m["loss"]), len(records), metrics
+
+
+def runtime_overhead_here() -> int:
+    """The runtime a "budget excludes the runtime" profile sits on top of, in this process: the larger of
+    a fresh torch + transformers + peft interpreter (measured once, cached) and this process's RSS with
+    those imported (a Flower ClientApp process also holds flwr's client stack: ~85 MiB more on x86-64)."""
+    import peft  # noqa: F401 - the trainer imports both anyway
+    import psutil
+    import transformers  # noqa: F401
+
+    from edge_runtime.measure import measure_runtime_overhead
+    return max(measure_runtime_overhead(), int(psutil.Process().memory_info().rss))
 
 
 class FlowerDeviceClient(NumPyClient):
@@ -241,14 +258,17 @@ def settings_from_node_config(node_config: Mapping[str, Any]) -> DeviceSettings:
     """DeviceSettings from a SuperNode's node config.
 
     Keys: model (HF dir), profile (YAML path), data (JSONL/CSV/TSV path), optional eval-data,
-    task, max-rank, threads, enforce-budget (default true).
+    task, max-rank, threads, enforce-budget (default true), plan (a plan JSON to use instead of
+    planning here), local-steps (what the planner assumes for the profile's round deadline).
     """
     missing = [k for k in ("model", "profile", "data") if k not in node_config]
     if missing:
         raise ValueError(f"node config lacks {missing}; start the SuperNode with --node-config "
                          "'model=\"DIR\" profile=\"P.yaml\" data=\"D.jsonl\"'")
-    ev = node_config.get("eval-data")
-    return DeviceSettings(model=str(node_config["model"]), profile=load_profile(str(node_config["profile"])),
+    ev, plan_path = node_config.get("eval-data"), node_config.get("plan")
+    return DeviceSettings(plan=Plan.load(str(plan_path)) if plan_path else None,
+                          local_steps=int(node_config["local-steps"]) if "local-steps" in node_config else None,
+                          model=str(node_config["model"]), profile=load_profile(str(node_config["profile"])),
                           records=load_records(str(node_config["data"])),
                           eval_records=load_records(str(ev)) if ev else None,
                           task=str(node_config.get("task", "classification")),

@@ -1,0 +1,106 @@
+"""Flower's deployment engine for real (tools/flower_deploy.py): a `flower-superlink` process and four
+`flower-supernode` processes on 127.0.0.1, TLS between them (development CA from `edge-coordinator
+certs`), SuperNode authentication (EC keys registered with `flwr supernode register`), and the app
+submitted with `flwr run` from the project root (pyproject.toml [tool.flwr.app]).
+
+Four heterogeneous devices on a tiny BERT (tests/test_flower.py's fleet: LoRA plans capped to ranks
+8/4/2 and one planned into zeroth-order mode), each planning for itself from the profile in its node
+config and training under the memory guard. Two svd rounds; the ServerApp's round journal holds what
+each SuperNode was sent and uploaded (ZO: seeds and scalars only). The test refolds those uploads
+with our own round engine (coordinator.engine.RoundEngine) from an initial global it builds itself,
+checks every download equals what the engine would send, and that the aggregated adapter Flower
+produced equals the engine's within 1e-6, round after round.
+"""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_flower import ALPHA, MAX_RANK, fleet  # noqa: F401  (module fixture: tiny BERT, shards, profiles)
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+HAS_FLWR = importlib.util.find_spec("flwr") is not None
+pytestmark = pytest.mark.skipif(not HAS_FLWR, reason="flwr is not installed (optional extra 'flower': "
+                                                     "pip install flwr==1.42.0)")
+ROUNDS, STRATEGY, SEED = 2, "svd", 0
+
+
+def _deploy(fleet, out: Path) -> Path:  # noqa: F811
+    """Run the federation on real Flower processes; returns the journal directory."""
+    from coordinator.flower_run import read_journal
+    from flower_deploy import Deployment, stage_app
+
+    journal = out / "journal"
+    rc = {"model": fleet["model"], "strategy": STRATEGY, "num-server-rounds": ROUNDS, "max-rank": MAX_RANK,
+          "lora-alpha": ALPHA, "local-steps": 2, "lr": 1e-2, "zo-lr": 1e-3, "seed": SEED,
+          "min-clients": len(fleet["nodes"]), "journal": str(journal), "journal-tensors": True}
+    with Deployment(out, tls=True, auth=True) as dep:
+        dep.start_superlink()
+        dep.start_supernodes({f"device{i}": {**nc, "enforce-budget": True}  # each its own process: guard on
+                              for i, nc in enumerate(fleet["nodes"])})
+        run_id = dep.run(rc, stage_app(out))  # the project's pyproject.toml and packages, minus .venv to walk
+        status = dep.wait(run_id, timeout_s=170,
+                          near_end=lambda: any(r["round"] == ROUNDS for r in read_journal(journal)))
+        nodes = json.loads(dep.flwr("supernode", "ls", "local").stdout or "{}")
+        assert status == "finished:completed", f"run {run_id}: {status}\n{dep.tail()}"
+        log = (out / "logs" / "superlink.log").read_text()
+    assert "https://127.0.0.1" in log or "Uvicorn running on https" in log, "the SuperLink did not serve TLS"
+    assert len(nodes.get("nodes", [])) == len(fleet["nodes"]), nodes  # all registered (node authentication)
+    return journal
+
+
+def _refold(fleet, journal: Path) -> list[float]:  # noqa: F811
+    """Fold every journalled upload with our engine; per round the max |Flower global - engine global|."""
+    from safetensors.torch import load_file
+
+    from coordinator.engine import RoundEngine
+    from coordinator.flower_strategy import export_state
+    from coordinator.methods import MethodConfig, make_method
+    from coordinator.model import initial_adapter_state, load_base_model, resolve_target_modules
+    from coordinator.round_policy import RoundPolicy
+    from coordinator.server_opt import ServerOptState
+
+    model, _ = load_base_model(fleet["model"], "classification", 2, SEED)
+    targets = resolve_target_modules(model, None)
+    method = make_method(MethodConfig(name=STRATEGY, max_rank=MAX_RANK, lora_alpha=ALPHA, use_rslora=False,
+                                      cap_rank=64))
+    g = method.initial(initial_adapter_state(model, targets, MAX_RANK, ALPHA, False, SEED))
+    opt, errors, ranks, zo_clients = ServerOptState(), [], set(), 0
+    for r in range(1, ROUNDS + 1):
+        tensors, meta = load_file(str(journal / f"round-{r}.safetensors")), json.loads((journal / f"round-{r}.json").read_text())
+        assert len(meta["clients"]) == len(fleet["nodes"]), meta
+        engine = RoundEngine(method, g, r, 1e4, RoundPolicy(), opt)
+        for cid, info in sorted(meta["clients"].items()):
+            sent = {k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"sent/{cid}/")}
+            mine = engine.download(info["rank"], info["mode"], SEED + r)
+            assert sorted(mine) == sorted(sent) and all(torch.equal(mine[k], sent[k]) for k in mine), cid
+            ranks.add(info["rank"])
+            if info["mode"] == "zo":
+                zo_clients += 1
+                assert not any(k.startswith(f"upload/{cid}/") for k in tensors), "a ZO device uploaded tensors"
+                state = RoundEngine.replay_zo(sent, [(int(s), float(v)) for s, v in info["zo"]], info["zo_lr"])
+            else:
+                state = {k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"upload/{cid}/")}
+            engine.accept(cid, state, float(max(info["examples"], 1)), sent, info["mode"], progress=info["progress"])
+        g, _ = engine.close()
+        ours = export_state(g, method)
+        flower = {k[len("global/"):]: v for k, v in tensors.items() if k.startswith("global/")}
+        assert sorted(ours) == sorted(flower)
+        errors.append(max(float((ours[k].double() - flower[k].double()).abs().max()) for k in ours))
+    assert ranks == {8, 4, 2} and zo_clients == ROUNDS, (ranks, zo_clients)  # heterogeneous ranks + a ZO device
+    return errors
+
+
+@pytest.mark.timeout(300)
+def test_superlink_and_supernodes_fold_like_our_engine(fleet, tmp_path):  # noqa: F811
+    journal = _deploy(fleet, tmp_path)
+    errors = _refold(fleet, journal)
+    assert max(errors) <= 1e-6, errors
+    rows = [json.loads(line) for line in (journal / "rounds.jsonl").read_text().splitlines()]
+    fits = [r for r in rows if r["kind"] == "fit"]
+    assert [r["round"] for r in fits] == [1, 2] and all(r["uploads"] == 4 and r["rejected"] == 0 for r in fits)
+    assert all(c["peak_rss_bytes"] for r in fits for c in r["clients"].values())  # trained in their own processes
