@@ -52,6 +52,13 @@ def _get(rc: Mapping[str, Any], key: str, kind: type, default: Any) -> Any:
 def round_policy(rc: Mapping[str, Any]) -> RoundPolicy:
     """The round policy from the run config (RoundPolicy's defaults, as `edge-coordinator serve`)."""
     p, s = RoundPolicy(), ServerOptConfig()
+    try:
+        return _round_policy(rc, p, s)
+    except ValueError as e:  # the checks name serve's flags: the run-config key is the flag without '--'
+        raise ValueError(f"run config: {e} (run-config key = the flag without '--')") from None
+
+
+def _round_policy(rc: Mapping[str, Any], p: RoundPolicy, s: ServerOptConfig) -> RoundPolicy:
     opt = ServerOptConfig(kind=_get(rc, "server-opt", str, s.kind), lr=_get(rc, "server-lr", float, s.lr),
                           beta1=_get(rc, "server-momentum", float, s.beta1))
     return RoundPolicy(server_opt=opt, weight_temper=_get(rc, "weight-temper", float, p.weight_temper),

@@ -104,3 +104,57 @@ def test_superlink_and_supernodes_fold_like_our_engine(fleet, tmp_path):  # noqa
     fits = [r for r in rows if r["kind"] == "fit"]
     assert [r["round"] for r in fits] == [1, 2] and all(r["uploads"] == 4 and r["rejected"] == 0 for r in fits)
     assert all(c["peak_rss_bytes"] for r in fits for c in r["clients"].values())  # trained in their own processes
+
+
+# -- bad input, the manifest (no processes) -------------------------------------------------------
+def test_run_config_is_read_and_bad_values_name_the_key():
+    from coordinator.flower_run import flower_config
+    from coordinator.round_policy import RoundPolicy
+
+    cfg = flower_config({"strategy": "zero_pad", "max-rank": 4, "zo-progress": "false", "lr-decay": 0.9,
+                         "zo-local-steps": 7, "min-clients": 3})
+    assert (cfg.strategy, cfg.max_rank, cfg.zo_local_steps, cfg.min_fit_clients) == ("zero_pad", 4, 7, 3)
+    assert not cfg.policy.zo_progress and cfg.policy.lr_decay == 0.9
+    assert flower_config({}).policy == RoundPolicy()  # serve's defaults
+    with pytest.raises(ValueError, match=r"max-rank='eight': expected int .*--run-config"):
+        flower_config({"max-rank": "eight"})
+    with pytest.raises(ValueError, match="zo-progress='maybe'"):
+        flower_config({"zo-progress": "maybe"})
+    with pytest.raises(ValueError, match="run config: --lr-decay 0.0.*without '--'"):
+        flower_config({"lr-decay": 0.0})
+
+
+def test_server_app_without_a_model_says_how_to_set_it():
+    from flwr.app import Context, RecordDict
+
+    from coordinator.flower_strategy import server_fn
+
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={"model": ""})
+    with pytest.raises(ValueError, match="run config needs 'model'.*--run-config"):
+        server_fn(ctx)
+
+
+def test_manifest_is_valid_for_flower_and_every_key_is_read():
+    """pyproject.toml's [tool.flwr.app] passes Flower's own validation (components importable), and every
+    run-config key it declares is one the ServerApp reads (coordinator/flower_run.py, server_fn)."""
+    import tomllib
+
+    from flwr.common.config import validate_config
+
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    ok, errors, _ = validate_config(cfg, check_module=True, project_dir=ROOT)
+    assert ok, errors
+    read = (ROOT / "coordinator" / "flower_run.py").read_text() + (ROOT / "coordinator" / "flower_strategy.py").read_text()
+    unread = [k for k in cfg["tool"]["flwr"]["app"]["config"] if f'"{k}"' not in read]
+    assert unread == [], f"run config keys nothing reads: {unread}"
+
+
+def test_deploy_helpers_refuse_bad_input(tmp_path):
+    from flower_deploy import Deployment, node_config_arg
+
+    with pytest.raises(ValueError, match="needs TLS"):
+        Deployment(tmp_path, tls=False, auth=True)
+    with pytest.raises(ValueError, match="spaces"):
+        node_config_arg({"data": "/my data/shard.jsonl"})
+    assert node_config_arg({"model": "/m", "threads": 1, "enforce-budget": True}) == \
+        'model="/m" threads=1 enforce-budget=true'
