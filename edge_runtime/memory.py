@@ -68,8 +68,15 @@ class Calibration:
     quanto_saved_4bit: float = 0.55  # ... qint4
     int8_inputs: float = 2.1        # bitsandbytes int8 on CPU: Linear inputs kept on the matmul's ctx (copies)
     # Load.
-    load_gguf_dequant: float = 1.39  # GGUF load: fp32 tensors + conversion temporaries / fp32 weights (above the file)
+    load_gguf_dequant: float = 1.39  # GGUF via transformers (CUDA route): fp32 tensors + conversion temporaries / fp32 weights
     gguf_residue_per_vocab: float = 2150.0  # bytes left after a GGUF load per vocab entry (tokenizer, heap not returned)
+    # Streaming loader: bytes per weight of the largest Linear in flight above its file bytes (measured on a
+    # 4096 x 11008 fp16 weight): bitsandbytes nf4 quantized in row chunks, bitsandbytes int8, quanto (x compute
+    # bytes), GGUF blocks kept (x the file's bytes per weight)
+    stream_nf4_bnb: float = 1.3    # (no file bytes: its rows are read and quantized 4 MiB at a time)
+    stream_int8_bnb: float = 8.0
+    stream_quanto: float = 3.3
+    stream_gguf_blocks: float = 2.0
 
 
 DEFAULT_CALIBRATION = Calibration()
@@ -110,10 +117,12 @@ def weight_bytes(spec: ModelSpec, precision: str, task: str, compute_dtype: str 
     lin = spec.linear_params
     other = max(0, spec.n_params - lin)
     keep = BYTES[precision] if precision not in QUANTIZED else BYTES[compute_dtype]
-    out = {"weights_linear": int(lin * BYTES[precision]), "weights_embed_norm": int(other * keep)}
+    blocks = gguf_blocks_kept(spec, precision)  # GGUF Q4_0/Q4_1/Q8_0 Linears: the file's bytes, constants included
+    rest = lin - (spec.gguf_block_params if blocks else 0)
+    out = {"weights_linear": int(rest * BYTES[precision] + blocks), "weights_embed_norm": int(other * keep)}
     if precision in QUANTIZED:
-        rows = sum(o for o, _ in spec.linear_shapes.values())
-        out["quant_constants"] = int(lin * QUANT_CONST[precision] + 4 * rows)
+        rows = sum(o for o, _ in spec.linear_shapes.values()) if rest else 0
+        out["quant_constants"] = int(rest * QUANT_CONST[precision] + 4 * rows)
     head = 0
     if task == "causal_lm" and not spec.tie_embeddings:
         head = spec.vocab * spec.hidden
@@ -121,6 +130,20 @@ def weight_bytes(spec: ModelSpec, precision: str, task: str, compute_dtype: str 
         head = spec.hidden * 2 + (spec.hidden * spec.hidden + spec.hidden if spec.architecture == "bert" else 0)
     out["weights_head"] = int(head * keep)
     return out
+
+
+def gguf_blocks_kept(spec: ModelSpec, precision: str) -> int:
+    """Bytes of the GGUF Linear blocks a quantized plan keeps as they are (0: none kept)."""
+    return spec.gguf_block_bytes if spec.source_format == "gguf" and precision in QUANTIZED else 0
+
+
+def streamed(spec: ModelSpec, plan: Plan, task: str, device: str = "cpu", unified_memory: bool = False) -> bool:
+    """Whether the base loads through the streaming loader (`training/stream_load.py`, chosen by
+    `model_loading.streams`): a causal LM on CPU or unified memory, from GGUF (any precision) or from
+    safetensors / a config-only model at a quantized precision or another dtype than stored."""
+    if task != "causal_lm" or (device != "cpu" and not unified_memory):
+        return False
+    return spec.source_format == "gguf" or plan.base_precision in QUANTIZED or stored_dtype(spec) != plan.base_precision
 
 
 def trainable_params(spec: ModelSpec, plan: Plan, task: str) -> int:
@@ -179,6 +202,27 @@ def bnb_cpu_load_bytes(linear_stored: int, quantized: int, biggest_linear: int) 
     return int(linear_stored + quantized + quantize_pass_bytes(biggest_linear))
 
 
+def stream_load_bytes(weights: int, biggest_linear: int, per_weight: float) -> int:
+    """Bytes above the overhead at the peak of the streaming loader: the weights as they are kept
+    (quantized Linears, float embeddings / norms / head) + the largest Linear in flight
+    (`per_weight` bytes per value: its file bytes and the quantizer's temporaries). Float tensors are
+    converted while read, in chunks; no file page is mapped."""
+    return int(weights + biggest_linear * per_weight)
+
+
+def stream_inflight_per_weight(spec: ModelSpec, plan: Plan, cal: Calibration) -> float:
+    """Bytes per value of the Linear being quantized by the streaming loader (see `stream_load_bytes`)."""
+    prec = plan.base_precision
+    if prec not in QUANTIZED:
+        return 0.0
+    if gguf_blocks_kept(spec, prec):
+        return cal.stream_gguf_blocks * spec.gguf_block_bytes / max(1, spec.gguf_block_params)
+    stored = 4.0 if spec.source_format == "gguf" else BYTES[stored_dtype(spec)]
+    if spec.source_format == "gguf" or prec == "int4":  # quanto
+        return stored + cal.stream_quanto * BYTES[plan.compute_dtype]
+    return cal.stream_nf4_bnb if prec == "nf4" else stored + cal.stream_int8_bnb
+
+
 def cuda_load_bytes(weights: int, biggest_linear: int) -> int:
     """Discrete GPU: CUDA-allocated peak while loading = the weights at the plan's precision plus
     one fp32 Linear in flight (bnb quantizes tensor by tensor on the device; a float base is copied
@@ -205,6 +249,9 @@ def load_peak_bytes(spec: ModelSpec, plan: Plan, task: str, *, device: str = "cp
     quantized = plan.base_precision in QUANTIZED
     if device == "cuda" and not unified_memory:
         return cuda_load_bytes(resident, biggest)
+    if streamed(spec, plan, task, device, unified_memory):
+        return stream_load_bytes(resident + sum(gguf_residue(spec, cal).values()), biggest,
+                                 stream_inflight_per_weight(spec, plan, cal))
     fp32 = fp32_weight_bytes(spec, task)
     if spec.source_format == "gguf":
         host = gguf_load_bytes(fp32, spec.source_bytes, cal.load_gguf_dequant)
@@ -223,9 +270,10 @@ def load_peak_bytes(spec: ModelSpec, plan: Plan, task: str, *, device: str = "cp
 def load_description(spec: ModelSpec, plan: Plan) -> str:
     """Words for what loading `spec` at `plan.base_precision` does (planner messages)."""
     quantized = plan.base_precision in QUANTIZED
+    if spec.source_format == "gguf" and quantized:
+        return "loading the GGUF file tensor by tensor (its Q4_0/Q4_1/Q8_0 Linears kept as they are)"
     if spec.source_format == "gguf":
-        return ("loading the GGUF file (transformers dequantizes every tensor to fp32"
-                + (f", then quantizes to {plan.base_precision})" if quantized else ")"))
+        return "loading the GGUF file tensor by tensor, dequantized to fp32"
     if quantized and plan.base_precision != "int4":
         return f"loading the safetensors weights and quantizing them to {plan.base_precision} (bitsandbytes)"
     if quantized:
@@ -233,7 +281,8 @@ def load_description(spec: ModelSpec, plan: Plan) -> str:
     return "loading the safetensors weights"
 
 
-def source_residue_bytes(spec: ModelSpec, plan: Plan, device: str, cal: Calibration) -> dict[str, int]:
+def source_residue_bytes(spec: ModelSpec, plan: Plan, device: str, cal: Calibration,
+                         task: str = "causal_lm") -> dict[str, int]:
     """Resident bytes a load leaves behind on CPU, beyond the weights themselves.
 
     GGUF: the tokenizer converted from the GGUF vocabulary and heap pages the fp32 load does not
@@ -244,10 +293,16 @@ def source_residue_bytes(spec: ModelSpec, plan: Plan, device: str, cal: Calibrat
     if device != "cpu":
         return {}
     if spec.source_format == "gguf":
-        return {"load_residue": int(cal.gguf_residue_per_vocab * spec.vocab)}
-    if plan.base_precision in QUANTIZED:
+        return gguf_residue(spec, cal)
+    if plan.base_precision in QUANTIZED and not streamed(spec, plan, task, device):
         return {"source_pages": int(spec.linear_params * BYTES[stored_dtype(spec)])}
     return {}
+
+
+def gguf_residue(spec: ModelSpec, cal: Calibration) -> dict[str, int]:
+    """What a GGUF load leaves resident besides the weights: the tokenizer converted from the GGUF
+    vocabulary and heap pages not returned (`gguf_residue_per_vocab` x vocab); {} for other sources."""
+    return {"load_residue": int(cal.gguf_residue_per_vocab * spec.vocab)} if spec.source_format == "gguf" else {}
 
 
 def _default_overhead(device: str, unified_memory: bool) -> int:
@@ -270,7 +325,9 @@ def _quantized_cpu_bytes(spec: ModelSpec, plan: Plan, cal: Calibration, tokens: 
     # Linear on CPU keeps more alive (fitted fraction of all Linear weights as fp32)
     quanto = spec.source_format == "gguf" or plan.base_precision == "int4"  # model_loading's quanto route
     frac = (cal.quanto_saved_int8 if plan.base_precision == "int8" else cal.quanto_saved_4bit) if quanto else cal.dequant_saved
-    saved = 0.0 if zo else frac * spec.linear_params * 4
+    # GGUF blocks (GGUFLinear) save nothing for backward: they dequantize again
+    kept = spec.gguf_block_params if gguf_blocks_kept(spec, plan.base_precision) else 0
+    saved = 0.0 if zo else frac * (spec.linear_params - kept) * 4
     if plan.gradient_checkpointing:
         saved /= max(1, L)  # saved tensors of one recomputed layer at a time
     out["dequant_temporaries"] = cal.dequant_copies * biggest * 4 + saved
@@ -346,7 +403,7 @@ def estimate(spec: ModelSpec, plan: Plan, task: str = "classification", overhead
 
     parts: dict[str, int] = {"runtime_overhead": int(overhead_bytes)}
     parts.update(weight_bytes(spec, plan.base_precision, task, plan.compute_dtype))
-    parts.update(source_residue_bytes(spec, plan, device, cal))
+    parts.update(source_residue_bytes(spec, plan, device, cal, task))
     n_train = trainable_params(spec, plan, task)
     parts["adapter_params"] = 4 * n_train
     zo = plan.mode == "zo"

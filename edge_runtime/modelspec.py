@@ -52,6 +52,10 @@ class ModelSpec:
     source: str = ""             # path it was read from
     source_format: str = "hf"    # "hf" | "config" | "gguf"
     source_bytes: int = 0        # size of the weight file(s) on disk (0 for a config-only dir)
+    # GGUF: Linear weights stored as Q4_0 / Q4_1 / Q8_0 blocks, which a quantized plan keeps as they are
+    # (edge_runtime.training.gguf_linear): their parameter count and their bytes in the file
+    gguf_block_params: int = 0
+    gguf_block_bytes: int = 0
     config: dict[str, Any] = field(default_factory=dict)  # HF-style config dict
 
     @property
@@ -184,6 +188,10 @@ _GGUF_TO_HF = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn
                "ffn_down": "mlp.down_proj"}
 
 
+# ggml types a quantized plan keeps as blocks of 32 weights: type id -> bytes per block (Q4_0, Q4_1, Q8_0)
+GGUF_BLOCK_BYTES = {2: 18, 3: 20, 8: 34}
+
+
 class _Cursor:
     """Sequential little-endian reader over a bytes-like buffer (an mmap)."""
 
@@ -271,7 +279,7 @@ def spec_from_gguf(path: str | Path) -> ModelSpec:
     kv_heads = int(m("attention.head_count_kv", heads))
     vocab = int(m("vocab_size", 0) or tensors["token_embd.weight"][0][1])
     linear: dict[str, tuple[int, int]] = {}
-    n_params = 0
+    n_params = block_params = block_bytes = 0
     for name, (shape, _t) in tensors.items():
         numel = 1
         for d in shape:
@@ -281,6 +289,9 @@ def spec_from_gguf(path: str | Path) -> ModelSpec:
         parts = name.split(".")
         if parts[0] == "blk" and len(parts) == 4 and parts[2] in _GGUF_TO_HF:
             linear[f"layers.{parts[1]}.{_GGUF_TO_HF[parts[2]]}"] = (int(shape[1]), int(shape[0]))  # ne=[in,out]
+            if _t in GGUF_BLOCK_BYTES and parts[3] == "weight":
+                block_params += numel
+                block_bytes += numel // 32 * GGUF_BLOCK_BYTES[_t]
     tied = "output.weight" not in tensors
     config = {
         "model_type": arch, "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
@@ -297,6 +308,7 @@ def spec_from_gguf(path: str | Path) -> ModelSpec:
         tie_embeddings=tied, n_params=n_params, linear_shapes=linear,
         default_targets=list(DEFAULT_TARGETS.get(arch, ["q_proj", "v_proj"])),
         source=str(p), source_format="gguf", source_bytes=p.stat().st_size, config=config,
+        gguf_block_params=block_params, gguf_block_bytes=block_bytes,
     )
 
 

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 from edge_runtime.memory import (Calibration, bnb_cpu_load_bytes, cuda_load_bytes, estimate, fp32_weight_bytes,
-                                 gguf_load_bytes, hf_load_bytes, load_peak_bytes, quantize_pass_bytes)
+                                 gguf_load_bytes, hf_load_bytes, load_peak_bytes, quantize_pass_bytes,
+                                 stream_load_bytes, streamed)
 from edge_runtime.modelspec import load_model_spec
 from edge_runtime.plan import Plan
 from models import minilm_dir, smollm2_gguf
@@ -54,7 +55,10 @@ def test_monotone_in_rank_batch_seq_precision(specs, name):
         assert totals == sorted(totals), key
     w = [sum(v for k, v in _est(spec, task, base_precision=p).breakdown.items() if k.startswith(("weights", "quant")))
          for p in ("fp32", "int8", "nf4", "int4")]
-    assert w[0] > w[1] > w[2] and w[3] >= w[2]  # int4 groups of 128 carry more constants than nf4's double quant
+    if spec.source_format == "gguf":  # every quantized plan keeps the file's own Q4_1 blocks
+        assert w[0] > w[1] == w[2] == w[3]
+    else:
+        assert w[0] > w[1] > w[2] and w[3] >= w[2]  # int4 groups of 128 carry more constants than nf4's double quant
     bf16 = sum(v for k, v in _est(spec, task, base_precision="bf16", compute_dtype="bf16").breakdown.items()
                if k.startswith("weights"))
     assert bf16 * 2 == pytest.approx(w[0], rel=0.01)
@@ -103,25 +107,34 @@ def test_load_term_pure_functions():
     assert quantize_pass_bytes(1000) == 8000
     assert bnb_cpu_load_bytes(270 * MiB, 40 * MiB, 1000) == 310 * MiB + 8000
     assert cuda_load_bytes(1000, 10) == 1040
+    # streaming loader: the kept weights + the largest Linear in flight, no file pages
+    assert stream_load_bytes(300 * MiB, 1000, 1.5) == 300 * MiB + 1500
 
 
-def test_gguf_source_is_load_bound_for_small_plans(specs):
-    """SmolLM2 from GGUF: the load (fp32 dequantization) is the peak of every small plan, whatever the mode."""
+def test_gguf_4bit_plan_keeps_the_file_blocks_and_lowers_load_and_training(specs):
+    """SmolLM2 from GGUF through the streaming loader: a 4-bit plan's Linear weights are the file's Q4_1
+    blocks (no constants on top); its load and training peaks are both below the fp32 plan's; the
+    load is the kept weights + one tensor in flight (no mapped file, no fp32 copy of the model)."""
     spec, task = specs["smollm2"]
-    smallest = [_est(spec, task, rank=1, batch_size=1, seq_len=64, gradient_checkpointing=True, base_precision=pr)
-                for pr in ("fp32", "int8", "nf4")]
-    smallest.append(_est(spec, task, rank=1, batch_size=1, seq_len=64, mode="zo", optimizer="sgd"))
-    w32 = fp32_weight_bytes(spec, task)
-    for e in smallest:
-        assert e.load_bound and e.breakdown["load_peak_excess"] > 0
-        assert e.total_bytes == e.load_peak_bytes > e.training_peak_bytes
-        assert e.load_peak_bytes >= OV + spec.source_bytes + 1.3 * w32  # file + dequantized fp32 (+ temporaries)
-    # a 4-bit base lowers the training peak, not the load peak (it is quantized after the fp32 load)
-    assert smallest[2].training_peak_bytes < smallest[0].training_peak_bytes
-    assert smallest[2].total_bytes >= smallest[0].total_bytes
-    # a big enough plan is training-bound again
-    big = _est(spec, task, rank=16, batch_size=8, seq_len=512)
-    assert not big.load_bound and big.breakdown["load_peak_excess"] == 0
+    kw = dict(rank=1, batch_size=1, seq_len=64, gradient_checkpointing=True)
+    fp32, q4 = _est(spec, task, **kw), _est(spec, task, base_precision="nf4", **kw)
+    assert q4.breakdown["weights_linear"] == spec.gguf_block_bytes == 20 * spec.linear_params // 32
+    assert q4.breakdown["quant_constants"] == 0 and "source_pages" not in q4.breakdown
+    assert q4.load_peak_bytes < fp32.load_peak_bytes and q4.training_peak_bytes < fp32.training_peak_bytes
+    assert fp32.load_peak_bytes < OV + fp32_weight_bytes(spec, task) * 1.3  # was file + 1.39 x fp32 before streaming
+    assert streamed(spec, Plan(target_modules=spec.default_targets), task)
+
+
+def test_estimator_counts_no_source_pages_for_streamed_bases(specs):
+    """What an OOM killer counts: the streaming loader maps no file, so a quantized causal LM has no
+    `source_pages`; a classification model (transformers' loader, file kept mapped) still has them."""
+    spec, task = specs["llama7b"]
+    q = _est(spec, task, base_precision="nf4", gradient_checkpointing=True)
+    assert "source_pages" not in q.breakdown
+    assert q.total_bytes < 0.45 * _est(spec, task, base_precision="fp32", gradient_checkpointing=True).total_bytes
+    spec, task = specs["minilm"]
+    assert _est(spec, task, base_precision="int8").breakdown["source_pages"] > 0
+    assert not streamed(spec, Plan(base_precision="int8", target_modules=spec.default_targets), task)
 
 
 def test_hf_source_load_not_binding_and_cuda_branch(specs):
@@ -136,14 +149,14 @@ def test_hf_source_load_not_binding_and_cuda_branch(specs):
     cpu = load_peak_bytes(spec, plan, task, device="cpu")
     assert gpu < cpu and gpu < fp32_weight_bytes(spec, task) * 1.1
     assert not estimate(spec, plan, task, device="cuda").load_bound
-    # a unified-memory device (Jetson) shares host RAM: the host load counts, plus the device copy
-    assert load_peak_bytes(spec, plan, task, device="cuda", unified_memory=True) > cpu
-    assert estimate(spec, plan, task, overhead_bytes=OV, device="cuda", unified_memory=True).load_bound
+    # a unified-memory device (Jetson) shares host RAM: the streaming load is what it holds, as on CPU
+    assert load_peak_bytes(spec, plan, task, device="cuda", unified_memory=True) == cpu
 
 
 def test_load_term_scales_with_calibration(specs):
     spec, task = specs["smollm2"]
-    plan = Plan(rank=1, batch_size=1, seq_len=64, target_modules=spec.default_targets)
-    lo = load_peak_bytes(spec, plan, task, calibration=Calibration(load_gguf_dequant=1.0))
-    hi = load_peak_bytes(spec, plan, task, calibration=Calibration(load_gguf_dequant=2.0))
-    assert hi - lo == fp32_weight_bytes(spec, task)
+    plan = Plan(rank=1, batch_size=1, seq_len=64, base_precision="nf4", target_modules=spec.default_targets)
+    lo = load_peak_bytes(spec, plan, task, calibration=Calibration(stream_gguf_blocks=1.0))
+    hi = load_peak_bytes(spec, plan, task, calibration=Calibration(stream_gguf_blocks=2.0))
+    biggest = max(o * i for o, i in spec.linear_shapes.values())
+    assert hi - lo == pytest.approx(biggest * spec.gguf_block_bytes / spec.gguf_block_params, abs=2)

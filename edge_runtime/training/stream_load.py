@@ -96,15 +96,55 @@ def safetensors_dtype(directory: Path) -> torch.dtype:
     return torch.float32
 
 
+CHUNK_BYTES = 32 * 2**20  # a tensor converted to another dtype is read in row chunks of about this size
+
+
+def _read_converted(path: Path, offset: int, stored: torch.dtype, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """A stored tensor read straight into a `dtype` tensor of `shape`, CHUNK_BYTES of rows at a time
+    (never the whole tensor twice)."""
+    out = torch.empty(shape, dtype=dtype)
+    rows = shape[0] if shape else 1
+    row_bytes = max(1, out.numel() // max(1, rows)) * torch.empty(0, dtype=stored).element_size()
+    step = max(1, CHUNK_BYTES // row_bytes)
+    flat = out.reshape(rows, -1)
+    for a in range(0, rows, step):
+        b = min(rows, a + step)
+        chunk = torch.from_numpy(_pread(path, offset + a * row_bytes, (b - a) * row_bytes)).view(stored)
+        flat[a:b].copy_(chunk.reshape(b - a, -1))
+    return out
+
+
+class RowSource:
+    """Rows of a 2-D stored tensor, read from the file on demand (`src[a:b]` -> (b - a, in) tensor)."""
+
+    def __init__(self, path: Path, offset: int, stored: torch.dtype, shape: list[int]) -> None:
+        self.path, self.offset, self.stored, self.shape = path, offset, stored, torch.Size(shape)
+        self.device = torch.device("cpu")
+        self.row_bytes = int(shape[1]) * torch.empty(0, dtype=stored).element_size()
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        a, b, _ = rows.indices(self.shape[0])
+        raw = torch.from_numpy(_pread(self.path, self.offset + a * self.row_bytes, (b - a) * self.row_bytes))
+        return raw.view(self.stored).reshape(b - a, self.shape[1])
+
+
 def safetensors_tensors(directory: Path) -> Iterator[tuple[str, Reader]]:
-    """(name, reader) for every tensor of an HF safetensors checkpoint, in file order."""
+    """(name, reader) for every tensor of an HF safetensors checkpoint, in file order. `reader(dtype)`
+    converts a floating tensor to `dtype` while reading (in chunks); `reader()` keeps the stored dtype;
+    `reader(rows=True)` gives a 2-D tensor as a RowSource (read later, rows at a time)."""
     for path in safetensors_files(directory):
         start, header = read_safetensors_header(path)
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            def read(info: dict[str, Any] = info, path: Path = path) -> torch.Tensor:
+            def read(dtype: torch.dtype | None = None, rows: bool = False, info: dict[str, Any] = info,
+                     path: Path = path) -> Any:
                 lo, hi = info["data_offsets"]
+                stored = _ST_DTYPES[info["dtype"]]
+                if rows and len(info["shape"]) == 2:
+                    return RowSource(path, start + lo, stored, info["shape"])
+                if dtype is not None and stored.is_floating_point and dtype != stored and info["shape"]:
+                    return _read_converted(path, start + lo, stored, info["shape"], dtype)
                 raw = torch.from_numpy(_pread(path, start + lo, hi - lo))
-                return raw.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+                return raw.view(stored).reshape(info["shape"])
             yield name, read
 
 
@@ -142,20 +182,20 @@ def gguf_tensors(path: Path, config: Any) -> Iterator[tuple[str, Reader]]:
         if ".attn_q." in name or ".attn_k." in name:
             rows = _unpermute_rows(shape[-1], heads if ".attn_q." in name else kv)
 
-        def read(qtype: int = qtype, offset: int = offset, nbytes: int = nbytes, np_dtype: Any = np_dtype,
-                 np_shape: tuple = np_shape, rows: torch.Tensor | None = rows, shape: list[int] = shape) -> Any:
+        def read(dtype: torch.dtype | None = None, rows_ok: bool = False, qtype: int = qtype, offset: int = offset,
+                 nbytes: int = nbytes,
+                 np_dtype: Any = np_dtype, np_shape: tuple = np_shape, rows: torch.Tensor | None = rows,
+                 shape: list[int] = shape) -> Any:  # rows_ok: accepted for the safetensors signature, unused
             raw = _pread(path, offset, nbytes).view(np_dtype).reshape(np_shape)
-            if qtype in NATIVE_TYPES and len(shape) == 2:
+            if qtype in NATIVE_TYPES and len(shape) == 2 and dtype is None:
                 return raw, qtype, rows
-            t = torch.from_numpy(np.ascontiguousarray(dequantize(raw, qtype), dtype=np.float32))
-            t = t.reshape(list(reversed(shape)))
-            return t[rows].contiguous() if rows is not None else t
+            return _dequantized((raw, qtype, rows), dtype or torch.float32)
         yield hf, read
 
 
 # ----------------------------------------------------------------------------- quantizers
 
-def bnb_linear(w: torch.Tensor, bias: torch.Tensor | None, precision: str, compute: torch.dtype) -> nn.Module:
+def bnb_linear(w: Any, bias: torch.Tensor | None, precision: str, compute: torch.dtype) -> nn.Module:
     """bitsandbytes Linear4bit (nf4, double quantization) / Linear8bitLt from an (out, in) weight, on CPU."""
     import bitsandbytes as bnb
 
@@ -163,15 +203,50 @@ def bnb_linear(w: torch.Tensor, bias: torch.Tensor | None, precision: str, compu
     if precision == "nf4":
         lin = bnb.nn.Linear4bit(in_f, out_f, bias=bias is not None, compute_dtype=compute, quant_type="nf4",
                                 compress_statistics=True, device="meta")
-        lin.weight = bnb.nn.Params4bit(w.to(compute), requires_grad=False, quant_type="nf4",
-                                       compress_statistics=True, module=lin)
+        packed, state = nf4_chunked(w, compute)
+        lin.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=NF4_BLOCK,
+                                       compress_statistics=True, quant_type="nf4", module=lin, bnb_quantized=True)
+        lin.quant_state = state
     else:
         lin = bnb.nn.Linear8bitLt(in_f, out_f, bias=bias is not None, has_fp16_weights=False, threshold=6.0,
                                   device="meta")
+        w = w[:] if isinstance(w, RowSource) else w
         lin.weight = bnb.nn.Int8Params(w.to(torch.float16), requires_grad=False, has_fp16_weights=False)
     if bias is not None:
         lin.bias = nn.Parameter(bias.to(compute), requires_grad=False)
     return lin.to("cpu")
+
+
+NF4_BLOCK = 64
+QUANT_CHUNK_BYTES = 4 * 2**20  # fp32 rows quantized at once (the quantizer makes a few copies of them)
+
+
+def nf4_chunked(w: Any, compute: torch.dtype) -> tuple[torch.Tensor, Any]:
+    """bitsandbytes nf4 with double quantization of an (out, in) weight (a tensor or a RowSource), read,
+    converted and quantized
+    CHUNK_BYTES of rows at a time: the same bytes and QuantState as `bnb.functional.quantize_4bit`
+    on the whole tensor (its first stage is per 64 consecutive values; the absmax statistics are
+    double-quantized once, over the whole tensor), without its ~4 fp32 copies of the whole weight."""
+    import bitsandbytes.functional as F
+
+    out_f, in_f = w.shape
+    step = max(1, QUANT_CHUNK_BYTES // (4 * in_f))
+    if in_f % NF4_BLOCK:
+        step = out_f  # rows do not end on block boundaries: one chunk
+    packed = torch.empty((out_f * in_f // 2, 1), dtype=torch.uint8)  # outputs first: the chunks' temporaries
+    flat = torch.empty(out_f * in_f // NF4_BLOCK, dtype=torch.float32)  # then reuse one region of the heap
+    for a in range(0, out_f, step):
+        b = min(out_f, a + step)
+        q, m = torch.ops.bitsandbytes.quantize_4bit.default(w[a:b].to(compute).contiguous(), NF4_BLOCK,
+                                                              "nf4", torch.uint8)
+        packed[a * in_f // 2:b * in_f // 2] = q
+        flat[a * in_f // NF4_BLOCK:b * in_f // NF4_BLOCK] = m
+        del q, m
+    offset = flat.mean()
+    qabsmax, state2 = F.quantize_blockwise(flat - offset, blocksize=256)
+    state = F.QuantState(absmax=qabsmax, shape=w.shape, dtype=compute, blocksize=NF4_BLOCK,
+                         code=F.get_4bit_type("nf4", device=w.device), quant_type="nf4", offset=offset, state2=state2)
+    return packed, state
 
 
 def quanto_linear(w: torch.Tensor, bias: torch.Tensor | None, precision: str, compute: torch.dtype) -> nn.Module:
@@ -246,8 +321,7 @@ class StreamLoader:
             return
         module_name, _, leaf = pname.rpartition(".")
         if not self._quantizable(module_name) and not isinstance(self.modules.get(module_name), nn.Linear):
-            value = read()
-            self._set_param(pname, value if isinstance(value, torch.Tensor) else _dequantized(value))
+            self._set_param(pname, read(self.compute))  # converted while read (embeddings, norms)
             return
         if leaf == "bias":
             mod = self.modules[module_name]
@@ -258,11 +332,16 @@ class StreamLoader:
             else:
                 self._set_param(pname, read())
             return
-        self._linear_weight(module_name, read())
+        if not self._quantizable(module_name):
+            self._linear_weight(module_name, read(self.compute))
+        elif self.use_bnb and self.precision == "nf4":  # quantized rows at a time, straight from the file
+            self._linear_weight(module_name, read(None, True))
+        else:
+            self._linear_weight(module_name, read())
 
     def _linear_weight(self, module_name: str, value: Any) -> None:
         bias = self.pending_bias.pop(module_name, None)
-        if not isinstance(value, torch.Tensor):  # GGUF blocks
+        if isinstance(value, tuple):  # GGUF blocks
             raw, qtype, rows = value
             if self._quantizable(module_name):
                 old = self.modules[module_name]
@@ -272,7 +351,7 @@ class StreamLoader:
                 self._replace(module_name, lin)
                 self.kept[module_name] = f"gguf-{lin.qtype_name}"
                 return
-            value = _dequantized(value)
+            value = _dequantized(value, self.compute)
         if not self._quantizable(module_name):
             self._set_param(f"{module_name}.weight", value)
             if bias is not None:
@@ -297,13 +376,20 @@ class StreamLoader:
         return model
 
 
-def _dequantized(value: tuple) -> torch.Tensor:
-    """A GGUF block tensor read as blocks, dequantized to fp32 (out, in)."""
+def _dequantized(value: tuple, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A GGUF tensor read as its file bytes (raw, ggml type, row order) -> `dtype`, dequantized in
+    row chunks of about CHUNK_BYTES (gguf-py's dequantization)."""
     from gguf.quants import dequantize
 
     raw, qtype, rows = value
-    t = torch.from_numpy(np.ascontiguousarray(dequantize(raw, qtype), dtype=np.float32))
-    return t[rows].contiguous() if rows is not None else t
+    if raw.ndim < 2:
+        return torch.from_numpy(np.array(dequantize(raw, qtype), dtype=np.float32)).to(dtype)
+    first = dequantize(raw[:1], qtype)                      # (1, in) -> the logical row width
+    out = torch.empty((raw.shape[0], first.shape[-1]), dtype=dtype)
+    step = max(1, CHUNK_BYTES // (4 * first.shape[-1]))
+    for a in range(0, raw.shape[0], step):
+        out[a:a + step] = torch.from_numpy(np.asarray(dequantize(raw[a:a + step], qtype), dtype=np.float32))
+    return out[rows].contiguous() if rows is not None else out
 
 
 def stream_load_causal_lm(directory: Path, gguf: str | None, config: Any, precision: str, compute: torch.dtype,
