@@ -323,9 +323,10 @@ class HeteroLoraStrategy(Strategy):
 
     def _fit_config(self, info: ClientInfo, server_round: int, tensors: Mapping[str, torch.Tensor]) -> dict[str, Scalar]:
         cfg = self.config
+        steps = cfg.zo_local_steps if info.mode == "zo" and cfg.zo_local_steps else cfg.local_steps
         return {P.KEYS: json.dumps(sorted(tensors)), P.CFG_STRATEGY: cfg.strategy, P.CFG_MODE: info.mode,
                 P.CFG_RANK: info.rank, P.CFG_ALPHA: float(cfg.lora_alpha), P.CFG_RSLORA: bool(cfg.use_rslora),
-                P.CFG_TARGETS: json.dumps(self.target_modules), P.CFG_STEPS: int(cfg.zo_local_steps if info.mode == "zo" and cfg.zo_local_steps else cfg.local_steps),
+                P.CFG_TARGETS: json.dumps(self.target_modules), P.CFG_STEPS: int(steps),
                 P.CFG_LR: float(cfg.zo_lr if info.mode == "zo" else cfg.lr), P.CFG_SEED: int(cfg.seed + server_round),
                 P.CFG_ROUND: int(server_round), P.CFG_TASK: cfg.task, P.CFG_LABELS: int(cfg.num_labels),
                 P.CFG_CONTRACT: self.method.contract(info.mode, server_round).to_meta(),

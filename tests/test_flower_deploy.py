@@ -1,7 +1,8 @@
 """Flower's deployment engine for real (tools/flower_deploy.py): a `flower-superlink` process and four
 `flower-supernode` processes on 127.0.0.1, TLS between them (development CA from `edge-coordinator
 certs`), SuperNode authentication (EC keys registered with `flwr supernode register`), and the app
-submitted with `flwr run` from the project root (pyproject.toml [tool.flwr.app]).
+submitted with `flwr run` from the project root (pyproject.toml [tool.flwr.app]). A fifth SuperNode
+whose key was never registered must be refused.
 
 Four heterogeneous devices on a tiny BERT (tests/test_flower.py's fleet: LoRA plans capped to ranks
 8/4/2 and one planned into zeroth-order mode), each planning for itself from the profile in its node
@@ -42,12 +43,16 @@ def _deploy(fleet, out: Path) -> Path:  # noqa: F811
         dep.start_superlink()
         dep.start_supernodes({f"device{i}": {**nc, "enforce-budget": True}  # each its own process: guard on
                               for i, nc in enumerate(fleet["nodes"])})
+        intruder = dep.start_supernodes({"intruder": fleet["nodes"][0]}, register=False)[0]  # key not registered
         run_id = dep.run(rc, stage_app(out))  # the project's pyproject.toml and packages, minus .venv to walk
         status = dep.wait(run_id, timeout_s=170,
                           near_end=lambda: any(r["round"] == ROUNDS for r in read_journal(journal)))
         nodes = json.loads(dep.flwr("supernode", "ls", "local").stdout or "{}")
         assert status == "finished:completed", f"run {run_id}: {status}\n{dep.tail()}"
         log = (out / "logs" / "superlink.log").read_text()
+        refused = intruder.poll() not in (None, 0) and "Failed to activate SuperNode" in \
+            (out / "logs" / "supernode-intruder.log").read_text()
+    assert refused, "a SuperNode with an unregistered key was not refused"
     assert "https://127.0.0.1" in log or "Uvicorn running on https" in log, "the SuperLink did not serve TLS"
     assert len(nodes.get("nodes", [])) == len(fleet["nodes"]), nodes  # all registered (node authentication)
     return journal
@@ -71,7 +76,8 @@ def _refold(fleet, journal: Path) -> list[float]:  # noqa: F811
     g = method.initial(initial_adapter_state(model, targets, MAX_RANK, ALPHA, False, SEED))
     opt, errors, ranks, zo_clients = ServerOptState(), [], set(), 0
     for r in range(1, ROUNDS + 1):
-        tensors, meta = load_file(str(journal / f"round-{r}.safetensors")), json.loads((journal / f"round-{r}.json").read_text())
+        tensors = load_file(str(journal / f"round-{r}.safetensors"))
+        meta = json.loads((journal / f"round-{r}.json").read_text())
         assert len(meta["clients"]) == len(fleet["nodes"]), meta
         engine = RoundEngine(method, g, r, 1e4, RoundPolicy(), opt)
         for cid, info in sorted(meta["clients"].items()):

@@ -99,24 +99,27 @@ class Deployment:
         lines += [f"root-certificates = {json.dumps(str(self.pki / 'ca.pem'))}"] if self.tls else ["insecure = true"]
         (self.home / "config.toml").write_text("\n".join(lines) + "\n")
 
-    def start_supernodes(self, nodes: Mapping[str, Mapping[str, Any]]) -> None:
+    def start_supernodes(self, nodes: Mapping[str, Mapping[str, Any]], register: bool = True) -> list[subprocess.Popen]:
         """One SuperNode per name (its ClientApp's node config: model, profile, data, ...). With auth, each
-        gets a fresh key pair whose public key is registered first (`flwr supernode register`, concurrently)."""
+        gets a fresh key pair whose public key is registered first (`flwr supernode register`, concurrently);
+        register=False leaves the keys unregistered (the SuperLink must refuse those nodes)."""
         keys = {name: node_keys(self.out / "keys", name) for name in nodes} if self.auth else {}
         regs = [subprocess.Popen([str(BIN / "flwr"), "supernode", "register", str(pub), CONNECTION, "--name", name],
                                  env=self.env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                for name, (_, pub) in keys.items()]
+                for name, (_, pub) in keys.items()] if register else []
         for name, reg in zip(keys, regs):
             out, _ = reg.communicate(timeout=120)
             if reg.returncode != 0:
                 raise RuntimeError(f"flwr supernode register ({name}) failed ({reg.returncode}): {out[-2000:]}")
+        started = []
         for name, nc in nodes.items():
             cmd = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--port",
                    str(F.free_port()), "--node-config", node_config_arg(nc), "--max-wait-time", "120"]
             cmd += ["--root-certificates", str(self.pki / "ca.pem")] if self.tls else ["--insecure"]
             if name in keys:
                 cmd += ["--auth-supernode-private-key", str(keys[name][0])]
-            self._spawn(f"supernode-{name}", cmd)
+            started.append(self._spawn(f"supernode-{name}", cmd))
+        return started
 
     def flwr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """`flwr ARGS --format json` against this SuperLink (CompletedProcess; raises on failure if check)."""
@@ -277,10 +280,12 @@ def run_config_for(cfg: F.FleetConfig, model: str, eval_path: Path, n: int, jour
     return rc
 
 
-def node_configs(cfg: F.FleetConfig, model: str, admitted: list[dict[str, Any]], shards: list[Path]) -> list[dict[str, Any]]:
-    """Each device's node config: its profile, data shard and the plan tools/fleet.py made for it."""
-    return [{"model": model, "profile": str(ROOT / d["profile_path"]), "data": str(shard),
-             "plan": str(d["plan_path"]), "task": cfg.task, "threads": 1, "local-steps": cfg.local_steps}
+def node_configs(cfg: F.FleetConfig, model: str, admitted: list[dict[str, Any]], shards: list[Path],
+                 self_plan: bool = False) -> list[dict[str, Any]]:
+    """Each device's node config: its profile, data shard and the plan tools/fleet.py made for it (what
+    `make demo` gives `join --plan`); self_plan: no plan, the ClientApp plans from its profile."""
+    return [{"model": model, "profile": str(ROOT / d["profile_path"]), "data": str(shard), "task": cfg.task,
+             "threads": 1, "local-steps": cfg.local_steps, **({} if self_plan else {"plan": str(d["plan_path"])})}
             for d, shard in zip(admitted, shards)]
 
 
@@ -304,7 +309,7 @@ def summary_rows(journal: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def deploy_fleet(cfg: F.FleetConfig, out: Path, timeout_s: float, tls: bool = True, auth: bool = True,
-                 app: Path = ROOT) -> dict[str, Any]:
+                 app: Path = ROOT, self_plan: bool = False) -> dict[str, Any]:
     """Plan + shard like tools/fleet.py, run the fleet on Flower's deployment engine, summarise."""
     from coordinator.flower_run import read_journal
 
@@ -329,7 +334,8 @@ def deploy_fleet(cfg: F.FleetConfig, out: Path, timeout_s: float, tls: bool = Tr
 
     with Deployment(out, tls=tls, auth=auth) as dep:
         dep.start_superlink()
-        dep.start_supernodes({d["name"]: nc for d, nc in zip(admitted, node_configs(cfg, model, admitted, shards))})
+        ncs = node_configs(cfg, model, admitted, shards, self_plan)
+        dep.start_supernodes({d["name"]: nc for d, nc in zip(admitted, ncs)})
         F.console.print(f"SuperLink on 127.0.0.1:{dep.port} ({'TLS' if tls else 'plaintext'}"
                         f"{', SuperNode authentication' if auth else ''}); {len(admitted)} SuperNodes; logs under "
                         f"{out / 'logs'}")
@@ -362,13 +368,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-auth", action="store_true", help="TLS but no SuperNode authentication")
     ap.add_argument("--stage-app", action="store_true",
                     help="submit a copy of the app (pyproject + packages) instead of the project root (faster FAB build)")
+    ap.add_argument("--self-plan", action="store_true",
+                    help="each SuperNode plans from its profile instead of receiving tools/fleet.py's plan")
     args = ap.parse_args(argv)
     cfg = F.FleetConfig.load(args.config)
     cfg.strategy = args.strategy or cfg.strategy
     cfg.rounds = args.rounds or cfg.rounds
     out = Path(args.out)
     result = deploy_fleet(cfg, out, args.timeout, tls=not args.insecure, auth=not (args.insecure or args.no_auth),
-                          app=stage_app(out) if args.stage_app else ROOT)
+                          app=stage_app(out) if args.stage_app else ROOT, self_plan=args.self_plan)
     ok = result["status"] == "finished:completed" and any(r["state"] == "aggregated" for r in result["rounds"])
     return 0 if ok else 1
 
