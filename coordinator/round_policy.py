@@ -9,7 +9,8 @@ survey's standard ones, each a user option:
   loss decrease / the LoRA devices' mean) (`zo_progress`), so a ZO device that barely moved does
   not drag the average back to the round's start;
 - the recipe (protos.adapter.TrainingRecipe): FedProx `prox_mu`, local logit adjustment
-  `logit_adjust` (FedLC), and the round-wise learning-rate schedule lr * `lr_decay` ** (round - 1);
+  `logit_adjust` (FedLC), the round-wise learning-rate schedule lr * `lr_decay` ** (round - 1), and
+  `freeze_head` (FedBABU: the classifier head stays at its shared initialisation, only LoRA trains);
 - the server optimizer (FedAvgM / FedAdam / FedYogi with a server learning rate).
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ class RoundPolicy:
     prox_mu: float = 0.0
     logit_adjust: float = 1.0
     lr_decay: float = 0.7  # non-IID FedAvg needs a decaying learning rate (Li et al. 2020); measured below
+    freeze_head: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.weight_temper <= 1:
@@ -50,7 +52,7 @@ class RoundPolicy:
     def recipe(self, round_id: int) -> TrainingRecipe:
         """What every device is told to do in `round_id` (1-based)."""
         return TrainingRecipe(prox_mu=self.prox_mu, logit_adjust=self.logit_adjust,
-                              lr_scale=self.lr_decay ** max(0, round_id - 1))
+                              lr_scale=self.lr_decay ** max(0, round_id - 1), freeze_head=self.freeze_head)
 
     def weight(self, num_examples: float) -> float:
         """A device's aggregation weight from the examples it reports (>= 1)."""

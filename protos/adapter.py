@@ -103,11 +103,14 @@ class TrainingRecipe:
         of the device's own labels during training only, so a one-sided shard does not drag the shared
         head to its majority class (0: off).
     lr_scale: the round's learning-rate factor (the coordinator's round-wise schedule).
+    freeze_head: train only the LoRA factors; the task head (a classifier's `modules_to_save`) stays
+        at what was downloaded (FedBABU-style: every device fits its features to the same head).
     """
 
     prox_mu: float = 0.0
     logit_adjust: float = 0.0
     lr_scale: float = 1.0
+    freeze_head: bool = False
 
     def __post_init__(self) -> None:
         import math
@@ -120,7 +123,8 @@ class TrainingRecipe:
             raise ValueError(f"training recipe lr_scale={self.lr_scale!r}: expected a positive number")
 
     def to_meta(self) -> str:
-        return json.dumps({"prox_mu": self.prox_mu, "logit_adjust": self.logit_adjust, "lr_scale": self.lr_scale})
+        return json.dumps({"prox_mu": self.prox_mu, "logit_adjust": self.logit_adjust, "lr_scale": self.lr_scale,
+                           "freeze_head": self.freeze_head})
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, str]) -> TrainingRecipe:
@@ -130,7 +134,8 @@ class TrainingRecipe:
             return cls()
         try:
             d = json.loads(raw)
-            return cls(**{k: float(d[k]) for k in ("prox_mu", "logit_adjust", "lr_scale") if k in d})
+            floats = {k: float(d[k]) for k in ("prox_mu", "logit_adjust", "lr_scale") if k in d}
+            return cls(**floats, freeze_head=bool(d.get("freeze_head", False)))
         except (ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"download metadata {RECIPE_META!r} is not a valid training recipe: {raw!r} ({e})") from e
 

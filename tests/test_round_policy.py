@@ -81,6 +81,8 @@ def test_policy_weights_and_recipe():
     r3 = p.recipe(3)
     assert (r3.lr_scale, r3.prox_mu, r3.logit_adjust) == (0.25, 0.01, 1.0)
     assert TrainingRecipe.from_meta({"recipe": r3.to_meta()}) == r3
+    frozen = RoundPolicy(freeze_head=True).recipe(2)
+    assert frozen.freeze_head and TrainingRecipe.from_meta({"recipe": frozen.to_meta()}) == frozen
     assert RoundPolicy.zo_factor(0.05, 0.1) == 0.5 and RoundPolicy.zo_factor(0.5, 0.1) == 1.0
     assert RoundPolicy.zo_factor(0.0, 0.1) == 0.01 and RoundPolicy.zo_factor(0.3, None) == 1.0
     for bad in (dict(weight_temper=2), dict(lr_decay=0), dict(prox_mu=-1), dict(weight_cap=-1)):
@@ -141,6 +143,13 @@ def test_trainer_obeys_frozen_and_recipe(bert):
     plain, prox, la = moved.values()
     assert prox < 0.5 * plain  # the proximal term holds the adapter near what was downloaded
     assert la < plain  # logit adjustment: a one-sided shard pushes the shared head less
+    t.recipe = TrainingRecipe(freeze_head=True)
+    t.load_adapter_state(start)
+    t.train(recs, 3, seed=0, progress=False)
+    s = t.adapter_state()
+    lora = [k for k in start if k.endswith((A_SUFFIX, B_SUFFIX))]
+    assert len(lora) < len(start) and all(torch.equal(s[k], start[k]) for k in start if k not in lora)
+    assert any(not torch.equal(s[k], start[k]) for k in lora)  # FedBABU: only LoRA trains
     t.recipe = TrainingRecipe(lr_scale=1e-6)
     t.load_adapter_state(start)
     t.train(recs, 2, seed=0, progress=False)

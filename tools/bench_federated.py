@@ -162,7 +162,8 @@ def round_policy(args) -> RoundPolicy:
     return RoundPolicy(server_opt=ServerOptConfig(args.server_opt, args.server_lr, args.server_momentum,
                                                   args.server_beta2, args.server_tau),
                        weight_temper=args.weight_temper, weight_cap=args.weight_cap, zo_progress=args.zo_progress,
-                       prox_mu=args.prox_mu, logit_adjust=args.logit_adjust, lr_decay=args.lr_decay)
+                       prox_mu=args.prox_mu, logit_adjust=args.logit_adjust, lr_decay=args.lr_decay,
+                       freeze_head=bool(args.freeze_head))
 
 
 def run_centralized(model: str, train: list[dict], evaluator: Evaluator, steps: int, args,
@@ -261,6 +262,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="local logit adjustment tau (0: off)")
     ap.add_argument("--lr-decay", type=float, default=RoundPolicy().lr_decay,
                     help="round r trains at lr * decay ** (r - 1)")
+    ap.add_argument("--freeze-head", type=int, default=int(RoundPolicy().freeze_head),
+                    help="1: devices train only LoRA, the classifier head stays at its shared init (FedBABU)")
     ap.add_argument("--tag", default="", help="suffix of the output files (bench_federated<tag>.json/png)")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (data partition, init, training)")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (few examples, 2 rounds, one seed)")

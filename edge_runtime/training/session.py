@@ -331,9 +331,16 @@ class LocalTrainer:
                            zo_lr=lr if self.plan.mode == "zo" else None, losses=list(losses_),
                            peak_rss_sampled_bytes=guard.peak_bytes, stopped_early=stopped)
 
+    def _trains(self, key: str) -> bool:
+        """Whether `key` trains this round: not frozen by the contract; under the recipe's
+        freeze_head only LoRA factors (the head stays at what was downloaded)."""
+        if any(key.endswith(f) for f in self.frozen):
+            return False
+        return not self.recipe.freeze_head or "lora_" in key
+
     def _train_lora(self, batches, steps: int, lr: float, guard: MemoryGuard, reporter: "_Reporter",
                     snap: _Snapshot, losses_: list[float]) -> int:
-        params = [p for k, p in self._params.items() if not any(k.endswith(f) for f in self.frozen)]
+        params = [p for k, p in self._params.items() if self._trains(k)]
         opt = (torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if self.plan.optimizer == "adamw"
                else torch.optim.SGD(params, lr=lr))
         self.model.train()
