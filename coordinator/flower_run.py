@@ -113,7 +113,7 @@ class RoundJournal:
             clients[cid] = {"profile": str(m.get(P.PROP_PROFILE, "")), "rank": sent.rank, "mode": sent.mode,
                             "examples": int(res.num_examples), "train_loss": m.get("train_loss"),
                             "train_s": m.get("train_s"), "peak_rss_bytes": m.get("peak_rss_bytes"),
-                            "rejected": rec.rejected.get(cid),
+                            "rejected": rec.rejected.get(cid), "stepdown": json.loads(str(m.get("stepdown") or "[]")),
                             "bytes_down": sum(int(t.numel() * t.element_size()) for t in sent.tensors.values()),
                             "bytes_up": sum(len(b) for b in res.parameters.tensors)}
         self._append({"round": rec.round, "kind": "fit", "t": time.time() - self.t0,

@@ -1,16 +1,18 @@
-"""Flower's deployment engine for real (tools/flower_deploy.py): a `flower-superlink` process and four
+"""Flower's deployment engine for real (tools/flower_deploy.py): a `flower-superlink` process and five
 `flower-supernode` processes on 127.0.0.1, TLS between them (development CA from `edge-coordinator
 certs`), SuperNode authentication (EC keys registered with `flwr supernode register`), and the app
-submitted with `flwr run` from the project root (pyproject.toml [tool.flwr.app]). A fifth SuperNode
-whose key was never registered must be refused.
+submitted with `flwr run` (pyproject.toml [tool.flwr.app]). A sixth SuperNode whose key was never
+registered must be refused.
 
 Four heterogeneous devices on a tiny BERT (tests/test_flower.py's fleet: LoRA plans capped to ranks
 8/4/2 and one planned into zeroth-order mode), each planning for itself from the profile in its node
-config and training under the memory guard. Two svd rounds; the ServerApp's round journal holds what
-each SuperNode was sent and uploaded (ZO: seeds and scalars only). The test refolds those uploads
-with our own round engine (coordinator.engine.RoundEngine) from an initial global it builds itself,
-checks every download equals what the engine would send, and that the aggregated adapter Flower
-produced equals the engine's within 1e-6, round after round.
+config and training under the memory guard, plus one whose given plan needs far more memory than its
+profile allows: its guard trips and the OOM step-down finishes the round at a smaller micro-batch.
+Two svd rounds; the ServerApp's round journal holds what each SuperNode was sent and uploaded (ZO:
+seeds and scalars only). The test refolds those uploads with our own round engine
+(coordinator.engine.RoundEngine) from an initial global it builds itself, checks every download
+equals what the engine would send, and that the aggregated adapter Flower produced equals the
+engine's within 1e-6, round after round.
 """
 import importlib.util
 import json
@@ -28,6 +30,26 @@ HAS_FLWR = importlib.util.find_spec("flwr") is not None
 pytestmark = pytest.mark.skipif(not HAS_FLWR, reason="flwr is not installed (optional extra 'flower': "
                                                      "pip install flwr==1.42.0)")
 ROUNDS, STRATEGY, SEED = 2, "svd", 0
+MiB = 2**20
+
+
+def _stepdown_node(fleet, out: Path) -> dict:
+    """A fifth device whose plan (batch 64 x 128 tokens of long rows) needs ~180 MiB above the runtime while
+    its profile allows 32 MiB above the ClientApp's runtime: its memory guard must trip and step it down."""
+    import yaml
+
+    from edge_runtime.data import load_sst2
+    from edge_runtime.plan import Plan
+
+    (out / "stepdown.yaml").write_text(yaml.safe_dump({
+        "name": "emu-stepdown", "kind": "emulated", "memory_total": "2GiB", "memory_budget": 32 * MiB,
+        "compute_gflops": {"fp32": 5.0}, "precisions": ["fp32"], "budget_excludes_runtime": True}))
+    plan = Plan(rank=4, target_modules=["query", "value"], batch_size=64, seq_len=128, learning_rate=1e-2)
+    (out / "stepdown-plan.json").write_text(plan.to_json())
+    rows = [dict(r, text=(r["text"] + " ") * 8) for r in load_sst2("train", limit=160)[32:160]]
+    (out / "stepdown.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"model": fleet["model"], "profile": str(out / "stepdown.yaml"), "data": str(out / "stepdown.jsonl"),
+            "plan": str(out / "stepdown-plan.json"), "threads": 1}
 
 
 def _deploy(fleet, out: Path) -> Path:  # noqa: F811
@@ -38,23 +60,23 @@ def _deploy(fleet, out: Path) -> Path:  # noqa: F811
     journal = out / "journal"
     rc = {"model": fleet["model"], "strategy": STRATEGY, "num-server-rounds": ROUNDS, "max-rank": MAX_RANK,
           "lora-alpha": ALPHA, "local-steps": 2, "lr": 1e-2, "zo-lr": 1e-3, "seed": SEED,
-          "min-clients": len(fleet["nodes"]), "journal": str(journal), "journal-tensors": True}
+          "min-clients": len(fleet["nodes"]) + 1, "journal": str(journal), "journal-tensors": True}
     with Deployment(out, tls=True, auth=True) as dep:
         dep.start_superlink()
-        dep.start_supernodes({f"device{i}": {**nc, "enforce-budget": True}  # each its own process: guard on
-                              for i, nc in enumerate(fleet["nodes"])})
+        nodes = {f"device{i}": {**nc, "enforce-budget": True} for i, nc in enumerate(fleet["nodes"])}  # guard on
+        dep.start_supernodes({**nodes, "stepdown": _stepdown_node(fleet, out)})
         intruder = dep.start_supernodes({"intruder": fleet["nodes"][0]}, register=False)[0]  # key not registered
         run_id = dep.run(rc, stage_app(out))  # the project's pyproject.toml and packages, minus .venv to walk
-        status = dep.wait(run_id, timeout_s=170,
+        status = dep.wait(run_id, timeout_s=240,
                           near_end=lambda: any(r["round"] == ROUNDS for r in read_journal(journal)))
-        nodes = json.loads(dep.flwr("supernode", "ls", "local").stdout or "{}")
+        registered = json.loads(dep.flwr("supernode", "ls", "local").stdout or "{}")
         assert status == "finished:completed", f"run {run_id}: {status}\n{dep.tail()}"
         log = (out / "logs" / "superlink.log").read_text()
         refused = intruder.poll() not in (None, 0) and "Failed to activate SuperNode" in \
             (out / "logs" / "supernode-intruder.log").read_text()
     assert refused, "a SuperNode with an unregistered key was not refused"
     assert "https://127.0.0.1" in log or "Uvicorn running on https" in log, "the SuperLink did not serve TLS"
-    assert len(nodes.get("nodes", [])) == len(fleet["nodes"]), nodes  # all registered (node authentication)
+    assert len(registered.get("nodes", [])) == len(fleet["nodes"]) + 1, registered  # all registered (node authentication)
     return journal
 
 
@@ -78,7 +100,7 @@ def _refold(fleet, journal: Path) -> list[float]:  # noqa: F811
     for r in range(1, ROUNDS + 1):
         tensors = load_file(str(journal / f"round-{r}.safetensors"))
         meta = json.loads((journal / f"round-{r}.json").read_text())
-        assert len(meta["clients"]) == len(fleet["nodes"]), meta
+        assert len(meta["clients"]) == len(fleet["nodes"]) + 1, meta
         engine = RoundEngine(method, g, r, 1e4, RoundPolicy(), opt)
         for cid, info in sorted(meta["clients"].items()):
             sent = {k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"sent/{cid}/")}
@@ -101,15 +123,20 @@ def _refold(fleet, journal: Path) -> list[float]:  # noqa: F811
     return errors
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(400)
 def test_superlink_and_supernodes_fold_like_our_engine(fleet, tmp_path):  # noqa: F811
     journal = _deploy(fleet, tmp_path)
     errors = _refold(fleet, journal)
     assert max(errors) <= 1e-6, errors
     rows = [json.loads(line) for line in (journal / "rounds.jsonl").read_text().splitlines()]
     fits = [r for r in rows if r["kind"] == "fit"]
-    assert [r["round"] for r in fits] == [1, 2] and all(r["uploads"] == 4 and r["rejected"] == 0 for r in fits)
+    assert [r["round"] for r in fits] == [1, 2] and all(r["uploads"] == 5 and r["rejected"] == 0 for r in fits)
     assert all(c["peak_rss_bytes"] for r in fits for c in r["clients"].values())  # trained in their own processes
+    small = [c for r in fits for c in r["clients"].values() if c["profile"] == "emu-stepdown"]
+    assert len(small) == ROUNDS and small[0]["stepdown"], "the over-budget plan did not step down"
+    ev = small[0]["stepdown"][0]
+    assert ev["error"] == "MemoryBudgetExceeded" and ev["to"]["batch_size"] < 64, ev
+    assert ev["estimator"]["measured_peak_bytes"] > ev["estimator"]["budget_bytes"], ev
 
 
 # -- bad input, the manifest (no processes) -------------------------------------------------------
