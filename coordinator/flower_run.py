@@ -60,13 +60,15 @@ def round_policy(rc: Mapping[str, Any]) -> RoundPolicy:
 
 def _round_policy(rc: Mapping[str, Any], p: RoundPolicy, s: ServerOptConfig) -> RoundPolicy:
     opt = ServerOptConfig(kind=_get(rc, "server-opt", str, s.kind), lr=_get(rc, "server-lr", float, s.lr),
-                          beta1=_get(rc, "server-momentum", float, s.beta1))
+                          beta1=_get(rc, "server-momentum", float, s.beta1),
+                          beta2=_get(rc, "server-beta2", float, s.beta2), tau=_get(rc, "server-tau", float, s.tau))
     return RoundPolicy(server_opt=opt, weight_temper=_get(rc, "weight-temper", float, p.weight_temper),
                        weight_cap=_get(rc, "weight-cap", float, p.weight_cap),
                        zo_progress=_get(rc, "zo-progress", bool, p.zo_progress),
                        prox_mu=_get(rc, "prox-mu", float, p.prox_mu),
                        logit_adjust=_get(rc, "logit-adjust", float, p.logit_adjust),
-                       lr_decay=_get(rc, "lr-decay", float, p.lr_decay))
+                       lr_decay=_get(rc, "lr-decay", float, p.lr_decay),
+                       freeze_head=_get(rc, "freeze-head", bool, p.freeze_head))
 
 
 def flower_config(rc: Mapping[str, Any]) -> FlowerConfig:

@@ -368,8 +368,8 @@ def server_fn(context: Any) -> Any:
     Keys (coordinator.flower_run): model (HF dir, required), strategy, num-server-rounds, max-rank, cap-rank,
     lora-alpha, local-steps, zo-local-steps, lr, zo-lr, seed, task, num-labels, min-clients, fraction-fit,
     fraction-evaluate, eval-data, eval-limit, target-modules (JSON list), max-workers, journal, journal-tensors,
-    and the round policy (weight-temper, weight-cap, zo-progress, prox-mu, logit-adjust, lr-decay, server-opt,
-    server-lr).
+    and the round policy (serve's flags without '--': weight-temper, weight-cap, zo-progress, prox-mu,
+    logit-adjust, lr-decay, freeze-head, server-opt, server-lr, server-momentum, server-beta2, server-tau).
     """
     from flwr.server import Server, ServerAppComponents, ServerConfig, SimpleClientManager
 

@@ -178,8 +178,15 @@ def test_manifest_is_valid_for_flower_and_every_key_is_read():
     ok, errors, _ = validate_config(cfg, check_module=True, project_dir=ROOT)
     assert ok, errors
     read = (ROOT / "coordinator" / "flower_run.py").read_text() + (ROOT / "coordinator" / "flower_strategy.py").read_text()
-    unread = [k for k in cfg["tool"]["flwr"]["app"]["config"] if f'"{k}"' not in read]
+    declared = cfg["tool"]["flwr"]["app"]["config"]
+    unread = [k for k in declared if f'"{k}"' not in read]
     assert unread == [], f"run config keys nothing reads: {unread}"
+    import dataclasses
+
+    from coordinator.round_policy import RoundPolicy
+    missing = [f.name for f in dataclasses.fields(RoundPolicy) if f.name != "server_opt"
+               and f.name.replace("_", "-") not in declared]
+    assert missing == [], f"round-policy settings the Flower app cannot set: {missing}"
 
 
 def test_deploy_helpers_refuse_bad_input(tmp_path):

@@ -275,8 +275,8 @@ def run_config_for(cfg: F.FleetConfig, model: str, eval_path: Path, n: int, jour
                           "local-steps": cfg.local_steps, "zo-local-steps": cfg.zo_local_steps, "lr": cfg.lr,
                           "zo-lr": cfg.zo_lr, "seed": cfg.seed, "task": cfg.task, "num-labels": cfg.num_labels,
                           "eval-data": str(eval_path), "eval-limit": cfg.eval_examples, "journal": str(journal)}
-    for k, v in cfg.policy.items():  # the same round-policy keys as serve's flags
-        rc[k] = v
+    for k, v in cfg.policy.items():  # serve's round-policy flags are the run config's keys (no-X: X = false)
+        rc[k[3:] if k.startswith("no-") else k] = (not v) if k.startswith("no-") else v
     return rc
 
 
