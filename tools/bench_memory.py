@@ -477,6 +477,11 @@ def _print_table(results: list[dict], summary: dict) -> None:
 
 
 def _write_md(path: Path, results: list[dict], summary: dict) -> None:
+    from bench_memory_pairs import HEAD, pairs_plot, pairs_table
+    pairs = pairs_table(results)
+    if pairs:
+        replace_section(path, "bench_memory_pairs", "\n".join(markdown_table(HEAD, pairs)), "Memory estimator")
+        pairs_plot(results, path.parent / "bench_memory_pairs.png")
     lines = markdown_table(_HEAD, _rows(results))
     lines.append("")
     lines.append(f"Harness: **{summary['harness']}**; {summary['n']} configurations on {summary['machine']}; "
