@@ -177,7 +177,8 @@ def run_centralized(model: str, train: list[dict], evaluator: Evaluator, steps: 
     per = steps // args.rounds
     for rnd in range(1, args.rounds + 1):
         t0 = time.perf_counter()
-        t.train(train, per, lr=args.central_lr, seed=args.seed + rnd, progress=False)
+        lr = args.central_lr * args.central_decay ** (rnd - 1)  # the federation's schedule, when asked
+        t.train(train, per, lr=lr, seed=args.seed + rnd, progress=False)
         mods, extra = split_state(t.adapter_state())
         m = evaluator.evaluate({n: (B * t.scale(), A) for n, (A, B) in mods.items()}, extra)
         rows.append({"round": rnd, **m, "bytes_up": 0, "bytes_down": 0, "wall_s": time.perf_counter() - t0})
@@ -245,6 +246,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--alpha-lora", type=float, default=16.0)
     ap.add_argument("--central-batch", type=int, default=6)
     ap.add_argument("--central-lr", type=float, default=1e-3, help="centralized baseline's learning rate")
+    ap.add_argument("--central-decay", type=float, default=1.0,
+                    help="centralized lr x decay ** (round - 1) per round's worth of steps (1: constant)")
     ap.add_argument("--max-batch", type=int, default=0, help="cap the plans' micro-batch (CPU time; 0 = as planned)")
     ap.add_argument("--strategies", default="centralized,fedavg,zero_pad,stack,svd,fedsa,ffa,rolora,svd+zo")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="no training: merge these runs' results and write")
