@@ -34,6 +34,9 @@ def _serve_parser(sub) -> None:
     p.add_argument("--zo-lr", type=float, default=0.0, help="zeroth-order learning rate (0: each device's plan)")
     p.add_argument("--max-rank", type=int, default=8)
     p.add_argument("--cap-rank", type=int, default=64, help="stack/svd: global factors kept at most at this rank")
+    p.add_argument("--prune-threshold", type=float, default=0.0,
+                   help="rank self-pruning (" + ", ".join(n for n, c in METHODS.items() if c.prunes_rank) + "): a "
+                        "device drops trailing rank slots carrying at most this share of its B A (0: off)")
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--rslora", action="store_true")
     p.add_argument("--task", choices=("classification", "causal_lm"), default="classification")
@@ -89,7 +92,8 @@ def cmd_serve(args) -> int:
         model=args.model, store=args.store, strategy=args.strategy, rounds=args.rounds, min_devices=args.min_devices,
         fraction=args.fraction, quorum=args.quorum, round_timeout_s=args.round_timeout,
         heartbeat_timeout_s=args.heartbeat_timeout, local_steps=args.local_steps, zo_local_steps=args.zo_local_steps, lr=args.lr, zo_lr=args.zo_lr,
-        max_rank=args.max_rank, cap_rank=args.cap_rank, lora_alpha=args.lora_alpha, use_rslora=args.rslora,
+        max_rank=args.max_rank, cap_rank=args.cap_rank, prune_threshold=args.prune_threshold,
+        lora_alpha=args.lora_alpha, use_rslora=args.rslora,
         task=args.task, num_labels=args.num_labels,
         target_modules=[t for t in args.target_modules.split(",") if t], seed=args.seed, eval_data=args.eval_data,
         eval_limit=args.eval_limit, enrolment_token=args.enrolment_token, norm_bound=args.norm_bound,

@@ -32,6 +32,7 @@ class CoordinatorConfig:
     zo_lr: float = 0.0
     max_rank: int = 8
     cap_rank: int = 64
+    prune_threshold: float = 0.0  # rank self-pruning (hetlora): coordinator.methods.base.MethodConfig
     lora_alpha: float = 16.0
     use_rslora: bool = False
     task: str = "classification"
@@ -92,4 +93,5 @@ class CoordinatorConfig:
 
     def method_config(self) -> MethodConfig:
         return MethodConfig(name=self.strategy, max_rank=self.max_rank, lora_alpha=self.lora_alpha,
-                            use_rslora=self.use_rslora, cap_rank=max(self.cap_rank, self.max_rank))
+                            use_rslora=self.use_rslora, cap_rank=max(self.cap_rank, self.max_rank),
+                            prune_threshold=self.prune_threshold)

@@ -94,7 +94,8 @@ class RoundEngine:
     def validate(self, state: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor], mode: str,
                  precision: str | None = None) -> float:
         """The one upload validator: keys/shapes against what was sent, finite, norm. Returns the norm."""
-        return validate_update(state, self.method.upload_shapes(sent, mode, self.round_id), self.norm_bound, precision)
+        return validate_update(state, self.method.expected_upload(state, sent, mode, self.round_id), self.norm_bound,
+                               precision)
 
     def accept(self, device_id: str, state: Mapping[str, torch.Tensor], examples: float,
                sent: Mapping[str, torch.Tensor], mode: str, precision: str | None = None,

@@ -125,12 +125,26 @@ def train(trainer: RoundTrainer, t: pb.Task, records: list[dict[str, Any]], prog
     return Trained(result, time.process_time() - cpu0)  # CPU: the work done, whatever the contention for cores
 
 
+def prune(trainer: RoundTrainer, t: pb.Task, fetched: Fetched) -> dict[str, Any]:
+    """Rank self-pruning when the download's contract asks for it (not in secure or ZO rounds, whose
+    uploads have the served shape): what to report ({} when nothing was pruned)."""
+    threshold = fetched.contract.prune_threshold
+    if not threshold or t.secagg or t.mode == "zo":
+        return {}
+    from edge_runtime.training.prune import prune_trainer
+
+    new = prune_trainer(trainer, threshold)
+    if new is None:
+        return {}
+    return {"pruned_rank": new, "plan": {**trainer.plan.to_dict(), "rank": new}}
+
+
 def train_stats(trainer: RoundTrainer, fetched: Fetched, trained: Trained, num_records: int,
-                last_upload_s: float) -> pb.TrainStats:
+                last_upload_s: float, pruned: dict[str, Any] | None = None) -> pb.TrainStats:
     from protos.adapter import loss_progress
 
     r = trained.result
-    extra = {**trainer.report(), "loss_progress": loss_progress(list(r.losses or []))}
+    extra = {**trainer.report(), **(pruned or {}), "loss_progress": loss_progress(list(r.losses or []))}
     return pb.TrainStats(num_examples=int(r.examples_seen or num_records), train_loss=float(r.mean_loss),
                          train_time_s=r.seconds + trained.paced_s, peak_memory_bytes=int(r.peak_rss_bytes),
                          upload_time_s=last_upload_s, download_time_s=fetched.seconds, steps=int(r.steps),
@@ -182,7 +196,7 @@ def _deliver(client: FederationClient, trainer: RoundTrainer, t: pb.Task, result
         lr = float(result.zo_lr or _task_lr(t) or 0.0)
         return client.submit_zo(t, pairs, lr, stats.num_examples, stats), len(pairs) * 8
     up = _upload_state(trainer, fetched.contract, kept)
-    data = wire.encode_tensors(up, {"rank": t.assigned_rank, "lora_alpha": t.lora_alpha,
+    data = wire.encode_tensors(up, {"rank": trainer.rank, "lora_alpha": t.lora_alpha,
                                     "use_rslora": int(t.use_rslora)}, trainer.plan.upload_precision)
     return client.upload(t, data, stats), len(data)
 
@@ -212,6 +226,8 @@ def round_report(t: pb.Task, fetched: Fetched, trained: Trained, sent: Sent) -> 
 def report(trainer: RoundTrainer, t: pb.Task, fetched: Fetched, trained: Trained, sent: Sent) -> dict[str, Any]:
     """`round_report` plus, after an out-of-memory step-down, what changed and the new plan's rank."""
     out = round_report(t, fetched, trained, sent)
+    if trainer.rank != t.assigned_rank:  # pruned after training: the rank it uploaded and trains next
+        out["pruned_rank"] = trainer.rank
     if trainer.last_events:
         out.update(stepdown=trainer.last_events, plan_rank=trainer.plan.rank)
     return out
@@ -252,7 +268,8 @@ class DeviceRound:
 
     def send_and_report(self, t: pb.Task, fetched: Fetched, trained: Trained) -> dict[str, Any]:
         self.hb.status = "uploading"
-        stats = train_stats(self.trainer, fetched, trained, len(self.cfg.records), self.last_upload_s)
+        pruned = prune(self.trainer, t, fetched)
+        stats = train_stats(self.trainer, fetched, trained, len(self.cfg.records), self.last_upload_s, pruned)
         sent = send(self.client, self.trainer, t, trained, stats, fetched, self.kept)
         self.last_upload_s = sent.seconds
         self.hb.status = "idle"

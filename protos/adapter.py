@@ -10,6 +10,9 @@ download's safetensors metadata, so the device runtime never branches on a metho
 - `keep_local`: key suffixes the device keeps on the device: they are not in the download (the
   device reuses its own copy, zeros at first) and not in the upload (e.g. FedSA-LoRA's B).
 - `frozen`: key suffixes the device must not train (e.g. FFA-LoRA's A).
+- `prune_threshold`: rank self-pruning (HetLoRA): after training, the device drops its trailing rank
+  slots while their share of its adapter's product B A stays at most this fraction, uploads at the
+  smaller rank and reports it (0: off).
 
 The round's `TrainingRecipe` (FedProx mu, logit adjustment, the lr schedule's factor) travels the
 same way.
@@ -41,8 +44,14 @@ class DeviceContract:
 
     keep_local: tuple[str, ...] = ()
     frozen: tuple[str, ...] = ()
+    prune_threshold: float = 0.0
 
     def __post_init__(self) -> None:
+        import math
+
+        if not (math.isfinite(self.prune_threshold) and 0.0 <= self.prune_threshold < 1.0):
+            raise ValueError(f"device contract prune_threshold={self.prune_threshold!r}: expected a number in "
+                             "[0, 1) (the largest share of B A the dropped rank slots may carry; 0 = off)")
         for field_name in ("keep_local", "frozen"):
             bad = [s for s in getattr(self, field_name) if s not in (A_SUFFIX, B_SUFFIX)]
             if bad:
@@ -50,7 +59,10 @@ class DeviceContract:
                                  f"({A_SUFFIX!r} or {B_SUFFIX!r})")
 
     def to_meta(self) -> str:
-        return json.dumps({"keep_local": list(self.keep_local), "frozen": list(self.frozen)})
+        d: dict = {"keep_local": list(self.keep_local), "frozen": list(self.frozen)}
+        if self.prune_threshold:
+            d["prune_threshold"] = self.prune_threshold
+        return json.dumps(d)
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, str]) -> DeviceContract:
@@ -60,7 +72,8 @@ class DeviceContract:
             return cls()
         try:
             d = json.loads(raw)
-            return cls(keep_local=tuple(d.get("keep_local", ())), frozen=tuple(d.get("frozen", ())))
+            return cls(keep_local=tuple(d.get("keep_local", ())), frozen=tuple(d.get("frozen", ())),
+                       prune_threshold=float(d.get("prune_threshold", 0.0)))
         except (ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"download metadata {CONTRACT_META!r} is not a valid device contract: {raw!r} ({e})") from e
 

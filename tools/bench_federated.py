@@ -40,7 +40,7 @@ from coordinator.aggregation import split_state  # noqa: E402
 from coordinator.engine import RoundEngine  # noqa: E402
 from coordinator.round_policy import RoundPolicy  # noqa: E402
 from coordinator.server_opt import ServerOptConfig, ServerOptState  # noqa: E402
-from coordinator.methods import MethodConfig, make_method  # noqa: E402
+from coordinator.methods import MethodConfig, make_method, method_class  # noqa: E402
 from coordinator.model import Evaluator, initial_adapter_state, load_base_model, resolve_target_modules  # noqa: E402
 from edge_runtime.client import DeltaTracker  # noqa: E402
 from edge_runtime.data import load_records, load_sst2, partition  # noqa: E402
@@ -135,7 +135,9 @@ def run_federated(method_name: str, devices: list[dict[str, Any]], shards: list[
                   ) -> dict[str, Any]:
     """R rounds of `method_name` over `devices` through the coordinator's RoundEngine."""
     max_rank = common_rank or max(d["plan"].rank for d in devices)
-    method = make_method(MethodConfig(method_name, max_rank=max_rank, lora_alpha=args.alpha_lora, cap_rank=64))
+    prune = args.prune_threshold if method_class(method_name).prunes_rank else 0.0
+    method = make_method(MethodConfig(method_name, max_rank=max_rank, lora_alpha=args.alpha_lora, cap_rank=64,
+                                      prune_threshold=prune))
     init = {k: (v[:max_rank] if k.endswith(A_SUFFIX) else v[:, :max_rank] if k.endswith(B_SUFFIX) else v)
             for k, v in init_state.items()}
     g = method.initial(init)
@@ -152,7 +154,7 @@ def run_federated(method_name: str, devices: list[dict[str, Any]], shards: list[
         train_s = time.perf_counter() - t0
         m = evaluator.evaluate(device_view_deltas(method, g, sims), g.extra)
         rows.append({"round": rnd, **m, "bytes_up": traffic.bytes_up, "bytes_down": traffic.bytes_down,
-                     "wall_s": train_s})
+                     "wall_s": train_s, "ranks": {d.name: d.rank for d in sims}})
         console.print(f"  {method_name}: round {rnd} accuracy {m['accuracy']:.3f} loss {m['loss']:.4f} "
                       f"up {traffic.bytes_up / 1e6:.2f} MB down {traffic.bytes_down / 1e6:.2f} MB ({train_s:.0f}s)")
     return {"rounds": rows}
@@ -244,12 +246,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--zo-lr", type=float, default=2e-4)
     ap.add_argument("--zo-eps", type=float, default=1e-3)
     ap.add_argument("--alpha-lora", type=float, default=16.0)
+    ap.add_argument("--prune-threshold", type=float, default=0.3,
+                    help="rank self-pruning threshold of the methods that prune (coordinator --prune-threshold)")
     ap.add_argument("--central-batch", type=int, default=6)
     ap.add_argument("--central-lr", type=float, default=1e-3, help="centralized baseline's learning rate")
     ap.add_argument("--central-decay", type=float, default=1.0,
                     help="centralized lr x decay ** (round - 1) per round's worth of steps (1: constant)")
     ap.add_argument("--max-batch", type=int, default=0, help="cap the plans' micro-batch (CPU time; 0 = as planned)")
-    ap.add_argument("--strategies", default="centralized,fedavg,zero_pad,stack,svd,fedsa,ffa,rolora,svd+zo")
+    ap.add_argument("--strategies", default="centralized,fedavg,zero_pad,stack,svd,fedsa,ffa,rolora,hetlora,svd+zo")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="no training: merge these runs' results and write")
     ap.add_argument("--server-opt", default="none", choices=("none", "avgm", "adam", "yogi"))
     ap.add_argument("--server-lr", type=float, default=1.0)

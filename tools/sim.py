@@ -17,6 +17,7 @@ import torch
 
 from coordinator.engine import RoundEngine
 from edge_runtime.client import DeltaTracker
+from edge_runtime.training.prune import prune_trainer
 from protos import federation_pb2 as pb
 from protos import wire
 from protos.adapter import DeviceContract, State, TrainingRecipe, loss_progress, prepare_download, split_upload
@@ -43,6 +44,7 @@ class RoundTraffic:
     bytes_up: int = 0
     bytes_down: int = 0
     train_losses: list[float] = field(default_factory=list)
+    pruned: dict[str, int] = field(default_factory=dict)  # device -> rank it pruned to (rank self-pruning)
 
 
 def run_round(engine: RoundEngine, devices: Sequence[SimDevice], trainer_for: Callable[[SimDevice], Any],
@@ -74,6 +76,9 @@ def run_round(engine: RoundEngine, devices: Sequence[SimDevice], trainer_for: Ca
             traffic.bytes_up += msg.ByteSize()
             final = engine.replay_zo(sent, res.zo_pairs, float(res.zo_lr))
         else:
+            new = prune_trainer(trainer, contract.prune_threshold)
+            if new is not None:  # it uploads at, and trains from the next round at, the pruned rank
+                d.rank = traffic.pruned[d.name] = new
             up, d.kept = split_upload(trainer.adapter_state(), contract)
             data = wire.encode_tensors(up, {"rank": d.rank}, d.upload_precision)
             traffic.bytes_up += len(data)

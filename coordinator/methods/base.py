@@ -36,12 +36,16 @@ class MethodConfig:
     lora_alpha: float = 16.0
     use_rslora: bool = False
     cap_rank: int = 64
+    prune_threshold: float = 0.0  # rank self-pruning (methods with `prunes_rank`): see protos.adapter.DeviceContract
 
     def __post_init__(self) -> None:
         if self.max_rank < 1 or self.cap_rank < self.max_rank:
             raise ValueError(f"need 1 <= max_rank ({self.max_rank}) <= cap_rank ({self.cap_rank})")
         if not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
             raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha}")
+        if not (math.isfinite(self.prune_threshold) and 0.0 <= self.prune_threshold < 1.0):
+            raise ValueError(f"--prune-threshold / prune_threshold must be in [0, 1) (0 = off), got "
+                             f"{self.prune_threshold}")
 
     def scale(self, rank: int) -> float:
         return lora_scale(self.lora_alpha, rank, self.use_rslora)
@@ -69,8 +73,15 @@ class Method:
     shares_b: ClassVar[bool] = True  # B leaves the device (False: only A and the head are aggregated)
     factor_space: ClassVar[bool] = False  # the global is a factor-space sum capped at cap_rank
     secagg_refusal: ClassVar[str | None] = None  # why secure aggregation cannot run it (None: it can)
+    prunes_rank: ClassVar[bool] = False  # devices may upload below their served rank (rank self-pruning)
 
     def __init__(self, cfg: MethodConfig) -> None:
+        if cfg.prune_threshold and not self.prunes_rank:
+            from .registry import METHODS
+
+            ok = ", ".join(n for n, c in METHODS.items() if c.prunes_rank)
+            raise ValueError(f"--prune-threshold {cfg.prune_threshold}: strategy {cfg.name!r} trains fixed ranks; "
+                             f"rank self-pruning needs one of: {ok} (or leave --prune-threshold at 0)")
         self.cfg = cfg
 
     # -- global state ----------------------------------------------------------------------
@@ -132,6 +143,12 @@ class Method:
         keep = self.contract(mode, round_id)
         return {k: tuple(v.shape) for k, v in download.items()
                 if not k.startswith("base_delta.") and not keep.is_local(k)}
+
+    def expected_upload(self, state: Mapping[str, torch.Tensor], download: Mapping[str, torch.Tensor], mode: str,
+                        round_id: int = 0) -> dict[str, tuple[int, ...]]:
+        """Key -> shape the upload `state` must have (the one validator's reference): `upload_shapes`
+        (a method whose devices may prune their rank accepts a lower one)."""
+        return self.upload_shapes(download, mode, round_id)
 
     def complete_upload(self, state: Mapping[str, torch.Tensor], g: GlobalState, round_id: int = 0) -> State:
         """A full adapter state (A and B per module) from an accepted upload."""

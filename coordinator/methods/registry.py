@@ -6,6 +6,7 @@ from .fedavg import FedAvg
 from .fedex import FedExLoRA
 from .fedsa import FedSA
 from .ffa import FFALoRA
+from .hetlora import HetLoRA
 from .rolora import RoLoRA
 from .stack import Stack
 from .svd import SvdRedistribute
@@ -22,6 +23,7 @@ METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
     FFALoRA,
     RoLoRA,
     FedExLoRA,
+    HetLoRA,
 )}
 NAMES = tuple(METHODS)
 DEFAULT = "zero_pad"  # what `edge-coordinator serve`, the Flower app and the library use unless told
