@@ -10,6 +10,7 @@ from pathlib import Path
 from .cli_policy import add_policy_args, policy_from_args
 from .cli_security import add_admin_commands, add_serve_args, print_status_extras, serve_config, status_extras
 from .methods import DEFAULT, METHODS, NAMES
+from .methods.base import INITS
 
 
 def _serve_parser(sub) -> None:
@@ -37,6 +38,9 @@ def _serve_parser(sub) -> None:
     p.add_argument("--prune-threshold", type=float, default=0.0,
                    help="rank self-pruning (" + ", ".join(n for n, c in METHODS.items() if c.prunes_rank) + "): a "
                         "device drops trailing rank slots carrying at most this share of its B A (0: off)")
+    p.add_argument("--init", choices=INITS, default="random",
+                   help="round-1 LoRA factors: random (peft: A kaiming, B 0) or federa (FeDeRA: the base weights' top "
+                        "singular directions, their part moved out of every base so the initial model is unchanged)")
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--rslora", action="store_true")
     p.add_argument("--task", choices=("classification", "causal_lm"), default="classification")
@@ -92,7 +96,7 @@ def cmd_serve(args) -> int:
         model=args.model, store=args.store, strategy=args.strategy, rounds=args.rounds, min_devices=args.min_devices,
         fraction=args.fraction, quorum=args.quorum, round_timeout_s=args.round_timeout,
         heartbeat_timeout_s=args.heartbeat_timeout, local_steps=args.local_steps, zo_local_steps=args.zo_local_steps, lr=args.lr, zo_lr=args.zo_lr,
-        max_rank=args.max_rank, cap_rank=args.cap_rank, prune_threshold=args.prune_threshold,
+        max_rank=args.max_rank, cap_rank=args.cap_rank, prune_threshold=args.prune_threshold, init=args.init,
         lora_alpha=args.lora_alpha, use_rslora=args.rslora,
         task=args.task, num_labels=args.num_labels,
         target_modules=[t for t in args.target_modules.split(",") if t], seed=args.seed, eval_data=args.eval_data,

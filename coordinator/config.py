@@ -33,6 +33,7 @@ class CoordinatorConfig:
     max_rank: int = 8
     cap_rank: int = 64
     prune_threshold: float = 0.0  # rank self-pruning (hetlora): coordinator.methods.base.MethodConfig
+    init: str = "random"  # the round-1 LoRA factors: "random" (peft) or "federa" (coordinator.init_global)
     lora_alpha: float = 16.0
     use_rslora: bool = False
     task: str = "classification"
@@ -94,4 +95,4 @@ class CoordinatorConfig:
     def method_config(self) -> MethodConfig:
         return MethodConfig(name=self.strategy, max_rank=self.max_rank, lora_alpha=self.lora_alpha,
                             use_rslora=self.use_rslora, cap_rank=max(self.cap_rank, self.max_rank),
-                            prune_threshold=self.prune_threshold)
+                            prune_threshold=self.prune_threshold, init=self.init)

@@ -46,13 +46,14 @@ def _resume(c: Coordinator, saved: dict) -> None:
 
 
 def _init(c: Coordinator) -> None:
+    from .init_global import initial_global
     from .model import initial_adapter_state, resolve_target_modules
 
     model, _ = c.load_model()
     c.target_modules = resolve_target_modules(model, c.cfg.target_modules or None)
     init = initial_adapter_state(model, c.target_modules, c.cfg.max_rank, c.cfg.lora_alpha, c.cfg.use_rslora,
                                  c.cfg.seed)
-    c.global_state = c.method.initial(init)
+    c.global_state = initial_global(c.method, init, model.state_dict())
     c.global_round = 0
     c.publisher.write_global(0, {})
     meta = asdict(c.cfg)

@@ -38,6 +38,7 @@ from sim import SimDevice, device_view_deltas, run_round  # noqa: E402  (tools/s
 
 from coordinator.aggregation import split_state  # noqa: E402
 from coordinator.engine import RoundEngine  # noqa: E402
+from coordinator.init_global import initial_global  # noqa: E402
 from coordinator.round_policy import RoundPolicy  # noqa: E402
 from coordinator.server_opt import ServerOptConfig, ServerOptState  # noqa: E402
 from coordinator.methods import MethodConfig, make_method, method_class  # noqa: E402
@@ -131,16 +132,17 @@ def sim_devices(devices: list[dict[str, Any]], shards: list[list[dict]], args, c
 
 
 def run_federated(method_name: str, devices: list[dict[str, Any]], shards: list[list[dict]], fleet: Fleet,
-                  evaluator: Evaluator, init_state: dict[str, torch.Tensor], args, common_rank: int | None = None
-                  ) -> dict[str, Any]:
-    """R rounds of `method_name` over `devices` through the coordinator's RoundEngine."""
+                  evaluator: Evaluator, init_state: dict[str, torch.Tensor], args, common_rank: int | None = None,
+                  init_kind: str = "random", base_weights: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """R rounds of `method_name` over `devices` through the coordinator's RoundEngine (`init_kind`:
+    the round-1 factors, coordinator.init_global; "federa" needs the base model's `base_weights`)."""
     max_rank = common_rank or max(d["plan"].rank for d in devices)
     prune = args.prune_threshold if method_class(method_name).prunes_rank else 0.0
     method = make_method(MethodConfig(method_name, max_rank=max_rank, lora_alpha=args.alpha_lora, cap_rank=64,
-                                      prune_threshold=prune))
+                                      prune_threshold=prune, init=init_kind))
     init = {k: (v[:max_rank] if k.endswith(A_SUFFIX) else v[:, :max_rank] if k.endswith(B_SUFFIX) else v)
             for k, v in init_state.items()}
-    g = method.initial(init)
+    g = initial_global(method, init, base_weights or {})
     fleet.reset()
     sims = sim_devices(devices, shards, args, common_rank)
     policy, opt_state = round_policy(args), ServerOptState()
@@ -246,14 +248,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--zo-lr", type=float, default=2e-4)
     ap.add_argument("--zo-eps", type=float, default=1e-3)
     ap.add_argument("--alpha-lora", type=float, default=16.0)
-    ap.add_argument("--prune-threshold", type=float, default=0.3,
+    ap.add_argument("--prune-threshold", type=float, default=0.5,
                     help="rank self-pruning threshold of the methods that prune (coordinator --prune-threshold)")
     ap.add_argument("--central-batch", type=int, default=6)
     ap.add_argument("--central-lr", type=float, default=1e-3, help="centralized baseline's learning rate")
     ap.add_argument("--central-decay", type=float, default=1.0,
                     help="centralized lr x decay ** (round - 1) per round's worth of steps (1: constant)")
     ap.add_argument("--max-batch", type=int, default=0, help="cap the plans' micro-batch (CPU time; 0 = as planned)")
-    ap.add_argument("--strategies", default="centralized,fedavg,zero_pad,stack,svd,fedsa,ffa,rolora,hetlora,svd+zo")
+    ap.add_argument("--strategies",
+                    default="centralized,fedavg,zero_pad,stack,svd,fedsa,ffa,rolora,hetlora,fedavg+init-federa,svd+zo",
+                    help="methods; NAME+zo adds the ZO devices, NAME+init-federa starts from FeDeRA's SVD init")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="no training: merge these runs' results and write")
     ap.add_argument("--server-opt", default="none", choices=("none", "avgm", "adam", "yogi"))
     ap.add_argument("--server-lr", type=float, default=1.0)
@@ -294,6 +298,7 @@ def run_seed(args, seed: int, model: str) -> tuple[dict[str, dict[str, Any]], li
     shards = partition(train, len(devices), scheme="dirichlet", alpha=args.dirichlet, seed=seed)
     lora_shards = [s for s, d in zip(shards, devices) if d["plan"].mode == "lora"]
     base, tok = load_base_model(model, "classification", num_labels, seed)
+    base_weights = {k: v.detach().clone() for k, v in base.state_dict().items()}  # FeDeRA's SVD init
     evaluator = Evaluator(base, tok, dev, task="classification")
     targets = resolve_target_modules(base, lora_devs[0]["plan"].target_modules)
     init_state = initial_adapter_state(base, targets, max(d["plan"].rank for d in devices), args.alpha_lora, False, seed)
@@ -303,15 +308,17 @@ def run_seed(args, seed: int, model: str) -> tuple[dict[str, dict[str, Any]], li
     for name in args.strategies.split(","):
         t0 = time.perf_counter()
         console.rule(f"{name} (seed {seed})")
+        base_name, _, init_kind = name.partition("+init-")  # e.g. fedavg+init-federa: FeDeRA's SVD init
+        kw = {"init_kind": init_kind or "random", "base_weights": base_weights}
         if name == "centralized":
             r = run_centralized(model, [x for s in lora_shards for x in s], evaluator, total_steps, args, num_labels)
-        elif name == "fedavg":  # FedIT: one rank that every device can hold
+        elif base_name == "fedavg":  # FedIT: one rank that every device can hold
             r = run_federated("fedavg", lora_devs, lora_shards, fleet, evaluator, init_state, args,
-                              common_rank=min(d["plan"].rank for d in lora_devs))
+                              common_rank=min(d["plan"].rank for d in lora_devs), **kw)
         elif name.endswith("+zo"):
             r = run_federated(name[:-3], devices, shards, fleet, evaluator, init_state, args)
         else:
-            r = run_federated(name, lora_devs, lora_shards, fleet, evaluator, init_state, args)
+            r = run_federated(base_name, lora_devs, lora_shards, fleet, evaluator, init_state, args, **kw)
         r["wall_s"] = time.perf_counter() - t0
         results[name] = r
     shares = [sum(int(r["label"]) == k for r in dev) / len(dev) for k in range(num_labels)]

@@ -27,6 +27,9 @@ from protos.adapter import A_SUFFIX, B_SUFFIX, DeviceContract, State, module_of
 from ..aggregation import GlobalState, LoraUpdate, StreamingAggregator, lora_scale, split_state, to_scale, truncate
 
 
+INITS = ("random", "federa")  # how the round-1 global's LoRA factors start (coordinator.init_global)
+
+
 @dataclass(frozen=True)
 class MethodConfig:
     """The knobs every method shares. cap_rank: the largest rank a factor-space global keeps."""
@@ -37,12 +40,15 @@ class MethodConfig:
     use_rslora: bool = False
     cap_rank: int = 64
     prune_threshold: float = 0.0  # rank self-pruning (methods with `prunes_rank`): see protos.adapter.DeviceContract
+    init: str = "random"  # "random": peft's init (A kaiming, B 0); "federa": SVD of the base weights (init_global)
 
     def __post_init__(self) -> None:
         if self.max_rank < 1 or self.cap_rank < self.max_rank:
             raise ValueError(f"need 1 <= max_rank ({self.max_rank}) <= cap_rank ({self.cap_rank})")
         if not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
             raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha}")
+        if self.init not in INITS:
+            raise ValueError(f"--init / init {self.init!r}: choose one of {', '.join(INITS)}")
         if not (math.isfinite(self.prune_threshold) and 0.0 <= self.prune_threshold < 1.0):
             raise ValueError(f"--prune-threshold / prune_threshold must be in [0, 1) (0 = off), got "
                              f"{self.prune_threshold}")
@@ -74,6 +80,7 @@ class Method:
     factor_space: ClassVar[bool] = False  # the global is a factor-space sum capped at cap_rank
     secagg_refusal: ClassVar[str | None] = None  # why secure aggregation cannot run it (None: it can)
     prunes_rank: ClassVar[bool] = False  # devices may upload below their served rank (rank self-pruning)
+    serves_base: ClassVar[bool] = True  # `serve` sends GlobalState.base and `deltas` includes it (FeDeRA's residual)
 
     def __init__(self, cfg: MethodConfig) -> None:
         if cfg.prune_threshold and not self.prunes_rank:
@@ -82,6 +89,12 @@ class Method:
             ok = ", ".join(n for n, c in METHODS.items() if c.prunes_rank)
             raise ValueError(f"--prune-threshold {cfg.prune_threshold}: strategy {cfg.name!r} trains fixed ranks; "
                              f"rank self-pruning needs one of: {ok} (or leave --prune-threshold at 0)")
+        if cfg.init != "random" and not self.serves_base:
+            from .registry import METHODS
+
+            ok = ", ".join(n for n, c in METHODS.items() if c.serves_base)
+            raise ValueError(f"--init {cfg.init}: strategy {cfg.name!r} does not send a residual base to devices; "
+                             f"an SVD initialisation needs one of: {ok} (or --init random)")
         self.cfg = cfg
 
     # -- global state ----------------------------------------------------------------------
@@ -106,7 +119,18 @@ class Method:
 
     def deltas(self, g: GlobalState) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Module -> (B (out, r) with the scale folded in, A (r, in)): what the global adds to W."""
-        return {n: (u.B * u.scale, u.A) for n, u in g.modules.items()}
+        out = {}
+        for n, u in g.modules.items():
+            B, A, b = u.B * u.scale, u.A, g.base.get(n)
+            if b is not None:  # a residual folded into every base (FeDeRA's -B0 A0)
+                B, A = torch.cat([B, b.B * b.scale], dim=1), torch.cat([A, b.A])
+            out[n] = (B, A)
+        return out
+
+    @staticmethod
+    def base_delta(g: GlobalState) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Module -> (B (out, R) scale folded, A (R, in)): `GlobalState.base`, merged into every device's base."""
+        return {n: ((u.B.double() * u.scale).float(), u.A.clone()) for n, u in g.base.items()}
 
     # -- downloads -------------------------------------------------------------------------
     def device_mode(self, plan_mode: str) -> str:
@@ -121,12 +145,12 @@ class Method:
             if u.rank != rank:
                 raise ValueError(f"module {name!r}: {self.name} keeps one rank ({u.rank}); cannot serve rank {rank}")
             out[name] = to_scale(u, s)
-        return Served(out, {})
+        return Served(out, self.base_delta(g))
 
     def serve_slices(self, g: GlobalState, rank: int) -> Served:
         """Zero-padding's download (HetLoRA): rows [:r] of A, columns [:, :r] of B, at the device's scale."""
         s = self.cfg.scale(rank)
-        return Served({n: to_scale(truncate(u, rank), s) for n, u in g.modules.items()}, {})
+        return Served({n: to_scale(truncate(u, rank), s) for n, u in g.modules.items()}, self.base_delta(g))
 
     def contract(self, mode: str, round_id: int = 0) -> DeviceContract:
         """What the device keeps local / frozen in `round_id` (see protos.adapter)."""

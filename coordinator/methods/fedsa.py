@@ -17,6 +17,7 @@ class FedSA(Method):
     name = "fedsa"
     summary = "FedSA-LoRA: A averaged (zero-padded); B stays on each device"
     common_rank = False
+    serves_base = False  # its serve sends no GlobalState.base (no --init federa)
     shares_b = False
 
     def serve(self, g: GlobalState, rank: int, seed: int) -> Served:

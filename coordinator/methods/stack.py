@@ -17,6 +17,7 @@ class Stack(Method):
     name = "stack"
     summary = "FLoRA: stacked factors (exact sum of B_k A_k) merged into every device's base"
     common_rank = False
+    serves_base = False  # its serve sends no GlobalState.base (no --init federa)
     factor_space = True
     secagg_refusal = ("FLoRA stacking concatenates each device's factors [B_1..B_K], [A_1;..;A_K]: it needs every "
                       "device's factors individually, which secure aggregation hides")

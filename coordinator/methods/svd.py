@@ -17,6 +17,7 @@ class SvdRedistribute(Method):
     name = "svd"
     summary = "FlexLoRA: exact sum of B_k A_k, each device gets its rank's best approximation"
     common_rank = False
+    serves_base = False  # its serve sends no GlobalState.base (no --init federa)
     factor_space = True
     secagg_refusal = ("SVD redistribution needs sum_k p_k B_k @ A_k, a sum of per-device products; the sum of the "
                       "masked factors is not that sum")
