@@ -62,18 +62,22 @@ class Calibration:
     fwd_transient: float = 2.85     # no-grad forward: live values ~ fwd_transient * intermediate per token
     alloc_slack: float = 0.05       # allocator fragmentation on the dynamic part
     # Quantized base on CPU.
-    dequant_copies: float = 2.0     # fp32 copies of the largest quantized Linear in flight
-    dequant_saved: float = 0.24     # bitsandbytes backprop: fp32 Linear weights' worth kept alive (fraction of all)
+    dequant_copies: float = 2.05    # fp32 copies of the largest quantized Linear in flight
+    dequant_saved: float = 0.03     # bitsandbytes backprop: fp32 Linear weights' worth kept alive (fraction of all)
     quanto_saved_int8: float = 1.0  # optimum-quanto (GGUF sources, int4) backprop, qint8: the same fraction
     quanto_saved_4bit: float = 0.55  # ... qint4
     int8_inputs: float = 2.1        # bitsandbytes int8 on CPU: Linear inputs kept on the matmul's ctx (copies)
     # Load.
     load_gguf_dequant: float = 1.39  # GGUF via transformers (CUDA route): fp32 tensors + conversion temporaries / fp32 weights
-    gguf_residue_per_vocab: float = 2150.0  # bytes left after a GGUF load per vocab entry (tokenizer, heap not returned)
+    gguf_residue_per_vocab: float = 1430.0  # bytes left after a GGUF load per vocab entry (tokenizer, heap not returned)
     # Streaming loader: bytes per weight of the largest Linear in flight above its file bytes (measured on a
     # 4096 x 11008 fp16 weight): bitsandbytes nf4 quantized in row chunks, bitsandbytes int8, quanto (x compute
     # bytes), GGUF blocks kept (x the file's bytes per weight)
     stream_nf4_bnb: float = 1.3    # (no file bytes: its rows are read and quantized 4 MiB at a time)
+    # allocations >= 1 MiB served by mmap (quantized streamed base on CPU): the dynamic part's share that
+    # stays resident, relative to glibc's default heap (fitted on the quantized rows)
+    mmap_dynamic: float = 0.7
+    ckpt_dequant_layers: float = 0.672  # ... under checkpointing: layers' worth of fp32 Linear weights alive
     stream_int8_bnb: float = 8.0
     stream_quanto: float = 3.3
     stream_gguf_blocks: float = 2.0
@@ -144,6 +148,12 @@ def streamed(spec: ModelSpec, plan: Plan, task: str, device: str = "cpu", unifie
     if task != "causal_lm" or (device != "cpu" and not unified_memory):
         return False
     return spec.source_format == "gguf" or plan.base_precision in QUANTIZED or stored_dtype(spec) != plan.base_precision
+
+
+def mmap_served(spec: ModelSpec, plan: Plan, task: str, device: str) -> bool:
+    """Whether the training process serves allocations >= 1 MiB with mmap (a quantized streamed base on
+    CPU: `model_loading.heap_mmap_threshold`): freed temporaries leave the RSS at once."""
+    return device == "cpu" and plan.base_precision in QUANTIZED and streamed(spec, plan, task, device)
 
 
 def trainable_params(spec: ModelSpec, plan: Plan, task: str) -> int:
@@ -328,8 +338,9 @@ def _quantized_cpu_bytes(spec: ModelSpec, plan: Plan, cal: Calibration, tokens: 
     # GGUF blocks (GGUFLinear) save nothing for backward: they dequantize again
     kept = spec.gguf_block_params if gguf_blocks_kept(spec, plan.base_precision) else 0
     saved = 0.0 if zo else frac * (spec.linear_params - kept) * 4
-    if plan.gradient_checkpointing:
-        saved /= max(1, L)  # saved tensors of one recomputed layer at a time
+    if plan.gradient_checkpointing:  # saved tensors of the recomputed layer(s) only
+        layers = cal.ckpt_dequant_layers if mmap_served(spec, plan, "causal_lm", "cpu") else frac
+        saved = saved / frac * layers / max(1, L) if frac else 0.0
     out["dequant_temporaries"] = cal.dequant_copies * biggest * 4 + saved
     if not zo and plan.base_precision == "int8" and spec.source_format != "gguf":
         # bitsandbytes' CPU int8 matmul (MatMul8bitFp) keeps each Linear's input on its ctx, outside
@@ -411,6 +422,8 @@ def estimate(spec: ModelSpec, plan: Plan, task: str = "classification", overhead
     parts["optimizer_state"] = 0 if zo or plan.optimizer == "sgd" else 8 * n_train
 
     dyn = _dynamic_bytes(spec, plan, task, n_train, device, attn_implementation, cal, response_tokens)
+    if mmap_served(spec, plan, task, device):
+        dyn = {k: v * cal.mmap_dynamic for k, v in dyn.items()}
     dyn_total = sum(dyn.values())
     dyn["allocator_slack"] = cal.alloc_slack * dyn_total
     parts.update({k: int(v) for k, v in dyn.items()})
