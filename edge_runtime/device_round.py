@@ -94,9 +94,10 @@ def load(trainer: RoundTrainer, t: pb.Task, fetched: Fetched, tracker: DeltaTrac
     download, completed by the tensors the contract keeps on the device (`kept`; zeros at first)."""
     from protos.adapter import prepare_download
 
-    if trainer.rank != t.assigned_rank or trainer.lora_alpha != t.lora_alpha:
-        trainer.configure(rank=int(t.assigned_rank), lora_alpha=float(t.lora_alpha), use_rslora=bool(t.use_rslora),
-                          seed=int(t.seed))
+    personal = fetched.contract.personal_rank  # a personal adapter's slots after the global's
+    if trainer.rank != t.assigned_rank + personal or trainer.lora_alpha != t.lora_alpha:
+        trainer.configure(rank=int(t.assigned_rank) + personal, lora_alpha=float(t.lora_alpha),
+                          use_rslora=bool(t.use_rslora), seed=int(t.seed))
     if fetched.delta:
         inc = tracker.increment(fetched.delta)
         if inc:
@@ -104,6 +105,10 @@ def load(trainer: RoundTrainer, t: pb.Task, fetched: Fetched, tracker: DeltaTrac
     state = fetched.state
     if fetched.contract.keep_local:
         state = prepare_download(state, trainer.adapter_state(), kept, fetched.contract)
+    if personal:
+        from edge_runtime.training.personal import with_personal
+
+        state = with_personal(state, trainer.adapter_state(), kept, int(t.assigned_rank), _ratio(trainer, personal))
     trainer.load_adapter_state(state)
     if fetched.recipe is not None:
         trainer.recipe = fetched.recipe
@@ -151,14 +156,32 @@ def train_stats(trainer: RoundTrainer, fetched: Fetched, trained: Trained, num_r
                          extra_json=json.dumps(extra) if extra else "")
 
 
+def _ratio(trainer: RoundTrainer, personal: int) -> float:
+    """s_r / s_{r+L}: the global adapter's scale over the whole (global + personal) adapter's."""
+    from edge_runtime.training.personal import lora_scale
+
+    r = trainer.rank - personal
+    return lora_scale(trainer.lora_alpha, r, trainer.use_rslora) / lora_scale(trainer.lora_alpha, trainer.rank,
+                                                                               trainer.use_rslora)
+
+
 def _upload_state(trainer: RoundTrainer, contract: DeviceContract,
                   kept: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The trained adapter to send; the tensors the contract keeps on the device replace `kept`."""
+    """The trained adapter to send; the tensors the contract keeps on the device replace `kept`
+    (a personal adapter's slots stay on the device too)."""
     from protos.adapter import split_upload
 
-    up, keep = split_upload(trainer.adapter_state(), contract)
+    state = trainer.adapter_state()
+    if contract.personal_rank:
+        from edge_runtime.training.personal import split_personal
+
+        state, mine = split_personal(state, trainer.rank - contract.personal_rank,
+                                     _ratio(trainer, contract.personal_rank))
+        kept.update(mine)
+    up, keep = split_upload(state, contract)
     if contract.keep_local:
-        kept.clear()
+        for k in [k for k in kept if k in state]:  # the contract's tensors (a personal adapter's stay)
+            del kept[k]
         kept.update(keep)
     return up
 
@@ -196,8 +219,9 @@ def _deliver(client: FederationClient, trainer: RoundTrainer, t: pb.Task, result
         lr = float(result.zo_lr or _task_lr(t) or 0.0)
         return client.submit_zo(t, pairs, lr, stats.num_examples, stats), len(pairs) * 8
     up = _upload_state(trainer, fetched.contract, kept)
-    data = wire.encode_tensors(up, {"rank": trainer.rank, "lora_alpha": t.lora_alpha,
-                                    "use_rslora": int(t.use_rslora)}, trainer.plan.upload_precision)
+    rank = trainer.rank - fetched.contract.personal_rank  # what it sends: the global adapter's rank
+    data = wire.encode_tensors(up, {"rank": rank, "lora_alpha": t.lora_alpha, "use_rslora": int(t.use_rslora)},
+                               trainer.plan.upload_precision)
     return client.upload(t, data, stats), len(data)
 
 
@@ -226,7 +250,7 @@ def round_report(t: pb.Task, fetched: Fetched, trained: Trained, sent: Sent) -> 
 def report(trainer: RoundTrainer, t: pb.Task, fetched: Fetched, trained: Trained, sent: Sent) -> dict[str, Any]:
     """`round_report` plus, after an out-of-memory step-down, what changed and the new plan's rank."""
     out = round_report(t, fetched, trained, sent)
-    if trainer.rank != t.assigned_rank:  # pruned after training: the rank it uploaded and trains next
+    if trainer.rank != t.assigned_rank + fetched.contract.personal_rank:  # pruned: the rank it uploaded, trains next
         out["pruned_rank"] = trainer.rank
     if trainer.last_events:
         out.update(stepdown=trainer.last_events, plan_rank=trainer.plan.rank)

@@ -13,6 +13,8 @@ download's safetensors metadata, so the device runtime never branches on a metho
 - `prune_threshold`: rank self-pruning (HetLoRA): after training, the device drops its trailing rank
   slots while their share of its adapter's product B A stays at most this fraction, uploads at the
   smaller rank and reports it (0: off).
+- `personal_rank`: personalized LoRA (FedDPA-style): the device trains a personal adapter of this
+  rank next to the global one (both applied), keeps it and uploads only the global one (0: off).
 
 The round's `TrainingRecipe` (FedProx mu, logit adjustment, the lr schedule's factor) travels the
 same way.
@@ -45,9 +47,14 @@ class DeviceContract:
     keep_local: tuple[str, ...] = ()
     frozen: tuple[str, ...] = ()
     prune_threshold: float = 0.0
+    personal_rank: int = 0
 
     def __post_init__(self) -> None:
         import math
+
+        if not (isinstance(self.personal_rank, int) and 0 <= self.personal_rank <= 4096):
+            raise ValueError(f"device contract personal_rank={self.personal_rank!r}: expected an integer in [0, 4096] "
+                             "(0 = no personal adapter)")
 
         if not (math.isfinite(self.prune_threshold) and 0.0 <= self.prune_threshold < 1.0):
             raise ValueError(f"device contract prune_threshold={self.prune_threshold!r}: expected a number in "
@@ -62,6 +69,8 @@ class DeviceContract:
         d: dict = {"keep_local": list(self.keep_local), "frozen": list(self.frozen)}
         if self.prune_threshold:
             d["prune_threshold"] = self.prune_threshold
+        if self.personal_rank:
+            d["personal_rank"] = self.personal_rank
         return json.dumps(d)
 
     @classmethod
@@ -73,7 +82,8 @@ class DeviceContract:
         try:
             d = json.loads(raw)
             return cls(keep_local=tuple(d.get("keep_local", ())), frozen=tuple(d.get("frozen", ())),
-                       prune_threshold=float(d.get("prune_threshold", 0.0)))
+                       prune_threshold=float(d.get("prune_threshold", 0.0)),
+                       personal_rank=int(d.get("personal_rank", 0)))
         except (ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"download metadata {CONTRACT_META!r} is not a valid device contract: {raw!r} ({e})") from e
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from .base import Method, MethodConfig
 from .fedavg import FedAvg
 from .fedex import FedExLoRA
+from .feddpa import FedDPA
 from .fedsa import FedSA
 from .ffa import FFALoRA
 from .hetlora import HetLoRA
@@ -24,6 +25,7 @@ METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
     RoLoRA,
     FedExLoRA,
     HetLoRA,
+    FedDPA,
 )}
 NAMES = tuple(METHODS)
 DEFAULT = "zero_pad"  # what `edge-coordinator serve`, the Flower app and the library use unless told
