@@ -76,8 +76,10 @@ class Calibration:
     stream_nf4_bnb: float = 1.3    # (no file bytes: its rows are read and quantized 4 MiB at a time)
     # allocations >= 1 MiB served by mmap (quantized streamed base on CPU): the dynamic part's share that
     # stays resident, relative to glibc's default heap (fitted on the quantized rows)
-    mmap_dynamic: float = 0.7
-    ckpt_dequant_layers: float = 0.672  # ... under checkpointing: layers' worth of fp32 Linear weights alive
+    mmap_dynamic: float = 0.6
+    mmap_dynamic_ckpt: float = 0.4   # ... with gradient checkpointing
+    mmap_per_weight: float = 0.9    # ... bytes per Linear weight resident while training on a quantized base
+    ckpt_dequant_layers: float = 2.0   # ... under checkpointing: layers' worth of fp32 Linear weights alive
     stream_int8_bnb: float = 8.0
     stream_quanto: float = 3.3
     stream_gguf_blocks: float = 2.0
@@ -341,6 +343,8 @@ def _quantized_cpu_bytes(spec: ModelSpec, plan: Plan, cal: Calibration, tokens: 
     if plan.gradient_checkpointing:  # saved tensors of the recomputed layer(s) only
         layers = cal.ckpt_dequant_layers if mmap_served(spec, plan, "causal_lm", "cpu") else frac
         saved = saved / frac * layers / max(1, L) if frac else 0.0
+    if not zo and mmap_served(spec, plan, "causal_lm", "cpu"):  # resident per quantized weight in backprop
+        saved += cal.mmap_per_weight * spec.linear_params
     out["dequant_temporaries"] = cal.dequant_copies * biggest * 4 + saved
     if not zo and plan.base_precision == "int8" and spec.source_format != "gguf":
         # bitsandbytes' CPU int8 matmul (MatMul8bitFp) keeps each Linear's input on its ctx, outside
@@ -423,7 +427,8 @@ def estimate(spec: ModelSpec, plan: Plan, task: str = "classification", overhead
 
     dyn = _dynamic_bytes(spec, plan, task, n_train, device, attn_implementation, cal, response_tokens)
     if mmap_served(spec, plan, task, device):
-        dyn = {k: v * cal.mmap_dynamic for k, v in dyn.items()}
+        f = cal.mmap_dynamic_ckpt if plan.gradient_checkpointing else cal.mmap_dynamic
+        dyn = {k: v * f for k, v in dyn.items()}
     dyn_total = sum(dyn.values())
     dyn["allocator_slack"] = cal.alloc_slack * dyn_total
     parts.update({k: int(v) for k, v in dyn.items()})

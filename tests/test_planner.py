@@ -159,13 +159,14 @@ def test_gguf_budget_below_the_floor_is_refused_by_how_much(specs):
     assert p.memory["total_bytes"] <= p.memory["budget_bytes"] and p.base_precision in ("int8", "nf4", "int4")
 
 
-def test_llama7b_qlora_fits_8gb_unified_and_pi_boards_again():
-    """Issue 15: with the streaming loader (no mapped fp16 file pages) LLaMA-2-7B plans QLoRA (a 4-bit
-    base, backprop) on an 8 GB Jetson Orin Nano and a Raspberry Pi 5."""
+def test_llama7b_plans_a_4bit_base_on_8gb_boards_again():
+    """Issue 15: with the streaming loader (no mapped fp16 file pages) LLaMA-2-7B plans again on 8 GB
+    boards: QLoRA (a 4-bit base, backprop) on the Jetson Orin Nano (unified memory), ZO over a 4-bit
+    base on the Raspberry Pi 5 (backprop through bitsandbytes on CPU does not fit: docs/memory.md)."""
     spec = load_model_spec(ROOT / "models/llama-2-7b")
-    for name in ("jetson-orin-nano-8gb", "raspberry-pi-5-8gb"):
+    for name, modes in (("jetson-orin-nano-8gb", ("lora",)), ("raspberry-pi-5-8gb", ("lora", "zo"))):
         p = plan(load_profile(ROOT / f"profiles/{name}.yaml"), spec, "causal_lm", overhead_bytes=OV)
-        assert p.mode == "lora" and p.base_precision in ("nf4", "int4"), name
+        assert p.mode in modes and p.base_precision in ("nf4", "int4"), name
         assert p.memory["total_bytes"] <= p.memory["budget_bytes"]
 
 
