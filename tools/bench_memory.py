@@ -5,7 +5,7 @@ model, apply the plan (base precision, LoRA rank/targets, checkpointing, ZO), tr
 steps, report peak RSS. The trainer is `edge_runtime.training.session.LocalTrainer` when it
 exists (`--harness trainer`), else a minimal peft harness that mirrors it (`--harness peft`).
 
-    .venv/bin/python tools/bench_memory.py            # full set (28 configs, ~25 min on 2 busy cores)
+    .venv/bin/python tools/bench_memory.py            # full set (31 configs, ~35 min on 2 busy cores)
     .venv/bin/python tools/bench_memory.py --quick    # 4 configs (CI)
     .venv/bin/python tools/bench_memory.py --only smollm2-floor-zo --budget-mib 1100   # guard check
     .venv/bin/python tools/bench_memory.py --from-json docs/bench_memory.json --workdir DIR  # re-predict
@@ -13,8 +13,10 @@ exists (`--harness trainer`), else a minimal peft harness that mirrors it (`--ha
 One measured process at a time, `--threads` torch/OpenMP threads each (default 1). Per row:
 the RSS after imports (baseline), ru_maxrss once the base is loaded (load peak), the peak the
 MemoryGuard sampled during train(), ru_maxrss at the end (the process peak the estimator
-predicts). Writes docs/bench_memory.json, the table in docs/memory.md (between markers) and
-docs/bench_memory.png.
+predicts), the killable peak (RssAnon + RssShmem, sampled every 5 ms) and the first-step loss.
+Writes docs/bench_memory.json, the tables in docs/memory.md (between markers: all rows, and the
+quantized-vs-float pairs of `bench_memory_pairs.py`), docs/bench_memory.png and
+docs/bench_memory_pairs.png.
 """
 from __future__ import annotations
 
