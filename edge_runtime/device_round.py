@@ -95,6 +95,8 @@ def load(trainer: RoundTrainer, t: pb.Task, fetched: Fetched, tracker: DeltaTrac
     from protos.adapter import prepare_download
 
     personal = fetched.contract.personal_rank  # a personal adapter's slots after the global's
+    if personal:
+        _fit_rank(trainer, int(t.assigned_rank) + personal)
     if trainer.rank != t.assigned_rank + personal or trainer.lora_alpha != t.lora_alpha:
         trainer.configure(rank=int(t.assigned_rank) + personal, lora_alpha=float(t.lora_alpha),
                           use_rslora=bool(t.use_rslora), seed=int(t.seed))
@@ -118,6 +120,16 @@ def load(trainer: RoundTrainer, t: pb.Task, fetched: Fetched, tracker: DeltaTrac
 
         rp = RoundPayload.from_bytes(t.secagg_payload)
         trainer.zo_pool_seed, trainer.zo_pool_size = (rp.zo_pool_seed, rp.zo_pool_size) if rp.zo_scalars else (0, None)
+
+
+def _fit_rank(trainer: RoundTrainer, rank: int) -> None:
+    """Raise the plan's rank to `rank` when a personal adapter needs more slots than it has (LoRA
+    factors are a small part of a plan's memory; the plan is not re-estimated)."""
+    from dataclasses import replace
+
+    for t in (trainer, getattr(trainer, "inner", None)):
+        if t is not None and t.plan.rank < rank:
+            t.plan = replace(t.plan, rank=rank)
 
 
 def _task_lr(t: pb.Task) -> float | None:

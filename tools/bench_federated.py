@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 from fleet import load_train_dev  # noqa: E402  (tools/fleet.py)
 
-from sim import SimDevice, device_view_deltas, run_round  # noqa: E402  (tools/sim.py)
+from sim import (SimDevice, device_view_deltas, global_accuracy, personal_holdouts,  # noqa: E402  (tools/sim.py)
+                 run_round)
 
 from coordinator.aggregation import split_state  # noqa: E402
 from coordinator.engine import RoundEngine  # noqa: E402
@@ -145,18 +146,28 @@ def run_federated(method_name: str, devices: list[dict[str, Any]], shards: list[
     g = initial_global(method, init, base_weights or {})
     fleet.reset()
     sims = sim_devices(devices, shards, args, common_rank)
+    holdouts = personal_holdouts(sims, args.seed) if method.contract("lora").personal_rank else {}
     policy, opt_state = round_policy(args), ServerOptState()
     rows = [{"round": 0, **evaluator.evaluate(method.deltas(g), g.extra), "bytes_up": 0, "bytes_down": 0,
              "wall_s": 0.0}]
     for rnd in range(1, args.rounds + 1):
         t0 = time.perf_counter()
         engine = RoundEngine(method, g, rnd, policy=policy, opt_state=opt_state)
-        traffic = run_round(engine, sims, fleet.trainer_for, lambda t: fleet.trackers[id(t)], args.seed + rnd)
+        traffic = run_round(engine, sims, fleet.trainer_for, lambda t: fleet.trackers[id(t)], args.seed + rnd,
+                            holdouts=holdouts)
         g, _ = engine.close()
+        if holdouts and rnd == args.rounds:  # personalized vs global on the devices' own held-out rows
+            nxt = RoundEngine(method, g, rnd + 1)
+            pers = {d.name: (traffic.personal_acc[d.name], global_accuracy(nxt, d, fleet.trainer_for(d),
+                                                                           holdouts[d.name])) for d in sims}
+            mp, mg = (statistics.mean(x[k] for x in pers.values()) for k in (0, 1))
+            console.print(f"  {method_name}: mean personalized accuracy {mp:.3f} vs global {mg:.3f} on the devices' "
+                          "held-out splits")
         train_s = time.perf_counter() - t0
         m = evaluator.evaluate(device_view_deltas(method, g, sims), g.extra)
         rows.append({"round": rnd, **m, "bytes_up": traffic.bytes_up, "bytes_down": traffic.bytes_down,
-                     "wall_s": train_s, "ranks": {d.name: d.rank for d in sims}})
+                     "wall_s": train_s, "ranks": {d.name: d.rank for d in sims},
+                     **({"personal_vs_global": pers} if holdouts and rnd == args.rounds else {})})
         console.print(f"  {method_name}: round {rnd} accuracy {m['accuracy']:.3f} loss {m['loss']:.4f} "
                       f"up {traffic.bytes_up / 1e6:.2f} MB down {traffic.bytes_down / 1e6:.2f} MB ({train_s:.0f}s)")
     return {"rounds": rows}
@@ -256,7 +267,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="centralized lr x decay ** (round - 1) per round's worth of steps (1: constant)")
     ap.add_argument("--max-batch", type=int, default=0, help="cap the plans' micro-batch (CPU time; 0 = as planned)")
     ap.add_argument("--strategies",
-                    default="centralized,fedavg,zero_pad,stack,svd,fedsa,ffa,rolora,hetlora,fedavg+init-federa,svd+zo",
+                    default=("centralized,fedavg,zero_pad,stack,svd,fedsa,ffa,rolora,hetlora,fedavg+init-federa,feddpa,"
+                             "svd+zo"),
                     help="methods; NAME+zo adds the ZO devices, NAME+init-federa starts from FeDeRA's SVD init")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="no training: merge these runs' results and write")
     ap.add_argument("--server-opt", default="none", choices=("none", "avgm", "adam", "yogi"))
@@ -312,11 +324,11 @@ def run_seed(args, seed: int, model: str) -> tuple[dict[str, dict[str, Any]], li
         kw = {"init_kind": init_kind or "random", "base_weights": base_weights}
         if name == "centralized":
             r = run_centralized(model, [x for s in lora_shards for x in s], evaluator, total_steps, args, num_labels)
-        elif base_name == "fedavg":  # FedIT: one rank that every device can hold
-            r = run_federated("fedavg", lora_devs, lora_shards, fleet, evaluator, init_state, args,
-                              common_rank=min(d["plan"].rank for d in lora_devs), **kw)
         elif name.endswith("+zo"):
             r = run_federated(name[:-3], devices, shards, fleet, evaluator, init_state, args)
+        elif method_class(base_name).common_rank:  # FedIT and the like: one rank that every device can hold
+            r = run_federated(base_name, lora_devs, lora_shards, fleet, evaluator, init_state, args,
+                              common_rank=min(d["plan"].rank for d in lora_devs), **kw)
         else:
             r = run_federated(base_name, lora_devs, lora_shards, fleet, evaluator, init_state, args, **kw)
         r["wall_s"] = time.perf_counter() - t0

@@ -10,7 +10,7 @@ validates and folds each upload and closes the round: the same code path as `edg
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ import torch
 from coordinator.engine import RoundEngine
 from edge_runtime.client import DeltaTracker
 from edge_runtime.training.prune import prune_trainer
+from edge_runtime.training.personal import lora_scale, split_personal, with_personal
 from protos import federation_pb2 as pb
 from protos import wire
 from protos.adapter import DeviceContract, State, TrainingRecipe, loss_progress, prepare_download, split_upload
@@ -45,12 +46,19 @@ class RoundTraffic:
     bytes_down: int = 0
     train_losses: list[float] = field(default_factory=list)
     pruned: dict[str, int] = field(default_factory=dict)  # device -> rank it pruned to (rank self-pruning)
+    personal_acc: dict[str, float] = field(default_factory=dict)  # device -> its own model's held-out accuracy
+
+
+def _ratio(alpha: float, rank: int, personal: int, rslora: bool) -> float:
+    """s_r / s_{r+L} of a device with a personal adapter (edge_runtime.training.personal)."""
+    return lora_scale(alpha, rank, rslora) / lora_scale(alpha, rank + personal, rslora)
 
 
 def run_round(engine: RoundEngine, devices: Sequence[SimDevice], trainer_for: Callable[[SimDevice], Any],
               tracker_for: Callable[[Any], DeltaTracker], seed: int, train_kw: Mapping[str, Any] | None = None,
-              ) -> RoundTraffic:
-    """Train and fold every device into `engine` (then call `engine.close()`)."""
+              holdouts: Mapping[str, list[dict[str, Any]]] | None = None) -> RoundTraffic:
+    """Train and fold every device into `engine` (then call `engine.close()`). holdouts: device ->
+    its own held-out rows, on which its model after local training is evaluated (personalized LoRA)."""
     traffic = RoundTraffic()
     for i, d in enumerate(devices):
         sent = engine.download(d.rank, d.mode, seed, d.server_kept)
@@ -60,12 +68,19 @@ def run_round(engine: RoundEngine, devices: Sequence[SimDevice], trainer_for: Ca
         contract = DeviceContract.from_meta(meta)
         state, delta = wire.split_download(tensors)
         trainer = trainer_for(d)
-        trainer.configure(d.rank, engine.method.cfg.lora_alpha, engine.method.cfg.use_rslora, seed)
+        cfg, L = engine.method.cfg, contract.personal_rank
+        if L and trainer.plan.rank < d.rank + L:  # the personal adapter's slots (edge_runtime.device_round)
+            trainer.plan = replace(trainer.plan, rank=d.rank + L)
+        trainer.configure(d.rank + L, cfg.lora_alpha, cfg.use_rslora, seed)
         if delta:
             inc = tracker_for(trainer).increment(delta)
             if inc:
                 trainer.merge_base_delta(inc)
-        trainer.load_adapter_state(prepare_download(state, trainer.adapter_state(), d.kept, contract))
+        state = prepare_download(state, trainer.adapter_state(), d.kept, contract)
+        if L:
+            state = with_personal(state, trainer.adapter_state(), d.kept, d.rank,
+                                  _ratio(cfg.lora_alpha, d.rank, L, cfg.use_rslora))
+        trainer.load_adapter_state(state)
         trainer.recipe = TrainingRecipe.from_meta(meta)
         trainer.frozen = contract.frozen
         res = trainer.train(d.records, d.steps, lr=d.lr, seed=seed * 1000 + i, progress=False, **(train_kw or {}))
@@ -79,7 +94,13 @@ def run_round(engine: RoundEngine, devices: Sequence[SimDevice], trainer_for: Ca
             new = prune_trainer(trainer, contract.prune_threshold)
             if new is not None:  # it uploads at, and trains from the next round at, the pruned rank
                 d.rank = traffic.pruned[d.name] = new
-            up, d.kept = split_upload(trainer.adapter_state(), contract)
+            trained, mine = trainer.adapter_state(), {}
+            if L:
+                trained, mine = split_personal(trained, d.rank, _ratio(cfg.lora_alpha, d.rank, L, cfg.use_rslora))
+            if holdouts and d.name in holdouts:
+                traffic.personal_acc[d.name] = float(trainer.evaluate(holdouts[d.name])["accuracy"])
+            up, d.kept = split_upload(trained, contract)
+            d.kept.update(mine)
             data = wire.encode_tensors(up, {"rank": d.rank}, d.upload_precision)
             traffic.bytes_up += len(data)
             final, _ = wire.decode_tensors(data)
@@ -106,4 +127,27 @@ def device_view_deltas(engine_method: Any, g: Any, devices: Sequence[SimDevice]
                 B[:, : b.shape[1]] += b.double() * engine_method.cfg.scale(b.shape[1]) / s
                 n += 1
         out[name] = ((B / max(n, 1)).float() * s, u.A)
+    return out
+
+
+def global_accuracy(engine: RoundEngine, d: SimDevice, trainer: Any, holdout: list[dict[str, Any]]) -> float:
+    """Accuracy of `engine`'s global (what a device of d's rank downloads, no personal adapter) on
+    `holdout`, with `trainer` (a method without a base delta)."""
+    state, _ = wire.split_download(engine.download(d.rank, "lora", 0))
+    cfg = engine.method.cfg
+    trainer.configure(d.rank, cfg.lora_alpha, cfg.use_rslora)
+    trainer.load_adapter_state(state)
+    return float(trainer.evaluate(holdout)["accuracy"])
+
+
+def personal_holdouts(devices: Sequence[SimDevice], seed: int, frac: float = 0.2) -> dict[str, list[dict[str, Any]]]:
+    """Hold out `frac` of every device's rows (shuffled under `seed`; they train on the rest): device -> its split."""
+    import random
+
+    out = {}
+    for d in devices:
+        rows = list(d.records)
+        random.Random(seed).shuffle(rows)
+        cut = max(1, int(len(rows) * frac))
+        out[d.name], d.records = rows[:cut], rows[cut:]
     return out
