@@ -262,9 +262,12 @@ def test_tampered_or_misrouted_ciphertext_is_rejected():
 
 
 def test_method_gate():
-    assert set(NAMES) == {"fedavg", "zero_pad", "fedsa", "zo", "stack", "svd", "ffa", "rolora", "fedex"}
-    for ok in ("fedavg", "zero_pad", "fedsa", "zo", "ffa", "rolora"):
+    assert set(NAMES) == {"fedavg", "zero_pad", "fedsa", "zo", "stack", "svd", "ffa", "rolora", "fedex", "hetlora",
+                          "feddpa"}
+    for ok in ("fedavg", "zero_pad", "fedsa", "zo", "ffa", "rolora", "feddpa"):
         check_method_supports_secagg(ok)
+    with pytest.raises(ValueError, match="cannot run under secure aggregation: .*prune their rank"):
+        check_method_supports_secagg("hetlora")
     for bad in ("stack", "svd", "fedex"):
         with pytest.raises(ValueError, match="cannot run under secure aggregation: .*(individual|per-device products|"
                                              "product B_k A_k)"):
