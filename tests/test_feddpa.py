@@ -24,7 +24,8 @@ M = "m"
 def test_dual_adapter_round_trip_keeps_both_products():
     g = torch.Generator().manual_seed(0)
     r, L, s_r, s_rl = 2, 3, 8.0, 16.0 / 5
-    dl = {M + A_SUFFIX: torch.randn(r, 6, generator=g), M + B_SUFFIX: torch.randn(4, r, generator=g), "h": torch.ones(2)}
+    dl = {M + A_SUFFIX: torch.randn(r, 6, generator=g), M + B_SUFFIX: torch.randn(4, r, generator=g),
+          "h": torch.ones(2)}
     fresh = {M + A_SUFFIX: torch.randn(r + L, 6, generator=g), M + B_SUFFIX: torch.zeros(4, r + L), "h": torch.zeros(2)}
     full = with_personal(dl, fresh, {}, r, s_r / s_rl)
     assert full[M + A_SUFFIX].shape == (5, 6) and torch.equal(full["h"], dl["h"])
