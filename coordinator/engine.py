@@ -136,6 +136,7 @@ class RoundEngine:
             mods, extra = split_state(self.method.complete_upload(state, self.g, self.round_id))
             start = None if sent is None else split_download(sent)[0]
             updates = self.method.updates(mods, self.g, start)
+            weight = float(weight) * self.method.weight_factor(mods)
         except (ValueError, KeyError) as e:
             raise UpdateInvalid("keys", f"device {device_id}: {e}") from e
         if set(mods) != set(self._modules):

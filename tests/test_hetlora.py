@@ -177,3 +177,27 @@ def test_devices_prune_over_grpc_and_send_less(bert, tmp_path):
     assert all(json.loads(u["stats"]["extra_json"])["pruned_rank"] >= 1 for u in ups)
     assert coord.fed.current.state == "aggregated" and coord.fed.current.round_id == 3
     coord.close()
+
+
+def test_sparsity_weighted_aggregation_weights_by_the_product_norm():
+    """Two devices with the same examples: the fold weights each by ||s B A||_F of its upload."""
+    from coordinator.methods.hetlora import product_norm
+    from coordinator.round_policy import RoundPolicy
+
+    het = make_method(MethodConfig(NAME, max_rank=4))
+    g = _global(het, 4)
+    eng = RoundEngine(het, g, 1, policy=RoundPolicy.plain())
+    sent = eng.download(4, "lora", 0)
+    ups, norms = [], []
+    for k, c in enumerate((1.0, 3.0)):
+        up = dict(sent)
+        up[M + A_SUFFIX] = sent[M + A_SUFFIX] + c  # a change of c in every entry of A
+        up[M + B_SUFFIX] = sent[M + B_SUFFIX] * c
+        ups.append(up)
+        norms.append(product_norm({M: (up[M + A_SUFFIX], up[M + B_SUFFIX])}, het.cfg.scale(4)))
+        eng.fold(f"d{k}", up, 10, sent=sent)
+    new, _ = eng.close()
+    want = g.modules[M].A + (norms[0] * 1.0 + norms[1] * 3.0) / (norms[0] + norms[1])
+    assert norms[1] > 2 * norms[0]
+    assert torch.allclose(new.modules[M].A, want, atol=1e-5)
+    assert het.weight_factor({M: (torch.zeros(4, 12), torch.zeros(10, 4))}) > 0  # an all-zero upload still counts

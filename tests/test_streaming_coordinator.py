@@ -2,6 +2,7 @@
 
 The reference is the pure maths (`coordinator.aggregation`), not the round engine itself."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -46,6 +47,10 @@ def _reference(name: str, g: GlobalState, uploads: list[RoundUpload], cfg: Metho
     fixed-shape methods average A0 + pad(dA) and B0 + pad(dB * s_k / s) at the max-rank scale s;
     svd adds the average change of the products; stack appends this round's exact sum of products."""
     method = make_method(cfg)
+    from coordinator.aggregation import split_state
+
+    uploads = [replace(u, weight=u.weight * method.weight_factor(split_state(method.complete_upload(u.state, g))[0]))
+               for u in uploads]  # the method's factor on each device's weight (hetlora: its product's norm)
     W = sum(u.weight for u in uploads)
     s = cfg.scale(cfg.max_rank)
     extra = {k: sum(u.weight * u.state[k].double() for u in uploads) / W for k in uploads[0].state

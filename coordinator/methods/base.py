@@ -203,6 +203,11 @@ class Method:
             out[n] = LoraUpdate(A=A_new.float(), B=B_new.float(), scale=s)
         return out
 
+    def weight_factor(self, mods: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """A factor on one device's aggregation weight from what it uploaded (module -> (A (r, in),
+        B (out, r))); 1: the round policy's weight alone."""
+        return 1.0
+
     # -- aggregation -----------------------------------------------------------------------
     def aggregator(self) -> StreamingAggregator:
         """A fresh per-module streaming aggregator for one round."""

@@ -9,7 +9,9 @@ accepts any rank 1 <= r' <= the served one and assigns r' from the next round on
 trains and sends less). A pruned device's dropped slots keep the global's values (its change there
 is zero), so they are not shrunk towards zero as plain zero-padding would.
 
-Not implemented from the paper: sparsity-weighted aggregation (weights by ||B_k A_k||).
+Sparsity-weighted aggregation: each device's weight (the round policy's) is multiplied by the
+Frobenius norm of its uploaded product, sqrt(sum over modules ||s_k B_k A_k||_F^2), so devices whose
+adapters carry more (less sparse) updates count more (`product_norm`).
 """
 from __future__ import annotations
 
@@ -55,6 +57,15 @@ def rebased_change(G: LoraUpdate, A: torch.Tensor, B: torch.Tensor, A0: torch.Te
     return LoraUpdate(A=A_new.float(), B=B_new.float(), scale=s)
 
 
+def product_norm(mods: Mapping[str, tuple[torch.Tensor, torch.Tensor]], scale: float) -> float:
+    """sqrt(sum over modules ||scale B A||_F^2) for module -> (A (r, in), B (out, r)), from the r x r
+    Gram matrices (no out x in product is formed)."""
+    total = 0.0
+    for A, B in mods.values():
+        total += float(((A.double() @ A.double().T) * (B.double().T @ B.double())).sum().clamp_min(0.0))
+    return abs(scale) * total ** 0.5
+
+
 class HetLoRA(Method):
     name = "hetlora"
     summary = "HetLoRA: zero-padding + rank self-pruning (--prune-threshold); devices may upload a lower rank"
@@ -81,6 +92,12 @@ class HetLoRA(Method):
 
     def aggregator(self) -> StreamingAggregator:
         return StreamingAggregator("padded", rank=self.cfg.max_rank)
+
+    def weight_factor(self, mods: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Sparsity-weighted aggregation: the norm of the device's product (floored so that an
+        all-zero upload still counts a little and a round never has zero total weight)."""
+        r = int(next(iter(mods.values()))[0].shape[0]) if mods else self.cfg.max_rank
+        return max(product_norm(mods, self.cfg.scale(r)), 1e-6)
 
     def updates(self, mods: Mapping[str, tuple[torch.Tensor, torch.Tensor]], g: GlobalState,
                 start: Mapping[str, torch.Tensor] | None) -> dict[str, LoraUpdate]:
