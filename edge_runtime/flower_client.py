@@ -151,6 +151,10 @@ class DeviceRuntime:
             if inc:
                 t.merge_base_delta(inc)
         contract = contract_of(config)
+        if contract.personal_rank:  # refused, not silently trained without the personal adapter
+            raise ValueError(f"the download's contract asks for a personal adapter (personal_rank "
+                             f"{contract.personal_rank}); this Flower ClientApp does not train one: run the method "
+                             "with edge-coordinator serve / edge-runtime join (docs/methods.md)")
         if contract.keep_local:
             state = prepare_download(state, t.adapter_state(), kept, contract)
         t.load_adapter_state(state)
