@@ -105,6 +105,7 @@ class Publisher:
         c.global_round = rnd.round_id
         metrics.update({"aggregate_s": time.perf_counter() - t0, "uploads": n_uploads})
         metrics.update(self.evaluate(c.global_state))
+        metrics.update(holdout_mean(c.store.updates(rnd.round_id)))  # the devices' own held-out accuracies
         self.write_global(rnd.round_id, metrics)
         log.info("round %d aggregated (%s, %d uploads)%s", rnd.round_id, c.cfg.strategy, n_uploads,
                  f": eval loss {metrics['loss']:.4f}" if "loss" in metrics else "")
@@ -154,3 +155,19 @@ def progress_of(stats: dict[str, Any]) -> float | None:
         return None if v is None else float(v)
     except (ValueError, TypeError, AttributeError):
         return None
+
+
+def holdout_mean(updates: list[dict[str, Any]]) -> dict[str, float]:
+    """{"device_holdout_accuracy": mean, "device_holdout_n": count} of the held-out accuracies the
+    round's devices reported (each its own model on its own rows; personalized with feddpa), or {}."""
+    import json
+
+    accs = []
+    for u in updates:
+        try:
+            v = json.loads((u.get("stats") or {}).get("extra_json") or "{}").get("holdout_accuracy")
+        except (ValueError, TypeError, AttributeError):
+            continue
+        if isinstance(v, (int, float)) and v == v:
+            accs.append(float(v))
+    return {"device_holdout_accuracy": sum(accs) / len(accs), "device_holdout_n": len(accs)} if accs else {}

@@ -27,6 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="tries per call on UNAVAILABLE / DEADLINE_EXCEEDED (exponential backoff with jitter)")
     p.add_argument("--max-rounds", type=int, default=None)
     p.add_argument("--limit", type=int, default=None, help="use at most this many local records")
+    p.add_argument("--holdout-data", default=None,
+                   help="this device's held-out rows: its model is evaluated on them after each round's training and "
+                        "the accuracy reported (with a personal adapter, e.g. feddpa: the personalized accuracy)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--uplink-mbps", type=float, default=None, help="shape uploads to this rate (emulation)")
     p.add_argument("--downlink-mbps", type=float, default=None, help="shape downloads to this rate (emulation)")
@@ -122,7 +125,8 @@ def cmd_join(args) -> int:
     cfg = JoinConfig(target=args.target, model=args.model, plan=plan, profile=profile, records=records,
                      name=args.name, state_dir=args.state_dir, max_rounds=args.max_rounds,
                      enrolment_token=args.enrolment_token, credentials=_credentials(args), throttle_up=up,
-                     throttle_down=down, threads=args.threads, emulation=emu.get("emulation"))
+                     throttle_down=down, threads=args.threads, emulation=emu.get("emulation"),
+                     holdout=load_records(args.holdout_data) if args.holdout_data else [])
     if args.retry_attempts != cfg.retry.attempts:
         from dataclasses import replace as _replace
 

@@ -217,6 +217,9 @@ class JoinConfig:
     # edge_runtime.emulation.DeviceEmulation (--emulate): pacing, availability and dropout around each round
     emulation: Any = None
     stepdown: bool = True  # on out-of-memory, step down the plan and resume (edge_runtime.stepdown)
+    # this device's own held-out rows: its model after each round's training is evaluated on them and the
+    # accuracy reported ("holdout_accuracy" in TrainStats.extra_json; with a personal adapter: personalized)
+    holdout: list[dict[str, Any]] = field(default_factory=list)
 
 
 class _Heartbeat:

@@ -156,8 +156,17 @@ def prune(trainer: RoundTrainer, t: pb.Task, fetched: Fetched) -> dict[str, Any]
     return {"pruned_rank": new, "plan": {**trainer.plan.to_dict(), "rank": new}}
 
 
+def holdout_accuracy(trainer: RoundTrainer, t: pb.Task, holdout: list[dict[str, Any]]) -> dict[str, Any]:
+    """{"holdout_accuracy": ...} of the device's model after training (global part + a personal
+    adapter, if any) on its own held-out rows; {} without rows or for a ZO device."""
+    if not holdout or t.mode == "zo":
+        return {}
+    return {"holdout_accuracy": float(trainer.evaluate(holdout)["accuracy"])}
+
+
 def train_stats(trainer: RoundTrainer, fetched: Fetched, trained: Trained, num_records: int,
                 last_upload_s: float, pruned: dict[str, Any] | None = None) -> pb.TrainStats:
+    """The round's TrainStats; `pruned`: what the device adds to extra_json (pruned rank, held-out accuracy)."""
     from protos.adapter import loss_progress
 
     r = trained.result
@@ -304,8 +313,8 @@ class DeviceRound:
 
     def send_and_report(self, t: pb.Task, fetched: Fetched, trained: Trained) -> dict[str, Any]:
         self.hb.status = "uploading"
-        pruned = prune(self.trainer, t, fetched)
-        stats = train_stats(self.trainer, fetched, trained, len(self.cfg.records), self.last_upload_s, pruned)
+        extra = {**prune(self.trainer, t, fetched), **holdout_accuracy(self.trainer, t, self.cfg.holdout)}
+        stats = train_stats(self.trainer, fetched, trained, len(self.cfg.records), self.last_upload_s, extra)
         sent = send(self.client, self.trainer, t, trained, stats, fetched, self.kept)
         self.last_upload_s = sent.seconds
         self.hb.status = "idle"

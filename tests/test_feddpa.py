@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 import threading
-from dataclasses import replace
 
 import pytest
 import torch
@@ -78,7 +77,7 @@ def test_personalized_beats_global_over_grpc(minilm, tmp_path):
     from edge_runtime.training.session import LocalTrainer
 
     torch.set_num_threads(1)
-    shards = partition(load_sst2("train", limit=600), 3, scheme="dirichlet", alpha=0.5, seed=0)
+    shards = partition(load_sst2("train", limit=600), 3, scheme="dirichlet", alpha=0.5, seed=1)  # shares 0.84, 0.45, 0.14
     for i, sh in enumerate(shards):  # partition groups rows by label: shuffle before the held-out cut
         random.Random(i).shuffle(sh)
     r = 4
@@ -90,19 +89,19 @@ def test_personalized_beats_global_over_grpc(minilm, tmp_path):
     plan = Plan(rank=r, target_modules=["query", "value"], batch_size=16, seq_len=48, learning_rate=5e-3)
     trainers, outs = {}, {}
 
-    def device(i: int, train: list[dict]) -> None:
+    def device(i: int, train: list[dict], holdout: list[dict]) -> None:
         def factory(model, p, task, memory_budget_bytes=None, seed=0, threads=None):
-            trainers[i] = LocalTrainer(model, replace(p, rank=2 * r), task, seed=seed)
+            trainers[i] = LocalTrainer(model, p, task, seed=seed)  # plan rank r: the device makes room for 2 r
             return trainers[i]
 
         prof = DeviceProfile(name=f"d{i}", memory_total_bytes=4 << 30, memory_budget_bytes=2 << 30,
                              compute_gflops={"fp32": 10.0})
         outs[i] = run_join(JoinConfig(target=f"127.0.0.1:{port}", model=str(minilm), plan=plan, profile=prof,
-                                      records=train, name=f"d{i}", heartbeat_s=1.0, max_poll_s=0.3, stepdown=False),
-                           factory)
+                                      records=train, name=f"d{i}", heartbeat_s=1.0, max_poll_s=0.3, stepdown=False,
+                                      holdout=holdout), factory)
 
     cut = [int(0.75 * len(s)) for s in shards]
-    threads = [threading.Thread(target=device, args=(i, s[:c])) for i, (s, c) in enumerate(zip(shards, cut))]
+    threads = [threading.Thread(target=device, args=(i, s[:c], s[c:])) for i, (s, c) in enumerate(zip(shards, cut))]
     try:
         for t in threads:
             t.start()
@@ -115,6 +114,8 @@ def test_personalized_beats_global_over_grpc(minilm, tmp_path):
     assert all(u["size"] > 0 for u in coord.store.updates(2))
     accs = [_accuracies(trainers[i], coord.global_state, coord.method, shards[i][cut[i]:], r) for i in range(3)]
     personal, glob = (sum(a[k] for a in accs) / 3 for k in (0, 1))
+    reported = coord.store.rounds()[-1]["metrics"]  # what the devices reported, averaged by the coordinator
+    assert reported["device_holdout_n"] == 3 and reported["device_holdout_accuracy"] == pytest.approx(personal)
     print(f"personalized {personal:.3f} vs global {glob:.3f} per device {accs}")
     assert personal > glob, accs
     coord.close()
