@@ -5,7 +5,6 @@ its personal adapter) beats the final global model on average."""
 from __future__ import annotations
 
 import random
-import threading
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch
 from coordinator.engine import RoundEngine
 from coordinator.methods import MethodConfig, make_method
 from edge_runtime.training.personal import PERSONAL, split_personal, with_personal, without_personal
+from tests.waiting import run_devices
 from protos.adapter import A_SUFFIX, B_SUFFIX, DeviceContract
 from protos.wire import split_download
 
@@ -101,14 +101,7 @@ def test_personalized_beats_global_over_grpc(minilm, tmp_path):
                                       holdout=holdout), factory)
 
     cut = [int(0.75 * len(s)) for s in shards]
-    threads = [threading.Thread(target=device, args=(i, s[:c], s[c:])) for i, (s, c) in enumerate(zip(shards, cut))]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=55)
-    finally:
-        server.stop(0)
+    run_devices(server, [(device, (i, s[:c], s[c:])) for i, (s, c) in enumerate(zip(shards, cut))])
     assert len(outs) == 3 and all(len(o["rounds"]) == 2 and all(x["accepted"] for x in o["rounds"])
                                   for o in outs.values())
     assert all(u["size"] > 0 for u in coord.store.updates(2))

@@ -3,7 +3,6 @@ by the residual base, clear errors, and a federation over real gRPC that starts 
 from __future__ import annotations
 
 import json
-import threading
 from dataclasses import replace
 
 import pytest
@@ -13,6 +12,7 @@ from coordinator.aggregation.svd_init import svd_init_factors
 from coordinator.engine import RoundEngine
 from coordinator.init_global import initial_global
 from coordinator.methods import MethodConfig, make_method
+from tests.waiting import run_devices
 from protos.adapter import A_SUFFIX, B_SUFFIX
 from protos.wire import BASE_DELTA, split_download
 
@@ -101,14 +101,7 @@ def test_federation_starts_from_the_svd_init_over_grpc(bert, tmp_path):
         outs[name] = run_join(JoinConfig(target=f"127.0.0.1:{port}", model=str(bert), plan=replace(plan),
                                          profile=prof, records=shard, name=name, heartbeat_s=1.0, max_poll_s=0.3))
 
-    threads = [threading.Thread(target=device, args=(f"d{i}", recs[i::2])) for i in range(2)]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=55)
-    finally:
-        server.stop(0)
+    run_devices(server, [(device, (f"d{i}", recs[i::2])) for i in range(2)])
     assert set(outs) == {"d0", "d1"}, "a device did not finish"
     assert all(r["accepted"] for o in outs.values() for r in o["rounds"]) and all(len(o["rounds"]) == 2
                                                                                   for o in outs.values())

@@ -4,7 +4,6 @@ devices prune after round 1 and train and send less from round 2 on."""
 from __future__ import annotations
 
 import json
-import threading
 from dataclasses import replace
 
 import pytest
@@ -14,6 +13,7 @@ from coordinator.engine import RoundEngine
 from coordinator.methods import MethodConfig, make_method
 from coordinator.validation import UpdateInvalid
 from edge_runtime.training.prune import lora_scale, prune_state, pruned_rank, tail_shares
+from tests.waiting import run_devices
 from protos.adapter import A_SUFFIX, B_SUFFIX, DeviceContract
 
 NAME = "hetlora"
@@ -156,15 +156,7 @@ def test_devices_prune_over_grpc_and_send_less(bert, tmp_path):
         outs[name] = run_join(JoinConfig(target=f"127.0.0.1:{port}", model=str(bert), plan=replace(base, rank=rank),
                                          profile=prof, records=shard, name=name, heartbeat_s=1.0, max_poll_s=0.3))
 
-    threads = [threading.Thread(target=device, args=(n, r, recs[i::2])) for i, (n, r) in
-               enumerate((("big", 8), ("small", 4)))]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=55)
-    finally:
-        server.stop(0)
+    run_devices(server, [(device, (n, r, recs[i::2])) for i, (n, r) in enumerate((("big", 8), ("small", 4)))])
     assert set(outs) == {"big", "small"}, "a device did not finish"
     for name, first in (("big", 8), ("small", 4)):
         rounds = outs[name]["rounds"]

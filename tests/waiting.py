@@ -38,3 +38,18 @@ def wait_until(predicate: Callable[[], T], timeout: float = 30.0, *, what: str =
     if diagnose is not None:
         msg += f"\n{diagnose()}"
     raise AssertionError(msg)
+
+
+def run_devices(server, jobs: list[tuple[Callable[..., object], tuple]], timeout: float = 55.0) -> None:
+    """Run each (device function, args) in its own thread, join them (`timeout` each), then stop
+    the gRPC `server` whatever happened (the caller asserts on what the devices returned)."""
+    import threading
+
+    threads = [threading.Thread(target=fn, args=args) for fn, args in jobs]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=timeout)
+    finally:
+        server.stop(0)
