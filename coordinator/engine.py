@@ -82,7 +82,7 @@ class RoundEngine:
         meta = {"strategy": self.method.name, "rank": rank, "lora_alpha": cfg.lora_alpha,
                 "use_rslora": int(cfg.use_rslora), "round_id": self.round_id,
                 CONTRACT_META: self.method.contract(mode, self.round_id).to_meta(),
-                RECIPE_META: self.policy.recipe(self.round_id).to_meta()}
+                RECIPE_META: self.policy.recipe(self.round_id, self.method.lr_factor).to_meta()}
         return encode_tensors(tensors, meta, "fp32")
 
     def kept_from(self, final: Mapping[str, torch.Tensor], mode: str) -> State:

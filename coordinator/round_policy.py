@@ -49,10 +49,11 @@ class RoundPolicy:
         """Weights = examples, no recipe, no server optimizer (the methods' textbook aggregation)."""
         return cls(weight_temper=1.0, zo_progress=False, logit_adjust=0.0)
 
-    def recipe(self, round_id: int) -> TrainingRecipe:
-        """What every device is told to do in `round_id` (1-based)."""
+    def recipe(self, round_id: int, lr_factor: float = 1.0) -> TrainingRecipe:
+        """What every device is told to do in `round_id` (1-based); `lr_factor`: the method's
+        learning-rate multiplier (`Method.lr_factor`)."""
         return TrainingRecipe(prox_mu=self.prox_mu, logit_adjust=self.logit_adjust,
-                              lr_scale=self.lr_decay ** max(0, round_id - 1), freeze_head=self.freeze_head)
+                              lr_scale=lr_factor * self.lr_decay ** max(0, round_id - 1), freeze_head=self.freeze_head)
 
     def weight(self, num_examples: float) -> float:
         """A device's aggregation weight from the examples it reports (>= 1)."""

@@ -94,6 +94,17 @@ def test_policy_weights_and_recipe():
     assert loss_progress([1.0]) == 0.0 and loss_progress([1.0, 2.0, 3.0]) == 0.0
 
 
+def test_method_lr_factor_reaches_the_recipe():
+    """A method's learning-rate factor multiplies the round's schedule in what devices download."""
+    from protos.wire import decode_tensors
+    for name, factor in (("fedavg", 1.0), ("ffa", 2.0)):
+        method = make_method(MethodConfig(name, max_rank=R))
+        g = method.initial({"m" + A_SUFFIX: torch.randn(R, IN), "m" + B_SUFFIX: torch.zeros(OUT, R)})
+        e = RoundEngine(method, g, 3, policy=RoundPolicy(lr_decay=0.5))
+        _, meta = decode_tensors(e.blob(e.download(R, "lora", 0), R, "lora"))
+        assert TrainingRecipe.from_meta(meta).lr_scale == pytest.approx(factor * 0.25)
+
+
 def test_zo_device_weighted_by_its_progress():
     method = make_method(MethodConfig("fedavg", max_rank=R))
     g = method.initial({"m" + A_SUFFIX: torch.randn(R, IN), "m" + B_SUFFIX: torch.zeros(OUT, R)})

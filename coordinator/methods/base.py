@@ -81,6 +81,7 @@ class Method:
     secagg_refusal: ClassVar[str | None] = None  # why secure aggregation cannot run it (None: it can)
     prunes_rank: ClassVar[bool] = False  # devices may upload below their served rank (rank self-pruning)
     serves_base: ClassVar[bool] = True  # `serve` sends GlobalState.base and `deltas` includes it (FeDeRA's residual)
+    lr_factor: ClassVar[float] = 1.0  # x the round's learning rate (the recipe's lr_scale) for this method's devices
 
     def __init__(self, cfg: MethodConfig) -> None:
         if cfg.prune_threshold and not self.prunes_rank:
