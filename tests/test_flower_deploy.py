@@ -34,8 +34,10 @@ MiB = 2**20
 
 
 def _stepdown_node(fleet, out: Path) -> dict:
-    """A fifth device whose plan (batch 64 x 128 tokens of long rows) needs ~180 MiB above the runtime while
-    its profile allows 32 MiB above the ClientApp's runtime: its memory guard must trip and step it down."""
+    """A fifth device whose plan (batch 64 x 256 tokens of long rows) needs several hundred MiB above the
+    runtime while its profile allows 32 MiB above the ClientApp's runtime (measured as RSS, file pages
+    included, while the guard counts anonymous memory: the margin must exceed those file pages): its
+    memory guard must trip and step it down."""
     import yaml
 
     from edge_runtime.data import load_sst2
@@ -44,9 +46,9 @@ def _stepdown_node(fleet, out: Path) -> dict:
     (out / "stepdown.yaml").write_text(yaml.safe_dump({
         "name": "emu-stepdown", "kind": "emulated", "memory_total": "2GiB", "memory_budget": 32 * MiB,
         "compute_gflops": {"fp32": 5.0}, "precisions": ["fp32"], "budget_excludes_runtime": True}))
-    plan = Plan(rank=4, target_modules=["query", "value"], batch_size=64, seq_len=128, learning_rate=1e-2)
+    plan = Plan(rank=4, target_modules=["query", "value"], batch_size=64, seq_len=256, learning_rate=1e-2)
     (out / "stepdown-plan.json").write_text(plan.to_json())
-    rows = [dict(r, text=(r["text"] + " ") * 8) for r in load_sst2("train", limit=160)[32:160]]
+    rows = [dict(r, text=(r["text"] + " ") * 16) for r in load_sst2("train", limit=160)[32:160]]
     (out / "stepdown.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"model": fleet["model"], "profile": str(out / "stepdown.yaml"), "data": str(out / "stepdown.jsonl"),
             "plan": str(out / "stepdown-plan.json"), "threads": 1}
