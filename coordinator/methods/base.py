@@ -69,6 +69,13 @@ class Served:
     base_delta: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
+def _with(flag: str) -> str:
+    """The registered method names whose class attribute `flag` is true, comma-separated."""
+    from .registry import METHODS
+
+    return ", ".join(n for n, c in METHODS.items() if getattr(c, flag))
+
+
 class Method:
     """Default behaviour: one global adapter at max_rank that every device trains (FedIT)."""
 
@@ -85,17 +92,12 @@ class Method:
 
     def __init__(self, cfg: MethodConfig) -> None:
         if cfg.prune_threshold and not self.prunes_rank:
-            from .registry import METHODS
-
-            ok = ", ".join(n for n, c in METHODS.items() if c.prunes_rank)
             raise ValueError(f"--prune-threshold {cfg.prune_threshold}: strategy {cfg.name!r} trains fixed ranks; "
-                             f"rank self-pruning needs one of: {ok} (or leave --prune-threshold at 0)")
+                             f"rank self-pruning needs one of: {_with('prunes_rank')} "
+                             "(or leave --prune-threshold at 0)")
         if cfg.init != "random" and not self.serves_base:
-            from .registry import METHODS
-
-            ok = ", ".join(n for n, c in METHODS.items() if c.serves_base)
             raise ValueError(f"--init {cfg.init}: strategy {cfg.name!r} does not send a residual base to devices; "
-                             f"an SVD initialisation needs one of: {ok} (or --init random)")
+                             f"an SVD initialisation needs one of: {_with('serves_base')} (or --init random)")
         self.cfg = cfg
 
     # -- global state ----------------------------------------------------------------------

@@ -33,7 +33,7 @@ class FedExLoRA(Method):
 
     def serve(self, g: GlobalState, rank: int, seed: int) -> Served:
         adapter = self.serve_slices(g, rank).adapter
-        return Served(adapter, {n: ((u.B.double() * u.scale).float(), u.A.clone()) for n, u in g.base.items()})
+        return Served(adapter, self.base_delta(g))
 
     def aggregator(self) -> PairedAggregator:
         return PairedAggregator(self.cfg.max_rank, self.cfg.cap_rank)
