@@ -40,7 +40,11 @@ def _serve_parser(sub) -> None:
                         "device drops trailing rank slots carrying at most this share of its B A (0: off)")
     p.add_argument("--init", choices=INITS, default="random",
                    help="round-1 LoRA factors: random (peft: A kaiming, B 0) or federa (FeDeRA: the base weights' top "
-                        "singular directions, their part moved out of every base so the initial model is unchanged)")
+                        "singular directions, their part moved out of every base so the initial model is unchanged) "
+                        "or slora (SLoRA: --slora-rounds of sparse fine-tuning, then LoRA from the SVD of its delta)")
+    p.add_argument("--slora-rounds", type=int, default=0, help="--init slora: sparse rounds before LoRA (>= 1)")
+    p.add_argument("--slora-density", type=float, default=0.0,
+                   help="--init slora: share of each LoRA module's base weight entries trained then, e.g. 0.02")
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--rslora", action="store_true")
     p.add_argument("--task", choices=("classification", "causal_lm"), default="classification")
@@ -97,6 +101,7 @@ def cmd_serve(args) -> int:
         fraction=args.fraction, quorum=args.quorum, round_timeout_s=args.round_timeout,
         heartbeat_timeout_s=args.heartbeat_timeout, local_steps=args.local_steps, zo_local_steps=args.zo_local_steps, lr=args.lr, zo_lr=args.zo_lr,
         max_rank=args.max_rank, cap_rank=args.cap_rank, prune_threshold=args.prune_threshold, init=args.init,
+        slora_rounds=args.slora_rounds, slora_density=args.slora_density,
         lora_alpha=args.lora_alpha, use_rslora=args.rslora,
         task=args.task, num_labels=args.num_labels,
         target_modules=[t for t in args.target_modules.split(",") if t], seed=args.seed, eval_data=args.eval_data,

@@ -33,7 +33,9 @@ class CoordinatorConfig:
     max_rank: int = 8
     cap_rank: int = 64
     prune_threshold: float = 0.0  # rank self-pruning (hetlora): coordinator.methods.base.MethodConfig
-    init: str = "random"  # the round-1 LoRA factors: "random" (peft) or "federa" (coordinator.init_global)
+    init: str = "random"  # the round-1 LoRA factors: "random" (peft), "federa" or "slora" (coordinator.init_global)
+    slora_rounds: int = 0  # --init slora: sparse rounds before LoRA (coordinator.slora)
+    slora_density: float = 0.0  # --init slora: share of each LoRA module's base weight entries trained in them
     lora_alpha: float = 16.0
     use_rslora: bool = False
     task: str = "classification"
@@ -66,6 +68,9 @@ class CoordinatorConfig:
     def __post_init__(self) -> None:
         if self.secagg_zo_pool < 0:
             raise ValueError(f"--secagg-zo-pool must be >= 0 (0: ZO devices send adapters), got {self.secagg_zo_pool}")
+        if self.slora_rounds and self.slora_rounds >= self.rounds:
+            raise ValueError(f"--slora-rounds {self.slora_rounds}: the sparse stage must end before the last round "
+                             f"(--rounds {self.rounds}); LoRA trains in the rounds after it")
         if self.secagg:
             check_secagg_config(self.strategy, self.secagg_settings(), self.min_devices, self.defence_config().active)
 
@@ -95,4 +100,5 @@ class CoordinatorConfig:
     def method_config(self) -> MethodConfig:
         return MethodConfig(name=self.strategy, max_rank=self.max_rank, lora_alpha=self.lora_alpha,
                             use_rslora=self.use_rslora, cap_rank=max(self.cap_rank, self.max_rank),
-                            prune_threshold=self.prune_threshold, init=self.init)
+                            prune_threshold=self.prune_threshold, init=self.init, slora_rounds=self.slora_rounds,
+                            slora_density=self.slora_density, slora_seed=self.seed)

@@ -26,6 +26,7 @@ import torch
 from protos.adapter import A_SUFFIX, B_SUFFIX, CONTRACT_META, RECIPE_META, State
 from protos.wire import BASE_DELTA, decode_tensors, encode_tensors, split_download
 
+from . import slora
 from .aggregation import GlobalState, LoraUpdate, split_state, zo_replay_update
 from .methods import Method
 from .round_policy import RoundPolicy
@@ -69,7 +70,7 @@ class RoundEngine:
             if key not in out and mod is not None and tuple(t.shape) == (mod.shape[0], ref.shape[0]):
                 out[key] = t.clone()
         for key in [k for k in out if k.endswith(A_SUFFIX) and k[: -len(A_SUFFIX)] + B_SUFFIX not in out]:
-            if not self.method.contract(mode, self.round_id).is_local(key[: -len(A_SUFFIX)] + B_SUFFIX):  # nothing kept yet
+            if not self.method.device_contract(mode, self.round_id).is_local(key[: -len(A_SUFFIX)] + B_SUFFIX):  # nothing kept yet
                 out[key[: -len(A_SUFFIX)] + B_SUFFIX] = torch.zeros(self.g.modules[key[: -len(A_SUFFIX)]].shape[0],
                                                                     out[key].shape[0])
         for name, (B, A) in served.base_delta.items():
@@ -81,7 +82,7 @@ class RoundEngine:
         cfg = self.method.cfg
         meta = {"strategy": self.method.name, "rank": rank, "lora_alpha": cfg.lora_alpha,
                 "use_rslora": int(cfg.use_rslora), "round_id": self.round_id,
-                CONTRACT_META: self.method.contract(mode, self.round_id).to_meta(),
+                CONTRACT_META: self.method.device_contract(mode, self.round_id).to_meta(),
                 RECIPE_META: self.policy.recipe(self.round_id, self.method.lr_factor).to_meta()}
         return encode_tensors(tensors, meta, "fp32")
 
@@ -189,8 +190,8 @@ class RoundEngine:
         if zo_factors:
             metrics["zo_weight_factor"] = min(zo_factors.values())
         cfg = self.policy.server_opt
-        return apply_server_opt(cfg, self.opt_state, self.g, agg, self.method.factor_space,
-                                self.method.cfg.cap_rank), metrics
+        nxt = apply_server_opt(cfg, self.opt_state, self.g, agg, self.method.factor_space, self.method.cfg.cap_rank)
+        return slora.after_round(self.method, self.round_id, self.g, nxt), metrics  # SLoRA's switch, if due
 
 
 # -- global state <-> bytes -----------------------------------------------------------------

@@ -329,7 +329,7 @@ class HeteroLoraStrategy(Strategy):
                 P.CFG_TARGETS: json.dumps(self.target_modules), P.CFG_STEPS: int(steps),
                 P.CFG_LR: float(cfg.zo_lr if info.mode == "zo" else cfg.lr), P.CFG_SEED: int(cfg.seed + server_round),
                 P.CFG_ROUND: int(server_round), P.CFG_TASK: cfg.task, P.CFG_LABELS: int(cfg.num_labels),
-                P.CFG_CONTRACT: self.method.contract(info.mode, server_round).to_meta(),
+                P.CFG_CONTRACT: self.method.device_contract(info.mode, server_round).to_meta(),
                 P.CFG_RECIPE: self.policy.recipe(server_round, self.method.lr_factor).to_meta()}
 
 

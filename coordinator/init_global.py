@@ -7,6 +7,7 @@ base_weights: the base model's state dict (keys without peft's prefix, e.g.
 `bert.encoder.layer.0.attention.self.query.weight`, (out, in)). With "federa" every LoRA module
 starts at the principal part of its weight (`aggregation.svd_init`) and `GlobalState.base` holds
 the residual -s B0 A0 that every device merges into its base, so the initial model is unchanged.
+With "slora" the global starts at peft's init plus a zero sparse delta (`coordinator.slora`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 
 from protos.adapter import A_SUFFIX, B_SUFFIX
 
+from . import slora
 from .aggregation import GlobalState, LoraUpdate
 from .aggregation.svd_init import svd_init_factors
 from .methods import Method
@@ -34,10 +36,13 @@ def weight_of(base_weights: Mapping[str, torch.Tensor], module: str) -> torch.Te
 
 def initial_global(method: Method, init_state: Mapping[str, torch.Tensor],
                    base_weights: Mapping[str, torch.Tensor]) -> GlobalState:
-    """`method.initial(init_state)`, or (cfg.init == "federa") from the SVD of the base weights."""
+    """`method.initial(init_state)`, or (cfg.init == "federa") from the SVD of the base weights, or
+    (cfg.init == "slora") with a zero sparse delta."""
     cfg = method.cfg
     if cfg.init == "random":
         return method.initial(init_state)
+    if cfg.init == slora.INIT:  # the sparse stage first; its delta's SVD starts LoRA later (coordinator.slora)
+        return slora.with_zero_delta(cfg, method.initial(init_state))
     s = cfg.scale(cfg.max_rank)
     state, base = dict(init_state), {}
     for key in sorted(k for k in init_state if k.endswith(A_SUFFIX)):

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from protos.model_load import LOAD_LOCK, ensure_output_head
+from protos.sparse import SPARSE_SUFFIX
 
 HEAD_NAMES = ("classifier", "score")
 TARGET_CANDIDATES = (("q_proj", "v_proj"), ("query", "value"), ("c_attn",), ("qkv_proj",))
@@ -154,6 +155,8 @@ class Evaluator:
                 raise ValueError(f"global module {name!r} does not match a weight of the base model ({key})")
             state[key] += (B.double() @ A.double()).to(state[key].dtype)
         for name, t in extra.items():
+            if name.endswith(SPARSE_SUFFIX):  # SLoRA's sparse delta: in `deltas` (coordinator.slora)
+                continue
             key = _strip(name).replace(".modules_to_save.default", "")
             if key not in state:
                 raise ValueError(f"global tensor {name!r} does not match a parameter of the base model ({key})")
@@ -204,6 +207,7 @@ def peft_export_files(deltas: Mapping[str, tuple[torch.Tensor, torch.Tensor]], e
     for name, (B, A) in deltas.items():
         tensors[name + ".lora_A.weight"], tensors[name + ".lora_B.weight"] = A.contiguous(), B.contiguous()
         ranks[_strip(name)] = int(A.shape[0])
+    extra = {k: v for k, v in extra.items() if not k.endswith(SPARSE_SUFFIX)}  # SLoRA's: in `deltas`
     tensors.update({k: v.contiguous() for k, v in extra.items()})
     r = max(ranks.values()) if ranks else 1
     pattern = {k: v for k, v in ranks.items() if v != r}

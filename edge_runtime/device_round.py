@@ -104,6 +104,7 @@ def load(trainer: RoundTrainer, t: pb.Task, fetched: Fetched, tracker: DeltaTrac
         inc = tracker.increment(fetched.delta)
         if inc:
             trainer.merge_base_delta(inc)
+    _attach_sparse(trainer, fetched.contract)
     state = fetched.state
     if fetched.contract.keep_local:
         state = prepare_download(state, trainer.adapter_state(), kept, fetched.contract)
@@ -120,6 +121,16 @@ def load(trainer: RoundTrainer, t: pb.Task, fetched: Fetched, tracker: DeltaTrac
 
         rp = RoundPayload.from_bytes(t.secagg_payload)
         trainer.zo_pool_seed, trainer.zo_pool_size = (rp.zo_pool_seed, rp.zo_pool_size) if rp.zo_scalars else (0, None)
+
+
+def _attach_sparse(trainer: RoundTrainer, contract: DeviceContract) -> None:
+    """SLoRA's sparse delta as the contract says (none: removed); a trainer without one refuses a sparse stage."""
+    attach = getattr(trainer, "attach_sparse", None)  # optional member (edge_runtime.trainer_protocol)
+    if attach is not None:
+        attach(contract.sparse_seed, contract.sparse_density)
+    elif contract.sparse_density:
+        raise ValueError(f"the download's contract asks for a sparse delta (SLoRA, density {contract.sparse_density}); "
+                         f"this trainer ({type(trainer).__name__}) has none: join with the torch trainer")
 
 
 def _fit_rank(trainer: RoundTrainer, rank: int) -> None:

@@ -155,6 +155,10 @@ class DeviceRuntime:
             raise ValueError(f"the download's contract asks for a personal adapter (personal_rank "
                              f"{contract.personal_rank}); this Flower ClientApp does not train one: run the method "
                              "with edge-coordinator serve / edge-runtime join (docs/methods.md)")
+        if contract.sparse_density:  # refused like the personal adapter: SLoRA's sparse stage is not wired here
+            raise ValueError(f"the download's contract asks for a sparse delta (SLoRA, density "
+                             f"{contract.sparse_density}); this Flower ClientApp does not train one: run --init slora "
+                             "with edge-coordinator serve / edge-runtime join (docs/methods.md)")
         if contract.keep_local:
             state = prepare_download(state, t.adapter_state(), kept, contract)
         t.load_adapter_state(state)

@@ -205,6 +205,7 @@ class AdaptiveTrainer:
         self.last_events: list[dict[str, Any]] = []  # those of the last train() call
         self._merges: list[Mapping[str, tuple]] = []
         self._conf: dict[str, Any] = {}
+        self._sparse: tuple[int, float] = (0, 0.0)  # SLoRA's sparse delta (seed, density), re-attached on a rebuild
 
     # -- the inner trainer's state -----------------------------------------------------------
     @property
@@ -280,6 +281,10 @@ class AdaptiveTrainer:
     def merge_base_delta(self, factors: Mapping[str, tuple]) -> None:
         self._merges.append(dict(factors))
         self.inner.merge_base_delta(factors)
+
+    def attach_sparse(self, seed: int, density: float) -> None:
+        self._sparse = (int(seed), float(density))
+        self.inner.attach_sparse(seed, density)
 
     # -- train -------------------------------------------------------------------------------
     def train(self, records: Sequence[dict[str, Any]], steps: int, lr: float | None = None, seed: int = 0,
@@ -392,6 +397,7 @@ class AdaptiveTrainer:
             for m in self._merges:
                 inner.merge_base_delta(m)
             inner.configure(**conf)
+            inner.attach_sparse(*self._sparse)
             inner.load_adapter_state(state)
             return
         if new.gradient_checkpointing and not old.gradient_checkpointing:

@@ -36,7 +36,10 @@ class RoundTrainer(Protocol):
     plan: the plan it runs (after an out-of-memory step-down, the lower one); rank / lora_alpha /
     use_rslora: the adapter's current shape and scale (set by `configure`); zo_pool_seed /
     zo_pool_size: the seed pool of a secure seed-scalar ZO round (0 / None: the plan's own);
-    last_events: the step-downs of the last `train` call (empty without a step-down wrapper)."""
+    last_events: the step-downs of the last `train` call (empty without a step-down wrapper).
+    Optional: `attach_sparse(seed, density)`, SLoRA's sparse delta on the LoRA modules' base layers
+    (density 0: none; its values become adapter tensors): LocalTrainer and AdaptiveTrainer have it, a
+    trainer without it refuses a download whose contract asks for one."""
 
     plan: Plan
     rank: int

@@ -15,6 +15,10 @@ download's safetensors metadata, so the device runtime never branches on a metho
   smaller rank and reports it (0: off).
 - `personal_rank`: personalized LoRA (FedDPA-style): the device trains a personal adapter of this
   rank next to the global one (both applied), keeps it and uploads only the global one (0: off).
+- `sparse_density` / `sparse_seed`: SLoRA's sparse delta (`protos.sparse`): the device adds a delta at a
+  fixed random mask (this density, derived from this seed) to every LoRA module's base weight; its
+  values travel as `<module>.sparse_delta` tensors next to the adapter (0: off). `frozen` may name
+  the `.sparse_delta` suffix (after the switch to LoRA the delta stays, untrained).
 
 The round's `TrainingRecipe` (FedProx mu, logit adjustment, the lr schedule's factor) travels the
 same way.
@@ -48,9 +52,13 @@ class DeviceContract:
     frozen: tuple[str, ...] = ()
     prune_threshold: float = 0.0
     personal_rank: int = 0
+    sparse_density: float = 0.0
+    sparse_seed: int = 0
 
     def __post_init__(self) -> None:
         import math
+
+        from .sparse import SPARSE_SUFFIX
 
         if not (isinstance(self.personal_rank, int) and 0 <= self.personal_rank <= 4096):
             raise ValueError(f"device contract personal_rank={self.personal_rank!r}: expected an integer in [0, 4096] "
@@ -59,11 +67,15 @@ class DeviceContract:
         if not (math.isfinite(self.prune_threshold) and 0.0 <= self.prune_threshold < 1.0):
             raise ValueError(f"device contract prune_threshold={self.prune_threshold!r}: expected a number in "
                              "[0, 1) (the largest share of B A the dropped rank slots may carry; 0 = off)")
-        for field_name in ("keep_local", "frozen"):
-            bad = [s for s in getattr(self, field_name) if s not in (A_SUFFIX, B_SUFFIX)]
+        if not (math.isfinite(self.sparse_density) and 0.0 <= self.sparse_density <= 1.0):
+            raise ValueError(f"device contract sparse_density={self.sparse_density!r}: expected a number in [0, 1] "
+                             "(the share of a base weight's entries in the sparse delta; 0 = off)")
+        allowed = {"keep_local": (A_SUFFIX, B_SUFFIX), "frozen": (A_SUFFIX, B_SUFFIX, SPARSE_SUFFIX)}
+        for field_name, ok in allowed.items():
+            bad = [s for s in getattr(self, field_name) if s not in ok]
             if bad:
-                raise ValueError(f"device contract {field_name}: {bad} are not LoRA key suffixes "
-                                 f"({A_SUFFIX!r} or {B_SUFFIX!r})")
+                raise ValueError(f"device contract {field_name}: {bad} are not key suffixes it may name "
+                                 f"({', '.join(map(repr, ok))})")
 
     def to_meta(self) -> str:
         d: dict = {"keep_local": list(self.keep_local), "frozen": list(self.frozen)}
@@ -71,6 +83,8 @@ class DeviceContract:
             d["prune_threshold"] = self.prune_threshold
         if self.personal_rank:
             d["personal_rank"] = self.personal_rank
+        if self.sparse_density:
+            d["sparse_density"], d["sparse_seed"] = self.sparse_density, self.sparse_seed
         return json.dumps(d)
 
     @classmethod
@@ -83,7 +97,8 @@ class DeviceContract:
             d = json.loads(raw)
             return cls(keep_local=tuple(d.get("keep_local", ())), frozen=tuple(d.get("frozen", ())),
                        prune_threshold=float(d.get("prune_threshold", 0.0)),
-                       personal_rank=int(d.get("personal_rank", 0)))
+                       personal_rank=int(d.get("personal_rank", 0)),
+                       sparse_density=float(d.get("sparse_density", 0.0)), sparse_seed=int(d.get("sparse_seed", 0)))
         except (ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"download metadata {CONTRACT_META!r} is not a valid device contract: {raw!r} ({e})") from e
 

@@ -136,11 +136,14 @@ def run_federated(method_name: str, devices: list[dict[str, Any]], shards: list[
                   evaluator: Evaluator, init_state: dict[str, torch.Tensor], args, common_rank: int | None = None,
                   init_kind: str = "random", base_weights: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """R rounds of `method_name` over `devices` through the coordinator's RoundEngine (`init_kind`:
-    the round-1 factors, coordinator.init_global; "federa" needs the base model's `base_weights`)."""
+    the round-1 factors, coordinator.init_global; "federa" needs the base model's `base_weights`; "slora"
+    trains a sparse delta for --slora-rounds first)."""
     max_rank = common_rank or max(d["plan"].rank for d in devices)
     prune = args.prune_threshold if method_class(method_name).prunes_rank else 0.0
+    slora = ({"slora_rounds": args.slora_rounds, "slora_density": args.slora_density, "slora_seed": args.seed}
+             if init_kind == "slora" else {})  # SLoRA: the sparse stage's rounds and mask (coordinator.slora)
     method = make_method(MethodConfig(method_name, max_rank=max_rank, lora_alpha=args.alpha_lora, cap_rank=64,
-                                      prune_threshold=prune, init=init_kind))
+                                      prune_threshold=prune, init=init_kind, **slora))
     init = {k: (v[:max_rank] if k.endswith(A_SUFFIX) else v[:, :max_rank] if k.endswith(B_SUFFIX) else v)
             for k, v in init_state.items()}
     g = initial_global(method, init, base_weights or {})
@@ -267,9 +270,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="centralized lr x decay ** (round - 1) per round's worth of steps (1: constant)")
     ap.add_argument("--max-batch", type=int, default=0, help="cap the plans' micro-batch (CPU time; 0 = as planned)")
     ap.add_argument("--strategies",
-                    default=("centralized,fedavg,zero_pad,stack,svd,fedsa,ffa,rolora,hetlora,fedavg+init-federa,feddpa,"
-                             "svd+zo"),
-                    help="methods; NAME+zo adds the ZO devices, NAME+init-federa starts from FeDeRA's SVD init")
+                    default=("centralized,fedavg,zero_pad,stack,svd,fedsa,ffa,rolora,hetlora,fedavg+init-federa,"
+                             "fedavg+init-slora,feddpa,svd+zo"),
+                    help="methods; NAME+zo adds the ZO devices, NAME+init-federa starts from FeDeRA's SVD init, "
+                         "NAME+init-slora from SLoRA's (--slora-rounds sparse rounds, then LoRA)")
+    ap.add_argument("--slora-rounds", type=int, default=2, help="NAME+init-slora: sparse rounds before LoRA")
+    ap.add_argument("--slora-density", type=float, default=0.02,
+                    help="NAME+init-slora: share of each LoRA module's base weight entries trained in them")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="no training: merge these runs' results and write")
     ap.add_argument("--server-opt", default="none", choices=("none", "avgm", "adam", "yogi"))
     ap.add_argument("--server-lr", type=float, default=1.0)

@@ -76,6 +76,7 @@ def run_round(engine: RoundEngine, devices: Sequence[SimDevice], trainer_for: Ca
             inc = tracker_for(trainer).increment(delta)
             if inc:
                 trainer.merge_base_delta(inc)
+        trainer.attach_sparse(contract.sparse_seed, contract.sparse_density)  # SLoRA's sparse delta (0: none)
         state = prepare_download(state, trainer.adapter_state(), d.kept, contract)
         if L:
             state = with_personal(state, trainer.adapter_state(), d.kept, d.rank,

@@ -24,10 +24,11 @@ import torch
 
 from protos.adapter import A_SUFFIX, B_SUFFIX, DeviceContract, State, module_of
 
+from .. import slora
 from ..aggregation import GlobalState, LoraUpdate, StreamingAggregator, lora_scale, split_state, to_scale, truncate
 
 
-INITS = ("random", "federa")  # how the round-1 global's LoRA factors start (coordinator.init_global)
+INITS = ("random", "federa", "slora")  # how the round-1 global's LoRA factors start (coordinator.init_global)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ class MethodConfig:
     cap_rank: int = 64
     prune_threshold: float = 0.0  # rank self-pruning (methods with `prunes_rank`): see protos.adapter.DeviceContract
     init: str = "random"  # "random": peft's init (A kaiming, B 0); "federa": SVD of the base weights (init_global)
+    slora_rounds: int = 0  # init "slora": rounds of the sparse stage before LoRA (coordinator.slora)
+    slora_density: float = 0.0  # init "slora": share of each LoRA module's base weight entries trained in it
+    slora_seed: int = 0  # init "slora": the sparse mask's seed (protos.sparse)
 
     def __post_init__(self) -> None:
         if self.max_rank < 1 or self.cap_rank < self.max_rank:
@@ -49,9 +53,23 @@ class MethodConfig:
             raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha}")
         if self.init not in INITS:
             raise ValueError(f"--init / init {self.init!r}: choose one of {', '.join(INITS)}")
+        self._check_slora()
         if not (math.isfinite(self.prune_threshold) and 0.0 <= self.prune_threshold < 1.0):
             raise ValueError(f"--prune-threshold / prune_threshold must be in [0, 1) (0 = off), got "
                              f"{self.prune_threshold}")
+
+    def _check_slora(self) -> None:
+        if self.init != "slora":
+            if self.slora_rounds or self.slora_density:
+                raise ValueError(f"--slora-rounds {self.slora_rounds} / --slora-density {self.slora_density} are "
+                                 f"SLoRA's options; they need --init slora (got --init {self.init})")
+            return
+        if not (isinstance(self.slora_rounds, int) and 1 <= self.slora_rounds <= 1000):
+            raise ValueError(f"--init slora needs --slora-rounds N: the sparse rounds before LoRA, an integer in "
+                             f"[1, 1000], got {self.slora_rounds!r}")
+        if not (math.isfinite(self.slora_density) and 0.0 < self.slora_density <= 0.5):
+            raise ValueError(f"--init slora needs --slora-density D: the share of each LoRA module's base weight "
+                             f"entries trained in the sparse stage, in (0, 0.5] (e.g. 0.02), got {self.slora_density}")
 
     def scale(self, rank: int) -> float:
         return lora_scale(self.lora_alpha, rank, self.use_rslora)
@@ -98,6 +116,9 @@ class Method:
         if cfg.init != "random" and not self.serves_base:
             raise ValueError(f"--init {cfg.init}: strategy {cfg.name!r} does not send a residual base to devices; "
                              f"an SVD initialisation needs one of: {_with('serves_base')} (or --init random)")
+        if cfg.init == "slora" and self.all_zo:
+            raise ValueError(f"--init slora: strategy {cfg.name!r} trains zeroth-order only; SLoRA's sparse stage "
+                             "needs first-order devices (choose a LoRA strategy, or --init random)")
         self.cfg = cfg
 
     # -- global state ----------------------------------------------------------------------
@@ -128,6 +149,8 @@ class Method:
             if b is not None:  # a residual folded into every base (FeDeRA's -B0 A0)
                 B, A = torch.cat([B, b.B * b.scale], dim=1), torch.cat([A, b.A])
             out[n] = (B, A)
+        for n, (D, eye) in slora.sparse_deltas(self.cfg, g).items():  # SLoRA's sparse delta (dense, I)
+            out[n] = (torch.cat([out[n][0], D], dim=1), torch.cat([out[n][1], eye]))
         return out
 
     @staticmethod
@@ -159,6 +182,10 @@ class Method:
         """What the device keeps local / frozen in `round_id` (see protos.adapter)."""
         return DeviceContract()
 
+    def device_contract(self, mode: str, round_id: int = 0) -> DeviceContract:
+        """What a download carries (not overridden): `contract`, with SLoRA's stage (coordinator.slora)."""
+        return slora.stage_contract(self.cfg, round_id, self.contract(mode, round_id))
+
     def coordinator_keeps(self, mode: str) -> tuple[str, ...]:
         """Key suffixes of a device's replayed state that the coordinator hands back next round
         (a device that cannot keep them itself, e.g. a ZO device under FedSA-LoRA)."""
@@ -167,7 +194,7 @@ class Method:
     def upload_shapes(self, download: Mapping[str, torch.Tensor], mode: str,
                       round_id: int = 0) -> dict[str, tuple[int, ...]]:
         """Key -> shape an upload must have: the downloaded adapter's, less what the device keeps."""
-        keep = self.contract(mode, round_id)
+        keep = self.device_contract(mode, round_id)
         return {k: tuple(v.shape) for k, v in download.items()
                 if not k.startswith("base_delta.") and not keep.is_local(k)}
 

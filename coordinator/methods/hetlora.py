@@ -84,7 +84,7 @@ class HetLoRA(Method):
     def expected_upload(self, state: Mapping[str, torch.Tensor], download: Mapping[str, torch.Tensor], mode: str,
                         round_id: int = 0) -> dict[str, tuple[int, ...]]:
         shapes = self.upload_shapes(download, mode, round_id)
-        r = uploaded_rank(state, shapes) if self.contract(mode, round_id).prune_threshold else None
+        r = uploaded_rank(state, shapes) if self.device_contract(mode, round_id).prune_threshold else None
         if r is None:
             return shapes
         return {k: ((r, v[1]) if k.endswith(A_SUFFIX) else (v[0], r) if k.endswith(B_SUFFIX) else v)

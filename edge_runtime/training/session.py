@@ -110,6 +110,7 @@ class LocalTrainer:
         self._enc_cache: dict[tuple, tuple] = {}
         self._deltas: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._hooks: dict[str, Any] = {}
+        self._sparse: Any = None  # SLoRA's sparse delta (edge_runtime.training.sparse.SparseDelta), if attached
         self.model: nn.Module | None = None
         self.rank = plan.rank
         limit = load_limit_bytes(memory_budget_bytes) if memory_budget_bytes and guard_load else None
@@ -154,7 +155,23 @@ class LocalTrainer:
         if set(params) != expected:
             raise RuntimeError(f"trainable parameters do not match the peft state dict: only trainable "
                                f"{sorted(set(params) - expected)[:3]}, only in state {sorted(expected - set(params))[:3]}")
-        return params
+        return {**params, **(self._sparse.params if self._sparse is not None else {})}
+
+    def attach_sparse(self, seed: int, density: float) -> None:
+        """SLoRA's sparse delta (protos.sparse) on every LoRA module's base layer, at zero; its values
+        become adapter tensors (`<module>.sparse_delta`). Same seed and density: nothing to do; 0: removed."""
+        cur = self._sparse
+        if (cur is None and not density) or (cur is not None and (cur.seed, cur.density) == (int(seed), float(density))):
+            return
+        if cur is not None:
+            cur.remove()
+            self._sparse = None
+        if density:
+            from edge_runtime.training.sparse import SparseDelta
+
+            mods = [k[: -len(".lora_A.weight")] for k in self._params if k.endswith(".lora_A.weight")]
+            self._sparse = SparseDelta(self.model, mods, seed, density)
+        self._params = self._trainable()
 
     def scale(self, r: int | None = None) -> float:
         r = r or self.rank
