@@ -295,7 +295,7 @@ class DeltaTracker:
 
 
 def guard_budget(plan: Any, profile: Any) -> int:
-    """Bytes of process RSS the memory guard allows: the planner's effective budget (which adds
+    """Killable bytes (`guard.anon_bytes`) the memory guard allows: the planner's effective budget (which adds
     the runtime overhead for profiles whose budget excludes it), else the profile's budget."""
     return int((plan.memory or {}).get("budget_bytes") or profile.memory_budget_bytes)
 

@@ -212,14 +212,15 @@ class DeviceRuntime:
 
 def runtime_overhead_here() -> int:
     """The runtime a "budget excludes the runtime" profile sits on top of, in this process: the larger of
-    a fresh torch + transformers + peft interpreter (measured once, cached) and this process's RSS with
-    those imported (a Flower ClientApp process also holds flwr's client stack: ~85 MiB more on x86-64)."""
+    a fresh torch + transformers + peft interpreter (measured once, cached) and this process's killable
+    memory with those imported (a Flower ClientApp process also holds flwr's client stack), both counted
+    as the MemoryGuard counts (`guard.anon_bytes`), so the guard's limit is the budget above the runtime."""
     import peft  # noqa: F401 - the trainer imports both anyway
-    import psutil
     import transformers  # noqa: F401
 
     from edge_runtime.measure import measure_runtime_overhead
-    return max(measure_runtime_overhead(), int(psutil.Process().memory_info().rss))
+    from edge_runtime.training.guard import anon_bytes
+    return max(measure_runtime_overhead(), anon_bytes())
 
 
 class FlowerDeviceClient(NumPyClient):

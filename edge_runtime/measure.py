@@ -1,9 +1,10 @@
 """Measure this device: memory, accelerator, GEMM throughput, optional network probe.
 
 `measure_device(quick=True)` returns a DeviceProfile (kind="measured") in a few seconds.
-`measure_runtime_overhead()` is the RSS of a process after importing torch, transformers
-and peft: the fixed part of every training process's peak (cached under
-~/.cache/edge_runtime/runtime_overhead.json, keyed by the installed versions).
+`measure_runtime_overhead()` is the killable memory (`guard.anon_bytes`: RssAnon + RssShmem, what
+the MemoryGuard and an OOM killer count) of a process after importing torch, transformers and peft:
+the fixed part of every training process's peak (cached under
+~/.cache/edge_runtime/runtime_overhead.json, keyed by the installed versions and the measure).
 """
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ from edge_runtime.profile import DeviceProfile
 
 CACHE_DIR = Path(os.environ.get("EDGE_RUNTIME_CACHE", Path.home() / ".cache" / "edge_runtime"))
 _OVERHEAD: int | None = None
-_OVERHEAD_SCRIPT = ("import torch, transformers, peft, os\n"
-                    "print(int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE'))")
+_OVERHEAD_SCRIPT = ("import torch, transformers, peft\n"
+                    "from edge_runtime.training.guard import anon_bytes\n"
+                    "print(anon_bytes())")
+OVERHEAD_MEASURE = "anon"  # part of the cache key: a cached RSS figure (before issue 15) is measured again
 
 
 def _versions() -> str:
@@ -33,14 +36,17 @@ def _versions() -> str:
             out.append(f"{pkg}={version(pkg)}")
         except PackageNotFoundError:
             out.append(f"{pkg}=none")
-    return ",".join(out + [platform.machine(), sys.version.split()[0]])
+    return ",".join(out + [platform.machine(), sys.version.split()[0], OVERHEAD_MEASURE])
 
 
 def measure_runtime_overhead(refresh: bool = False) -> int:
-    """Bytes of RSS after `import torch, transformers, peft` in a fresh interpreter.
+    """Killable bytes (`guard.anon_bytes`, the one measure of memory the guard, the planner and the
+    estimator share) after `import torch, transformers, peft` in a fresh interpreter. The mapped
+    libraries' clean file pages (~90 MiB on x86-64) are reclaimable and not counted, as the guard
+    does not count them.
 
-    Computed once per process and cached on disk per package versions. Falls back to 460 MiB
-    (measured on x86-64, torch 2.13 CPU) if the subprocess cannot run.
+    Computed once per process and cached on disk per package versions. Falls back to 320 MiB
+    (measured on x86-64, torch 2.13 CPU: 304 MiB) if the subprocess cannot run.
     """
     global _OVERHEAD
     if _OVERHEAD is not None and not refresh:
@@ -56,11 +62,13 @@ def measure_runtime_overhead(refresh: bool = False) -> int:
         except (OSError, ValueError, KeyError, TypeError):
             pass
     try:
+        root = str(Path(__file__).resolve().parents[1])  # edge_runtime importable without an install
+        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
         out = subprocess.run([sys.executable, "-c", _OVERHEAD_SCRIPT], capture_output=True, text=True, timeout=120,
-                             env=dict(os.environ, PYTHONWARNINGS="ignore"))
+                             env=dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=path))
         value = int(out.stdout.strip().splitlines()[-1])
     except (subprocess.SubprocessError, ValueError, IndexError, OSError):
-        return 460 * 2**20
+        return 320 * 2**20
     _OVERHEAD = value
     try:
         CACHE_DIR.mkdir(parents=True, exist_ok=True)

@@ -45,9 +45,10 @@ class DeviceProfile:
     precisions: base precisions this device can run (e.g. nf4 needs bitsandbytes or quanto).
     availability: probability the device is online for a round; dropout: probability it
     drops out mid-round.
-    budget_excludes_runtime: the budget is on top of the runtime overhead (RSS of the
-    imported torch/transformers/peft, shared by every emulated device on one host); the
-    process may use memory_budget_bytes + that overhead. Emulated profiles set it.
+    budget_excludes_runtime: the budget is on top of the runtime overhead (the killable memory,
+    as the MemoryGuard counts it with `guard.anon_bytes`, of the imported torch/transformers/peft,
+    shared by every emulated device on one host); the process may use memory_budget_bytes + that
+    overhead. Emulated profiles set it.
     max_rank: optional cap on the LoRA rank for this device class (an operator's tiering, as in
     HetLoRA/FlexLoRA deployments: it bounds per-round compute and upload); the planner never
     exceeds it, and memory may force a lower rank still.

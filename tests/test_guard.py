@@ -114,3 +114,25 @@ def test_guard_counts_anonymous_memory_not_clean_file_pages(tmp_path):
     assert anon2 - anon1 > 80 * MiB
     with MemoryGuard(None) as g:
         assert abs(g.sample() - anon_bytes()) < 16 * MiB
+
+
+def test_runtime_overhead_is_counted_as_the_guard_counts(tmp_path, monkeypatch):
+    """One measure of memory: the runtime overhead the planner adds to a "budget excludes the runtime"
+    budget (and the Flower guard limit) is the killable memory of a fresh torch+transformers+peft
+    interpreter, not its RSS (the libraries' clean file pages, ~90 MiB, are not what the guard counts)."""
+    import json
+
+    import peft  # noqa: F401  (this process then holds at least what the measured interpreter holds)
+    import transformers  # noqa: F401
+
+    from edge_runtime import measure
+    from edge_runtime.flower_client import runtime_overhead_here
+
+    monkeypatch.setattr(measure, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(measure, "_OVERHEAD", None)
+    ov = measure.measure_runtime_overhead(refresh=True)
+    assert json.loads((tmp_path / "runtime_overhead.json").read_text())["key"].endswith(",anon")
+    assert 100 * MiB < ov <= anon_bytes() + 16 * MiB, (ov, anon_bytes())  # the guard's measure ...
+    assert rss_bytes() - anon_bytes() > 40 * MiB  # ... which leaves the mapped libraries' pages out
+    assert ov < rss_bytes() - 40 * MiB, (ov, rss_bytes())
+    assert abs(runtime_overhead_here() - max(ov, anon_bytes())) < 16 * MiB
