@@ -271,7 +271,7 @@ def _evaluate_global(fleet: Fleet, method: Any, g: Any, held: list[dict]) -> dic
 
 # ----------------------------------------------------------------------------- driver
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="", help="GGUF file or HF causal-LM directory (default: installed SmolLM2)")
     ap.add_argument("--data", help="text-classification file (JSONL/CSV/TSV with text,label); default SST-2 train")
@@ -292,7 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "docs/bench_llm.json"))
     ap.add_argument("--png", default=str(ROOT / "docs/bench_llm.png"))
     ap.add_argument("--md", default=str(ROOT / "docs/llm.md"), help="markdown whose results table is replaced ('' to skip)")
-    a = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if a.render:
         return render(a.render, a)

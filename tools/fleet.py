@@ -315,10 +315,8 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def run(cfg: FleetConfig, out: Path, timeout_s: float) -> dict[str, Any]:
-    from edge_runtime.emulation import remove_empty_cgroups
-
-    t_start = time.time()
+def fresh_output(out: Path) -> Path:
+    """Create `out` (and its logs/); drop a previous run's store and device round logs. Returns the store path."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
     store = out / "store"
@@ -328,6 +326,53 @@ def run(cfg: FleetConfig, out: Path, timeout_s: float) -> dict[str, Any]:
         shutil.rmtree(store)
     for d in (out / "devices").glob("*/rounds.jsonl"):
         d.unlink()
+    return store
+
+
+def watch(coord: subprocess.Popen, devices: list[subprocess.Popen], admitted: list[dict[str, Any]], store: Path,
+          out: Path, deadline: float, timeout_s: float) -> set[int]:
+    """Print each round as it closes and each device that fails, until the coordinator exits or the
+    deadline passes; then wait for the devices and kill what is left. Returns the rounds printed."""
+    from edge_runtime.emulation import remove_empty_cgroups
+
+    shown: set[int] = set()
+    told: set[int] = set()
+    try:
+        while True:
+            time.sleep(2.0)
+            for i, p in enumerate(devices):
+                if i not in told and p.poll() not in (None, 0):
+                    told.add(i)
+                    console.print(f"[red]device {admitted[i]['name']} exited: {exit_reason(p.returncode)}[/] "
+                                  f"(log: {out / 'logs'})")
+            summary = read_store(store)
+            for row in round_rows(summary, device_reports(out)) if summary else []:
+                if row["round"] not in shown and row["state"] != "open":
+                    shown.add(row["round"])
+                    print_round(row)
+            if coord.poll() is not None:
+                break
+            if time.time() > deadline:
+                console.print(f"[red]timeout after {timeout_s:.0f}s[/]; stopping the fleet")
+                coord.terminate()
+                break
+        for p in devices:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.terminate()
+    finally:
+        for p in devices + [coord]:
+            if p.poll() is None:
+                p.kill()
+        remove_empty_cgroups()
+    return shown
+
+
+def run(cfg: FleetConfig, out: Path, timeout_s: float) -> dict[str, Any]:
+    """The whole job: plan the fleet, start the coordinator and the devices, watch, write the summary."""
+    t_start = time.time()
+    store = fresh_output(out)
     model = resolve_model(cfg.model)
     console.print(f"model [bold]{cfg.model}[/] ({model}), strategy [bold]{cfg.strategy}[/], {cfg.rounds} rounds")
     admitted, refused = plan_fleet(cfg, model, out)
@@ -345,40 +390,15 @@ def run(cfg: FleetConfig, out: Path, timeout_s: float) -> dict[str, Any]:
     devices = [start_device(d, i, model, port, shards[i], out, gflops, cfg) for i, d in enumerate(admitted)]
     console.print(f"coordinator on 127.0.0.1:{port}; {len(devices)} device processes started "
                   f"(logs under {out / 'logs'})")
-    shown: set[int] = set()
-    summary: dict[str, Any] | None = None
-    told: set[int] = set()
-    try:
-        while True:
-            time.sleep(2.0)
-            for i, p in enumerate(devices):
-                if i not in told and p.poll() not in (None, 0):
-                    told.add(i)
-                    console.print(f"[red]device {admitted[i]['name']} exited: {exit_reason(p.returncode)}[/] "
-                                  f"(log: {out / 'logs'})")
-            summary = read_store(store)
-            if summary:
-                for row in round_rows(summary, device_reports(out)):
-                    if row["round"] not in shown and (row["state"] != "open"):
-                        shown.add(row["round"])
-                        print_round(row)
-            if coord.poll() is not None:
-                break
-            if time.time() - t_start > timeout_s:
-                console.print(f"[red]timeout after {timeout_s:.0f}s[/]; stopping the fleet")
-                coord.terminate()
-                break
-        for p in devices:
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                p.terminate()
-    finally:
-        for p in devices + [coord]:
-            if p.poll() is None:
-                p.kill()
-        remove_empty_cgroups()
-    summary = read_store(store) or {"rounds": [], "devices": []}
+    shown = watch(coord, devices, admitted, store, out, t_start + timeout_s, timeout_s)
+    return write_result(cfg, out, model, coord, devices, admitted, sizes, refused, shown, t_start)
+
+
+def write_result(cfg: FleetConfig, out: Path, model: str, coord: subprocess.Popen, devices: list[subprocess.Popen],
+                 admitted: list[dict[str, Any]], sizes: list[int], refused: list, shown: set[int],
+                 t_start: float) -> dict[str, Any]:
+    """summary.json and rounds.png from the store and the devices' round logs (printing unseen rounds)."""
+    summary = read_store(out / "store") or {"rounds": [], "devices": []}
     reports = device_reports(out)
     rows = round_rows(summary, reports)
     for row in rows:
