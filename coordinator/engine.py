@@ -182,8 +182,8 @@ class RoundEngine:
             raise ValueError(f"round {self.round_id}: no uploads were folded; nothing to aggregate")
         zo_factors = self._fold_held_zo()
         W = self.total_weight
-        metrics = {"stream_rank": max(a.current_rank for a in self._modules.values()),
-                   "stream_rel_error": max(a.relative_error for a in self._modules.values())}
+        metrics = {"stream_rank": max((a.current_rank for a in self._modules.values()), default=0),
+                   "stream_rel_error": max((a.relative_error for a in self._modules.values()), default=0.0)}
         extra = {k: (v / W).float() for k, v in sorted(self._extra.items())}
         steps = {name: agg.result() for name, agg in sorted(self._modules.items())}
         agg, metrics["recompress_rel_error"] = self.method.next_global(self.g, steps, extra, W, self.round_id)

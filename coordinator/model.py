@@ -88,10 +88,17 @@ def resolve_target_modules(model: torch.nn.Module, requested: Sequence[str] | No
 
 
 def initial_adapter_state(model: torch.nn.Module, target_modules: Sequence[str], rank: int, lora_alpha: float,
-                          use_rslora: bool, seed: int) -> dict[str, torch.Tensor]:
-    """peft adapter state at `rank` (A kaiming-uniform under `seed`, B zero) plus the head."""
+                          use_rslora: bool, seed: int, peft: str = "lora", virtual_tokens: int = 0
+                          ) -> dict[str, torch.Tensor]:
+    """peft adapter state at `rank` (A kaiming-uniform under `seed`, B zero) plus the head; for a
+    non-LoRA `peft` (prompt / ia3 / bitfit) its trainable tensors by name (`protos.peft_types`)."""
     import copy
 
+    if peft != "lora":
+        from protos import peft_types
+
+        wrapped = peft_types.build(copy.deepcopy(model), peft, virtual_tokens, seed)
+        return {k: v.detach().float().clone() for k, v in peft_types.trainable(wrapped).items()}
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
     heads = [n for n in HEAD_NAMES if isinstance(getattr(model, n, None), torch.nn.Module)]
@@ -144,10 +151,14 @@ class Evaluator:
 
     def __post_init__(self) -> None:
         self._base = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self._wrapped: dict[tuple[str, int], torch.nn.Module] = {}  # non-LoRA PEFT type -> wrapped copy
 
     def evaluate(self, deltas: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-                 extra: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        """deltas: module key (peft-prefixed) -> (B (out, r) scale folded, A (r, in)); extra: head tensors."""
+                 extra: Mapping[str, torch.Tensor], peft: str = "lora", virtual_tokens: int = 0) -> dict[str, float]:
+        """deltas: module key (peft-prefixed) -> (B (out, r) scale folded, A (r, in)); extra: head tensors
+        (a non-LoRA `peft`: all its trainable tensors by name, applied through the same wrapper as on devices)."""
+        if peft != "lora":
+            return self._evaluate_wrapped(extra, peft, virtual_tokens)
         state = {k: v.clone() for k, v in self._base.items()}
         for name, (B, A) in deltas.items():
             key = _strip(name) + ".weight"
@@ -167,8 +178,23 @@ class Evaluator:
         finally:
             self.model.load_state_dict(self._base)
 
+    def _evaluate_wrapped(self, tensors: Mapping[str, torch.Tensor], peft: str, virtual_tokens: int
+                          ) -> dict[str, float]:
+        """Metrics of the base wrapped for a non-LoRA PEFT type (one copy per type) with `tensors` loaded."""
+        import copy
+
+        from protos import peft_types
+
+        if (peft, virtual_tokens) not in self._wrapped:
+            self._wrapped[(peft, virtual_tokens)] = peft_types.build(copy.deepcopy(self.model), peft,
+                                                                     virtual_tokens).eval()
+        model = self._wrapped[(peft, virtual_tokens)]
+        peft_types.load_state(model, tensors, f"global state ({peft})")
+        return self._run(model)
+
     @torch.no_grad()
-    def _run(self) -> dict[str, float]:
+    def _run(self, model: torch.nn.Module | None = None) -> dict[str, float]:
+        model = self.model if model is None else model
         total_loss, correct, n = 0.0, 0, 0
         for i in range(0, len(self.records), self.batch_size):
             batch = self.records[i:i + self.batch_size]
@@ -176,12 +202,12 @@ class Evaluator:
                                  return_tensors="pt")
             if self.task == "classification":
                 labels = torch.tensor([r["label"] for r in batch])
-                logits = self.model(**enc).logits
+                logits = model(**enc).logits
                 total_loss += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
                 correct += int((logits.argmax(-1) == labels).sum())
             else:
                 labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-                out = self.model(**enc, labels=labels)
+                out = model(**enc, labels=labels)
                 total_loss += float(out.loss) * len(batch)
             n += len(batch)
         res = {"loss": total_loss / max(n, 1), "n": float(n)}
@@ -197,11 +223,19 @@ def _strip(name: str) -> str:
 
 
 def peft_export_files(deltas: Mapping[str, tuple[torch.Tensor, torch.Tensor]], extra: Mapping[str, torch.Tensor],
-                      target_modules: Sequence[str], base_model: str, task: str) -> tuple[str, dict[str, torch.Tensor]]:
+                      target_modules: Sequence[str], base_model: str, task: str, peft: str = "lora",
+                      virtual_tokens: int = 0) -> tuple[str, dict[str, torch.Tensor]]:
     """(adapter_config.json text, adapter_model tensors) for the global adapter, scale folded into B.
 
     Every module gets lora_alpha == its rank (scale 1); differing ranks go to rank_pattern/alpha_pattern.
+    A non-LoRA `peft`: its tensors under `protos.peft_types` keys and a config naming the type (load
+    them with `protos.peft_types.build` + `load_state`, not `PeftModel.from_pretrained`).
     """
+    if peft != "lora":
+        cfg = {"peft_type": peft.upper(), "base_model_name_or_path": str(base_model), "num_virtual_tokens":
+               virtual_tokens, "task_type": "SEQ_CLS" if task == "classification" else "CAUSAL_LM",
+               "key_format": "protos.peft_types.trainable (adapter name stripped)"}
+        return json.dumps(cfg, indent=2), {k: v.contiguous() for k, v in extra.items()}
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     for name, (B, A) in deltas.items():

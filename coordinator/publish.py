@@ -119,7 +119,8 @@ class Publisher:
         rel = store.rel(d / "global.safetensors")
         sha = store.write_blob(rel, global_to_bytes(c.global_state))
         cfg_json, tensors = peft_export_files(c.method.deltas(c.global_state), c.global_state.extra,
-                                              c.target_modules, c.cfg.model, c.cfg.task)
+                                              c.target_modules, c.cfg.model, c.cfg.task, c.method.peft,
+                                              c.method.virtual_tokens)
         store.write_blob(store.rel(d / "peft" / "adapter_model.safetensors"),
                          wire.encode_tensors(tensors, {"format": "pt"}, packed=False))
         store.write_blob(store.rel(d / "peft" / "adapter_config.json"), cfg_json.encode())
@@ -143,7 +144,7 @@ class Publisher:
             model, tok = c.load_model()
             self._evaluator = Evaluator(model, tok, load_eval_records(c.cfg.eval_data, c.cfg.eval_limit),
                                         task=c.cfg.task)
-        return self._evaluator.evaluate(c.method.deltas(g), g.extra)
+        return self._evaluator.evaluate(c.method.deltas(g), g.extra, c.method.peft, c.method.virtual_tokens)
 
 
 def progress_of(stats: dict[str, Any]) -> float | None:

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from protos.peft_names import PEFT_TYPES
+
 TASK_CHOICES = ("classification", "causal_lm")
 
 
@@ -27,6 +29,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--deadline", type=float, default=None, help="round deadline in seconds (default: the profile's)")
     p.add_argument("--local-steps", type=int, default=20)
     p.add_argument("--examples", type=int, default=None, help="number of local training examples")
+    p.add_argument("--peft", choices=PEFT_TYPES, default="lora",
+                   help="PEFT type to plan: lora (default), prompt (prompt tuning), ia3 ((IA)3) or bitfit (bias-only); "
+                        "a federation's download names the one its devices train")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--out", help="write the plan JSON here")
     p.set_defaults(func=cmd_plan)
@@ -75,7 +80,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     prof = load_profile(args.profile)
     spec = load_model_spec(args.model)
     task = _default_task(spec, args.task)
-    p = plan(prof, spec, task, round_deadline_s=args.deadline, local_steps=args.local_steps, data_examples=args.examples)
+    p = plan(prof, spec, task, round_deadline_s=args.deadline, local_steps=args.local_steps, data_examples=args.examples,
+             peft=args.peft)
     if args.out:
         Path(args.out).write_text(p.to_json())
     if args.json:
@@ -131,7 +137,7 @@ def _print_plan(p: Any, profile_name: str, spec: Any, task: str) -> None:
     from rich.table import Table
     c = Console()
     t = Table(title=f"plan: {spec.architecture} {spec.n_params / 1e6:.0f}M ({task}) on {profile_name}", show_header=False)
-    for k in ("mode", "rank", "target_modules", "base_precision", "compute_dtype", "batch_size", "seq_len",
+    for k in ("peft", "mode", "rank", "target_modules", "base_precision", "compute_dtype", "batch_size", "seq_len",
               "gradient_checkpointing", "optimizer", "upload_precision", "local_steps"):
         t.add_row(k, str(getattr(p, k)))
     c.print(t)

@@ -97,7 +97,8 @@ def load(trainer: RoundTrainer, t: pb.Task, fetched: Fetched, tracker: DeltaTrac
     personal = fetched.contract.personal_rank  # a personal adapter's slots after the global's
     if personal:
         _fit_rank(trainer, int(t.assigned_rank) + personal)
-    if trainer.rank != t.assigned_rank + personal or trainer.lora_alpha != t.lora_alpha:
+    if (obey_peft(trainer, fetched.contract) or trainer.rank != t.assigned_rank + personal
+            or trainer.lora_alpha != t.lora_alpha):
         trainer.configure(rank=int(t.assigned_rank) + personal, lora_alpha=float(t.lora_alpha),
                           use_rslora=bool(t.use_rslora), seed=int(t.seed))
     if fetched.delta:
@@ -141,6 +142,20 @@ def _fit_rank(trainer: RoundTrainer, rank: int) -> None:
     for t in (trainer, getattr(trainer, "inner", None)):
         if t is not None and t.plan.rank < rank:
             t.plan = replace(t.plan, rank=rank)
+
+
+def obey_peft(trainer: RoundTrainer, contract: DeviceContract) -> bool:
+    """Set the trainer's plan to the PEFT type the contract names (prompt tuning, (IA)3, BitFit or
+    LoRA; every device of a federation trains the same one). True: it changed (reconfigure)."""
+    from dataclasses import replace
+
+    changed = False
+    for t in (trainer, getattr(trainer, "inner", None)):
+        if t is not None and (t.plan.peft, t.plan.virtual_tokens) != (contract.peft, contract.virtual_tokens or
+                                                                       t.plan.virtual_tokens):
+            t.plan = replace(t.plan, peft=contract.peft, virtual_tokens=contract.virtual_tokens or t.plan.virtual_tokens)
+            changed = True
+    return changed or getattr(trainer, "peft", contract.peft) != contract.peft
 
 
 def _task_lr(t: pb.Task) -> float | None:

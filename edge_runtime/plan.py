@@ -42,6 +42,8 @@ class Plan:
     zo_eps: float = 1e-3
     zo_seed_pool: int = 4096
     compute_dtype: str = "fp32"
+    peft: str = "lora"  # protos.peft_names.PEFT_TYPES; a federation's download contract may set it
+    virtual_tokens: int = 16  # prompt tuning's trainable prompt length (peft "prompt" only)
     memory: dict[str, Any] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
 
@@ -74,6 +76,12 @@ class Plan:
                 raise bad(name, "a positive number")
         if self.compute_dtype not in ("fp32", "bf16", "fp16"):
             raise bad("compute_dtype", "one of ('fp32','bf16','fp16')")
+        from protos.peft_names import check_kind
+
+        try:
+            check_kind(self.peft, self.virtual_tokens, "plan field 'peft'")
+        except ValueError as e:
+            raise PlanError(str(e)) from None
         for k, r in self.rank_pattern.items():
             if not isinstance(r, int) or r < 1 or r > self.rank:
                 raise PlanError(f"plan field 'rank_pattern[{k!r}]'={r!r} is invalid: expected 1..rank ({self.rank})")

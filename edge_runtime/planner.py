@@ -47,6 +47,7 @@ class _Cand:
     seq_len: int
     batch: int
     ckpt: bool
+    peft: str = "lora"  # protos.peft_names.PEFT_TYPES (non-LoRA: rank 1, a placeholder)
 
 
 def compute_dtype_for(profile: DeviceProfile, precision: str) -> str:
@@ -88,6 +89,15 @@ def step_seconds(spec: ModelSpec, profile: DeviceProfile, c: _Cand, compute_dtyp
     return c.batch * c.seq_len * per_token / (gflops * 1e9 * TRAIN_EFFICIENCY)
 
 
+def adapter_values(spec: ModelSpec, c: _Cand) -> int:
+    """Values a device uploads per round (the task head excluded): LoRA factors, or the PEFT type's tensors."""
+    if c.peft == "lora":
+        return spec.lora_params(list(c.targets), c.rank)
+    from protos.peft_names import trainable_count
+
+    return trainable_count(c.peft, spec.architecture, spec.linear_shapes, spec.hidden, spec.layers, Plan().virtual_tokens)
+
+
 def upload_seconds(n_values: int, precision: str, profile: DeviceProfile) -> float:
     return n_values * UPLOAD_BYTES[precision] * 8 / (profile.uplink_mbps * 1e6) + profile.latency_ms / 1000
 
@@ -109,7 +119,7 @@ def _plan_of(c: _Cand, compute_dtype: str, local_steps: int, upload: str = "fp32
     return Plan(mode=c.mode, rank=c.rank, target_modules=list(c.targets), base_precision=c.precision, batch_size=c.batch,
                 seq_len=c.seq_len, gradient_checkpointing=c.ckpt, upload_precision=upload,
                 optimizer="sgd" if c.mode == "zo" else "adamw", compute_dtype=compute_dtype,
-                learning_rate=1e-5 if c.mode == "zo" else 5e-4, local_steps=local_steps)
+                learning_rate=1e-5 if c.mode == "zo" else 5e-4, local_steps=local_steps, peft=c.peft)
 
 
 def _estimate(spec, c, task, profile, overhead, budget, local_steps) -> tuple[Plan, MemoryEstimate]:
@@ -122,14 +132,19 @@ def _estimate(spec, c, task, profile, overhead, budget, local_steps) -> tuple[Pl
 
 def plan(profile: DeviceProfile, spec: ModelSpec, task: str, *, round_deadline_s: float | None = None,
          local_steps: int = 20, data_examples: int | None = None, overhead_bytes: int | None = None,
-         alternatives: list[DeviceProfile] | None = None) -> Plan:
+         alternatives: list[DeviceProfile] | None = None, peft: str = "lora") -> Plan:
     """Best feasible plan for `spec` on `profile`; raises PlanningError when nothing fits.
 
     overhead_bytes: runtime overhead to count (None: measured once, cached).
     alternatives: profiles to suggest when nothing fits (default: the repo's profiles/*.yaml).
+    peft: the PEFT type to plan (protos.peft_names.PEFT_TYPES); a non-LoRA type is planned with
+    backprop only, its own trainable size, at one placeholder rank (1).
     """
     if task not in TASKS:
         raise ValueError(f"task {task!r} is invalid: expected one of {TASKS}")
+    from protos.peft_names import check_kind
+
+    check_kind(peft, Plan().virtual_tokens, "--peft")
     deadline = float(round_deadline_s or profile.round_deadline_s)
     overhead = _overhead(profile, overhead_bytes)
     budget = effective_budget(profile, overhead)
@@ -142,20 +157,21 @@ def plan(profile: DeviceProfile, spec: ModelSpec, task: str, *, round_deadline_s
     smallest: dict[str, int] = {}
     smallest_est: dict[str, MemoryEstimate] = {}
     floor0 = MIN_TOKENS[task]
-    for mode in ("lora", "zo"):
+    lora = peft == "lora"
+    for mode in ("lora", "zo") if lora else ("lora",):
         for floor in (floor0, floor0 // 2, floor0 // 4, 1):
-            for rank in [r for r in RANKS if not profile.max_rank or r <= profile.max_rank]:
+            for rank in [r for r in RANKS if not profile.max_rank or r <= profile.max_rank] if lora else [1]:
                 for prec in precisions:
-                    if not _can_fit(spec, mode, prec, task, profile, overhead, budget, smallest, smallest_est):
+                    if not _can_fit(spec, mode, prec, task, profile, overhead, budget, smallest, smallest_est, peft):
                         continue
                     feas = []
-                    for targets in target_sets(spec):
+                    for targets in target_sets(spec) if lora else [tuple(spec.default_targets)]:
                         for seq in seqs:
                             for batch in batches:
                                 if batch * seq < floor:
                                     continue
                                 for ckpt in ((False,) if mode == "zo" else (False, True)):
-                                    c = _Cand(mode, rank, prec, targets, seq, batch, ckpt)
+                                    c = _Cand(mode, rank, prec, targets, seq, batch, ckpt, peft)
                                     p, est = _estimate(spec, c, task, profile, overhead, budget, local_steps)
                                     key = f"{mode}:{prec}"
                                     smallest[key] = min(smallest.get(key, est.total_bytes), est.total_bytes)
@@ -168,9 +184,9 @@ def plan(profile: DeviceProfile, spec: ModelSpec, task: str, *, round_deadline_s
     raise PlanningError(_nothing_fits(spec, task, profile, budget, smallest, overhead, alternatives, smallest_est))
 
 
-def _can_fit(spec, mode, prec, task, profile, overhead, budget, smallest, smallest_est=None) -> bool:
+def _can_fit(spec, mode, prec, task, profile, overhead, budget, smallest, smallest_est=None, peft="lora") -> bool:
     """Whether the smallest candidate of (mode, precision) fits: prunes the search."""
-    c = _Cand(mode, 1, prec, tuple(spec.default_targets), seq_lens(spec, task)[-1], 1, mode == "lora")
+    c = _Cand(mode, 1, prec, tuple(spec.default_targets), seq_lens(spec, task)[-1], 1, mode == "lora", peft)
     p, est = _estimate(spec, c, task, profile, overhead, budget, 1)
     key = f"{mode}:{prec}"
     smallest[key] = min(smallest.get(key, est.total_bytes), est.total_bytes)
@@ -202,7 +218,7 @@ def _finish(feas, spec, profile, task, deadline, local_steps, reasons, smallest,
     def up_prec(c: _Cand) -> str:
         if c.mode == "zo":
             return "fp32"  # a ZO upload is seeds and scalars
-        n = spec.lora_params(list(c.targets), c.rank)
+        n = adapter_values(spec, c)
         for u in UPLOAD_ORDER:
             if upload_seconds(n, u, profile) <= UPLOAD_SHARE * deadline:
                 return u
@@ -210,7 +226,7 @@ def _finish(feas, spec, profile, task, deadline, local_steps, reasons, smallest,
 
     def utility(item):
         t, c, p, est = item
-        up = upload_seconds(spec.lora_params(list(c.targets), c.rank), up_prec(c), profile) if c.mode == "lora" else 0.0
+        up = upload_seconds(adapter_values(spec, c), up_prec(c), profile) if c.mode == "lora" else 0.0
         on_time = t + up <= deadline
         return (on_time, c.seq_len if on_time else 0, c.batch if on_time else -t, not c.ckpt, len(c.targets))
 
@@ -233,7 +249,10 @@ def _reasons(reasons: list[str], spec: ModelSpec, profile: DeviceProfile, c: _Ca
                        f"{_gib(budget)}); zeroth-order needs no gradients, optimizer state or saved activations")
     else:
         reasons.append("mode lora: a backprop plan fits the budget")
-    if profile.max_rank and c.rank == max(r for r in RANKS if r <= profile.max_rank):
+    if c.peft != "lora":
+        reasons.append(f"peft {c.peft}: asked for (--peft); {adapter_values(spec, c)} trainable values besides the "
+                       "head, so the LoRA rank does not apply (rank 1 is a placeholder)")
+    elif profile.max_rank and c.rank == max(r for r in RANKS if r <= profile.max_rank):
         reasons.append(f"rank {c.rank}: the device class's rank cap (profile max_rank {profile.max_rank}) bounds its "
                        "compute and upload per round")
     elif c.rank < RANKS[0]:
@@ -251,7 +270,7 @@ def _reasons(reasons: list[str], spec: ModelSpec, profile: DeviceProfile, c: _Ca
                    f"(deadline {deadline:.0f} s, {profile.compute_gflops.get(p.compute_dtype, profile.compute_gflops['fp32']):g} "
                    f"GFLOP/s {p.compute_dtype})" + ("" if t <= deadline else "; EXCEEDS the deadline: the fastest feasible plan"))
     if c.mode == "lora":
-        n = spec.lora_params(list(c.targets), c.rank)
+        n = adapter_values(spec, c)
         reasons.append(f"upload {p.upload_precision}: {n} adapter values = {n * UPLOAD_BYTES[p.upload_precision] / 1e6:.2f} MB, "
                        f"{upload_seconds(n, p.upload_precision, profile):.1f} s at {profile.uplink_mbps:g} Mbit/s "
                        f"(limit {UPLOAD_SHARE:.0%} of the deadline)")

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODS = {"m0": (12, 10), "m1": (6, 8)}  # name -> (out, in)
 HEAD = "head.weight"
 MAX_RANK = 4
+LORA = tuple(n for n in NAMES if METHODS[n].peft == "lora")  # the non-LoRA PEFT methods: tests/test_peft_types.py
 
 
 def _init_state(max_rank: int) -> dict[str, torch.Tensor]:
@@ -101,7 +102,7 @@ def _assert_same_global(a: GlobalState, b: GlobalState, method: Method, tol: flo
 
 
 # -- (a) every method through the round engine ---------------------------------------------------
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", LORA)
 def test_fold_order_does_not_change_the_global(name):
     method, g = _round_start(name)
     devs = _devices(method, g)
@@ -122,7 +123,7 @@ def test_fold_order_does_not_change_the_global(name):
         _rel(got.modules[n].A, g.modules[n].A) > 1e-3 for n in MODS)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", LORA)
 def test_download_has_the_upload_shapes_the_method_expects(name):
     method, g = _round_start(name)
     for device_id, rank, mode, up, w, sent in _devices(method, g):
@@ -158,7 +159,7 @@ def test_download_has_the_upload_shapes_the_method_expects(name):
 
 
 def test_every_method_serves_the_ranks_it_can():
-    for name, cls in METHODS.items():
+    for name, cls in ((n, METHODS[n]) for n in LORA):
         m = make_method(MethodConfig(name, max_rank=MAX_RANK))
         assert m.name == name and type(m) is cls and method_class(name) is cls
         assert m.device_mode("lora") == ("zo" if cls.all_zo else "lora") and m.device_mode("zo") == "zo"
@@ -179,7 +180,8 @@ def test_unknown_method_names_the_choices():
     assert all(n in str(ei.value) for n in NAMES)
     with pytest.raises(ValueError, match="unknown method"):
         method_class("FedAvg")  # names are exact
-    assert NAMES == tuple(METHODS) and set(NAMES) == {"fedavg", "zero_pad", "stack", "svd", "fedsa", "zo", "ffa", "rolora", "fedex", "hetlora", "feddpa"}
+    assert NAMES == tuple(METHODS) and set(NAMES) == {"fedavg", "zero_pad", "stack", "svd", "fedsa", "zo", "ffa", "rolora", "fedex", "hetlora", "feddpa",
+                                                  "prompt_tuning", "ia3", "bitfit"}
     assert all(METHODS[n].name == n for n in NAMES)
     with pytest.raises(ValueError, match="max_rank"):
         MethodConfig("fedavg", max_rank=8, cap_rank=4)

@@ -107,6 +107,8 @@ class Method:
     prunes_rank: ClassVar[bool] = False  # devices may upload below their served rank (rank self-pruning)
     serves_base: ClassVar[bool] = True  # `serve` sends GlobalState.base and `deltas` includes it (FeDeRA's residual)
     lr_factor: ClassVar[float] = 1.0  # x the round's learning rate (the recipe's lr_scale) for this method's devices
+    peft: ClassVar[str] = "lora"  # the PEFT type devices train (protos.peft_names.PEFT_TYPES; the contract carries it)
+    virtual_tokens: ClassVar[int] = 0  # prompt tuning's prompt length (peft "prompt")
 
     def __init__(self, cfg: MethodConfig) -> None:
         if cfg.prune_threshold and not self.prunes_rank:

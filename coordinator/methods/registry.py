@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 from .base import Method, MethodConfig
+from .bitfit import BitFit
 from .fedavg import FedAvg
 from .fedex import FedExLoRA
 from .feddpa import FedDPA
 from .fedsa import FedSA
 from .ffa import FFALoRA
 from .hetlora import HetLoRA
+from .ia3 import IA3
+from .prompt import PromptTuning
 from .rolora import RoLoRA
 from .stack import Stack
 from .svd import SvdRedistribute
@@ -26,6 +29,9 @@ METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
     FedExLoRA,
     HetLoRA,
     FedDPA,
+    PromptTuning,
+    IA3,
+    BitFit,
 )}
 NAMES = tuple(METHODS)
 DEFAULT = "zero_pad"  # what `edge-coordinator serve`, the Flower app and the library use unless told

@@ -30,6 +30,7 @@ from edge_runtime.training.guard import (LoadOutOfMemory, MemoryBudgetExceeded, 
                                          max_rss_bytes)
 from edge_runtime.training.model_loading import apply_lora, load_base, resolve_task
 from edge_runtime.training.zo import ZOState, zo_train
+from protos import peft_types
 from protos.adapter import TrainingRecipe
 
 log = logging.getLogger(__name__)
@@ -138,13 +139,18 @@ class LocalTrainer:
         self.use_rslora = bool(self.plan.use_rslora if use_rslora is None else use_rslora)
         seed = self.seed if seed is None else seed
         if self.model is not None:
-            self.base = self.model.unload()
+            self.base = peft_types.unload(self.model)
             self.model = None
             for name, state in self._head_init.items():
                 getattr(self.base, name).load_state_dict(state)
-        self.model = apply_lora(self.base, self.plan, rank, self.lora_alpha, self.use_rslora, seed)
+        self.peft = self.plan.peft  # what the adapter is (a download's contract may change the plan's)
+        if self.peft == "lora":
+            self.model = apply_lora(self.base, self.plan, rank, self.lora_alpha, self.use_rslora, seed)
+            self._params = self._trainable()
+        else:  # prompt tuning / (IA)3 / BitFit: their trainable tensors by name (protos.peft_types)
+            self.model = peft_types.build(self.base, self.peft, self.plan.virtual_tokens, seed)
+            self._params = peft_types.trainable(self.model)
         self.rank = rank
-        self._params = self._trainable()
         self.device = next(iter(self._params.values())).device
 
     def _trainable(self) -> dict[str, nn.Parameter]:
@@ -186,7 +192,7 @@ class LocalTrainer:
         missing = sorted(set(self._params) - set(state))
         extra = sorted(set(state) - set(self._params))
         if missing or extra:
-            raise ValueError(f"adapter state does not match this adapter (rank {self.rank}, targets "
+            raise ValueError(f"adapter state does not match this adapter ({self.peft}, rank {self.rank}, targets "
                              f"{self.plan.target_modules}): missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
                              f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
         for k, p in self._params.items():
@@ -350,10 +356,11 @@ class LocalTrainer:
 
     def _trains(self, key: str) -> bool:
         """Whether `key` trains this round: not frozen by the contract; under the recipe's
-        freeze_head only LoRA factors (the head stays at what was downloaded)."""
+        freeze_head only the adapter (LoRA factors, prompt, (IA)3 vectors, biases; the head stays
+        at what was downloaded)."""
         if any(key.endswith(f) for f in self.frozen):
             return False
-        return not self.recipe.freeze_head or "lora_" in key
+        return not self.recipe.freeze_head or not peft_types.is_head_key(key)
 
     def _train_lora(self, batches, steps: int, lr: float, guard: MemoryGuard, reporter: "_Reporter",
                     snap: _Snapshot, losses_: list[float]) -> int:
