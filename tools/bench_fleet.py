@@ -192,9 +192,6 @@ class Sampler(threading.Thread):
 
 def run_fleet(n: int, *, model: str, rounds: int, strategy: str, precision: str, workers: int, channels: int,
               poll_s: float, max_rank: int, cap_rank: int, timeout_s: float, keep: str | None = None) -> FleetResult:
-    from coordinator.rounds import AGGREGATED
-    from coordinator.store import Store
-
     tmp = Path(tempfile.mkdtemp(prefix=f"bench_fleet_{n}_"))
     port = _free_port()
     exe = Path(sys.executable).parent / "edge-coordinator"
@@ -212,21 +209,8 @@ def run_fleet(n: int, *, model: str, rounds: int, strategy: str, precision: str,
         _wait_port(port, coord, tmp / "coordinator.log")
         rss_start = sampler.samples[-1][1] if sampler.samples else 0
         cpu_start = sum(sampler.proc.cpu_times()[:2])  # start-up (imports, model load) excluded
-        ranks = [(4, 8)[i % 2] if max_rank >= 8 else max_rank for i in range(n)]
-        names = [f"bench-{i:05d}" for i in range(n)]
         t0 = time.time()
-        procs = []
-        for w in range(workers):
-            spec = {"port": port, "names": names[w::workers], "ranks": ranks[w::workers], "precision": precision,
-                    "poll_s": poll_s, "channels": channels}
-            procs.append(subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, cwd=ROOT,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        recs = []
-        for p in procs:
-            out, err = p.communicate(timeout=timeout_s * (rounds + 1))
-            if p.returncode != 0:
-                raise RuntimeError(f"device worker failed (rc {p.returncode}): {err[-2000:]}")
-            recs.append(json.loads(out.strip().splitlines()[-1]))
+        recs = run_workers(n, port, max_rank, workers, precision, poll_s, channels, env, timeout_s * (rounds + 1))
         wall = time.time() - t0
         coord.wait(timeout=60)
     finally:
@@ -236,6 +220,39 @@ def run_fleet(n: int, *, model: str, rounds: int, strategy: str, precision: str,
             coord.terminate()
             coord.wait(timeout=30)
         log.close()
+    res = fleet_result(n, rounds, strategy, precision, tmp, recs, sampler, rss_start, cpu_start, wall)
+    if keep:
+        shutil.copy(tmp / "coordinator.log", Path(keep) / f"bench_fleet_{n}.log")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return res
+
+
+def run_workers(n: int, port: int, max_rank: int, workers: int, precision: str, poll_s: float, channels: int,
+                env: dict[str, str], timeout_s: float) -> list[dict]:
+    """Start `workers` processes that emulate the n devices (ranks 4/8 alternating) and collect their records."""
+    ranks = [(4, 8)[i % 2] if max_rank >= 8 else max_rank for i in range(n)]
+    names = [f"bench-{i:05d}" for i in range(n)]
+    procs = []
+    for w in range(workers):
+        spec = {"port": port, "names": names[w::workers], "ranks": ranks[w::workers], "precision": precision,
+                "poll_s": poll_s, "channels": channels}
+        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    recs = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout_s)
+        if p.returncode != 0:
+            raise RuntimeError(f"device worker failed (rc {p.returncode}): {err[-2000:]}")
+        recs.append(json.loads(out.strip().splitlines()[-1]))
+    return recs
+
+
+def fleet_result(n: int, rounds: int, strategy: str, precision: str, tmp: Path, recs: list[dict], sampler: Sampler,
+                 rss_start: float, cpu_start: float, wall: float) -> FleetResult:
+    """The run's figures from the coordinator's store, the workers' records and the RSS/CPU sampler."""
+    from coordinator.rounds import AGGREGATED
+    from coordinator.store import Store
+
     store = Store(str(tmp / "store"))
     rows = [r for r in store.rounds() if r["state"] == AGGREGATED]
     store.close()
@@ -243,7 +260,7 @@ def run_fleet(n: int, *, model: str, rounds: int, strategy: str, precision: str,
                                                       "failures")}
     per = max(tot["uploads"], 1)
     fp32_adapter = _fp32_adapter_bytes(recs, tot)
-    res = FleetResult(
+    return FleetResult(
         devices=n, rounds=len(rows), strategy=strategy, precision=precision,
         round_latency_s=[round(r["closed_at"] - r["opened_at"], 3) for r in rows],
         aggregate_s=[round(r["metrics"].get("aggregate_s", 0.0), 4) for r in rows],
@@ -255,10 +272,6 @@ def run_fleet(n: int, *, model: str, rounds: int, strategy: str, precision: str,
         failures=tot["failures"] + tot["rejected"] + (0 if len(rows) == rounds else 1),
         extra={"errors": sum((r.get("errors", []) for r in recs), [])[:5], "rss_trace_mib":
                [round(s / 2 ** 20, 1) for _, s in sampler.samples[:: max(1, len(sampler.samples) // 60)]]})
-    if keep:
-        shutil.copy(tmp / "coordinator.log", Path(keep) / f"bench_fleet_{n}.log")
-    shutil.rmtree(tmp, ignore_errors=True)
-    return res
 
 
 def _fp32_adapter_bytes(recs: list[dict], tot: dict) -> float:

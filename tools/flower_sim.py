@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="Hugging Face model directory (classification)")
     ap.add_argument("--strategy", default="zero_pad", choices=["fedavg", "zero_pad", "stack", "svd", "fedsa", "zo"])
@@ -29,19 +29,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--local-steps", type=int, default=5)
     ap.add_argument("--examples", type=int, default=64, help="SST-2 training examples shared out IID")
     ap.add_argument("--out", default="")
-    a = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    import torch
-    from flwr.server import ServerApp
-    from rich.console import Console
-    from rich.table import Table
 
-    from coordinator.flower_loopback import Node, run_inprocess
-    from coordinator.flower_strategy import server_fn
+def make_nodes(a: argparse.Namespace) -> list:
+    """One in-process Flower node per profile, each with its IID shard of SST-2 train (a temp JSONL)."""
+    from coordinator.flower_loopback import Node
     from edge_runtime.data import load_sst2, partition
-    from edge_runtime.flower_client import app, cached_runtimes
+    from edge_runtime.flower_client import app
 
-    torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="flower-sim-"))
     shards = partition(load_sst2("train", limit=a.examples), len(a.profiles), "iid", seed=0)
     nodes = []
@@ -53,6 +49,41 @@ def main(argv: list[str] | None = None) -> dict:
         if i < len(a.caps) and a.caps[i] > 0:
             nc["max-rank"] = a.caps[i]
         nodes.append(Node(app, nc))
+    return nodes
+
+
+def print_report(report: dict, a: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    t = Table(title=f"Flower federation ({a.strategy}, {a.rounds} rounds, {report['wall_s']:.1f}s, "
+                    f"{report['messages']} messages)")
+    for col in ("node", "profile", "plan", "assigned rank", "mode"):
+        t.add_column(col)
+    for d in report["devices"]:
+        t.add_row(str(d["node"]), d["profile"], f"{d['plan_mode']} r{d['plan_rank']}", str(d["assigned_rank"]), d["mode"])
+    con.print(t)
+    r = Table(title="rounds")
+    for col in ("round", "uploads", "zo", "rejected", "train loss", "aggregate s"):
+        r.add_column(col)
+    for m in report["rounds"]:
+        r.add_row(str(m["round"]), str(m["uploads"]), str(m["zo_uploads"]), str(m["rejected"]),
+                  f"{m.get('train_loss', float('nan')):.4f}", f"{m['aggregate_s']:.3f}")
+    con.print(r)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = parse_args(argv)
+    import torch
+    from flwr.server import ServerApp
+
+    from coordinator.flower_loopback import run_inprocess
+    from coordinator.flower_strategy import server_fn
+    from edge_runtime.flower_client import cached_runtimes
+
+    torch.set_num_threads(1)
+    nodes = make_nodes(a)
     held = {}
 
     def fn(ctx):
@@ -72,21 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
                for cid, info in sorted(strat.clients.items(), key=lambda x: int(x[0]))]
     report = {"strategy": a.strategy, "rounds": strat.rounds, "devices": devices, "refused": strat.refused,
               "messages": grid.messages_sent, "wall_s": wall}
-
-    con = Console()
-    t = Table(title=f"Flower federation ({a.strategy}, {a.rounds} rounds, {wall:.1f}s, {grid.messages_sent} messages)")
-    for col in ("node", "profile", "plan", "assigned rank", "mode"):
-        t.add_column(col)
-    for d in devices:
-        t.add_row(str(d["node"]), d["profile"], f"{d['plan_mode']} r{d['plan_rank']}", str(d["assigned_rank"]), d["mode"])
-    con.print(t)
-    r = Table(title="rounds")
-    for col in ("round", "uploads", "zo", "rejected", "train loss", "aggregate s"):
-        r.add_column(col)
-    for m in strat.rounds:
-        r.add_row(str(m["round"]), str(m["uploads"]), str(m["zo_uploads"]), str(m["rejected"]),
-                  f"{m.get('train_loss', float('nan')):.4f}", f"{m['aggregate_s']:.3f}")
-    con.print(r)
+    print_report(report, a)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(report, indent=2))
