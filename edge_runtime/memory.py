@@ -2,9 +2,10 @@
 
 Predicts the PEAK RESIDENT MEMORY of the `edge-runtime train` process (on a discrete CUDA
 GPU: the CUDA peak allocated). Pure functions of (ModelSpec, Plan, task); the only measured
-inputs are the runtime overhead (RSS after importing torch+transformers+peft, see
-`edge_runtime.measure.measure_runtime_overhead`) and the coefficients in `Calibration`,
-fitted on this machine by `tools/bench_memory.py` (docs/memory.md).
+inputs are the runtime overhead (the killable memory, `guard.anon_bytes`, after importing
+torch+transformers+peft, see `edge_runtime.measure.measure_runtime_overhead`: what the MemoryGuard
+counts, so a plan's total and the guard's limit use one measure) and the coefficients in
+`Calibration`, fitted on this machine by `tools/bench_memory.py` (docs/memory.md).
 
     peak = max(load peak, training peak)
 
@@ -33,6 +34,7 @@ BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "nf4": 0.5, "int4":
 QUANT_CONST = {"nf4": 1 / 64 + 4 / (64 * 256), "int4": 8 / 128, "int8": 0.0}
 QUANTIZED = ("int8", "nf4", "int4")
 LOGIT_CHUNK_ROWS = 256  # edge_runtime.training.losses.CHUNK_TOKENS
+HEAD_SLICE_ROWS = 4096  # edge_runtime.training.stored16.HEAD_SLICE_ROWS
 
 
 @dataclass(frozen=True)
@@ -117,15 +119,20 @@ class MemoryEstimate:
                 "breakdown": {k: int(v) for k, v in self.breakdown.items()}}
 
 
-def weight_bytes(spec: ModelSpec, precision: str, task: str, compute_dtype: str = "fp32") -> dict[str, int]:
+def weight_bytes(spec: ModelSpec, precision: str, task: str, compute_dtype: str = "fp32",
+                 tables_16bit: bool = False) -> dict[str, int]:
     """Frozen base weights by part: quantizable Linear layers at `precision` (+ constants),
-    embeddings / norms / untied LM head / task head at the compute dtype (never quantized)."""
+    embeddings / norms / untied LM head / task head at the compute dtype (never quantized); with
+    `tables_16bit` (see `tables_16bit`) the token embeddings and the LM head at 2 bytes."""
     lin = spec.linear_params
     other = max(0, spec.n_params - lin)
     keep = BYTES[precision] if precision not in QUANTIZED else BYTES[compute_dtype]
+    table = 2.0 if tables_16bit else keep
+    emb = min(other, spec.vocab * spec.hidden) if tables_16bit else 0
     blocks = gguf_blocks_kept(spec, precision)  # GGUF Q4_0/Q4_1/Q8_0 Linears: the file's bytes, constants included
     rest = lin - (spec.gguf_block_params if blocks else 0)
-    out = {"weights_linear": int(rest * BYTES[precision] + blocks), "weights_embed_norm": int(other * keep)}
+    out = {"weights_linear": int(rest * BYTES[precision] + blocks),
+           "weights_embed_norm": int(emb * table + (other - emb) * keep)}
     if precision in QUANTIZED:
         rows = sum(o for o, _ in spec.linear_shapes.values()) if rest else 0
         out["quant_constants"] = int(rest * QUANT_CONST[precision] + 4 * rows)
@@ -134,8 +141,16 @@ def weight_bytes(spec: ModelSpec, precision: str, task: str, compute_dtype: str 
         head = spec.vocab * spec.hidden
     elif task == "classification":
         head = spec.hidden * 2 + (spec.hidden * spec.hidden + spec.hidden if spec.architecture == "bert" else 0)
-    out["weights_head"] = int(head * keep)
+    out["weights_head"] = int(head * (table if task == "causal_lm" else keep))
     return out
+
+
+def tables_16bit(spec: ModelSpec, plan: Plan, task: str, device: str = "cpu", unified_memory: bool = False) -> bool:
+    """Whether the token embeddings and lm_head stay in the checkpoint's 16-bit dtype, widened per use
+    (`training/stored16.py`, chosen by `stream_load.tables_kept_16bit`): a streamed quantized base
+    computed in fp32 from an fp16 / bf16 safetensors checkpoint (CPU boards such as the Raspberry Pi 5)."""
+    return (plan.base_precision in QUANTIZED and plan.compute_dtype == "fp32" and spec.source_format != "gguf"
+            and stored_dtype(spec) in ("fp16", "bf16") and streamed(spec, plan, task, device, unified_memory))
 
 
 def gguf_blocks_kept(spec: ModelSpec, precision: str) -> int:
@@ -260,7 +275,8 @@ def load_peak_bytes(spec: ModelSpec, plan: Plan, task: str, *, device: str = "cp
     Discrete CUDA GPU: `cuda_load_bytes` (GPU allocations only).
     """
     cal = calibration
-    w = weight_bytes(spec, plan.base_precision, task, plan.compute_dtype)
+    t16 = tables_16bit(spec, plan, task, device, unified_memory)
+    w = weight_bytes(spec, plan.base_precision, task, plan.compute_dtype, t16)
     resident = sum(w.values())
     biggest = max((o * i for o, i in spec.linear_shapes.values()), default=0)
     quantized = plan.base_precision in QUANTIZED
@@ -408,8 +424,8 @@ def estimate(spec: ModelSpec, plan: Plan, task: str = "classification", overhead
     training peak). The breakdown's values sum to the total; `load_peak_excess` is
     max(0, load peak - training peak) and `load_peak_bytes` in `to_dict()` is the load peak itself.
 
-    overhead_bytes: runtime overhead (RSS after imports); None -> measured once per process
-    (cached). Pass 0 for a discrete GPU's CUDA-allocated peak (`device="cuda"` does that).
+    overhead_bytes: runtime overhead (killable memory after imports, `measure_runtime_overhead`);
+    None -> measured once per process (cached). Pass 0 for a discrete GPU's CUDA-allocated peak (`device="cuda"` does that).
     response_tokens: target (response) tokens per batch for a causal LM; None -> batch * seq_len
     (the upper bound). Only these rows go through lm_head (edge_runtime/training/losses.py).
     unified_memory: a CUDA device whose GPU shares host RAM (Jetson): the host-side load counts.
@@ -422,7 +438,8 @@ def estimate(spec: ModelSpec, plan: Plan, task: str = "classification", overhead
         overhead_bytes = _default_overhead(device, unified_memory)
 
     parts: dict[str, int] = {"runtime_overhead": int(overhead_bytes)}
-    parts.update(weight_bytes(spec, plan.base_precision, task, plan.compute_dtype))
+    t16 = tables_16bit(spec, plan, task, device, unified_memory)
+    parts.update(weight_bytes(spec, plan.base_precision, task, plan.compute_dtype, t16))
     parts.update(source_residue_bytes(spec, plan, device, cal, task))
     n_train = trainable_params(spec, plan, task)
     parts["adapter_params"] = 4 * n_train
@@ -434,6 +451,8 @@ def estimate(spec: ModelSpec, plan: Plan, task: str = "classification", overhead
     if mmap_served(spec, plan, task, device):
         f = cal.mmap_dynamic_ckpt if plan.gradient_checkpointing else cal.mmap_dynamic
         dyn = {k: v * f for k, v in dyn.items()}
+    if t16 and task == "causal_lm":  # stored16.Head16: one widened (slice, H) fp32 block of the head in flight
+        dyn["head_slice"] = min(HEAD_SLICE_ROWS, spec.vocab) * spec.hidden * 4
     dyn_total = sum(dyn.values())
     dyn["allocator_slack"] = cal.alloc_slack * dyn_total
     parts.update({k: int(v) for k, v in dyn.items()})

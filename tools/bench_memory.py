@@ -60,6 +60,10 @@ LLAMAS = {
     # >= 400 M Linear parameters (425 M), saved as fp16 safetensors (issue 15: quantized base vs float base)
     "llama-400m-fp16": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=15, num_attention_heads=12,
                             num_key_value_heads=12, vocab_size=8000, tie_word_embeddings=True),
+    # LLaMA-2-7B's shapes (hidden 4096, intermediate 11008, 32 heads, vocab 32000, untied head) with 2 of its
+    # 32 layers, fp16 file: the 7B QLoRA plans on CPU boards extrapolate from rows like these (held out of the fit)
+    "llama-7b-2l-fp16": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32,
+                             num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
 }
 
 # (name, model, task, plan overrides). Routes: MiniLM / random Llamas load from safetensors (int8 / nf4
@@ -101,6 +105,13 @@ CONFIGS = [
                                                                           gradient_checkpointing=True, base_precision="nf4")),
     ("llama400m-int4-r8-b1-s128-ckpt", "llama-400m-fp16", "causal_lm", dict(rank=8, batch_size=1, seq_len=128,
                                                                            gradient_checkpointing=True, base_precision="int4")),
+    # LLaMA-2-7B's layer and table shapes, 2 layers (validation rows for the 7B plans on CPU boards; not fitted)
+    ("llama7b2l-nf4-r8-b1-s64-ckpt", "llama-7b-2l-fp16", "causal_lm", dict(rank=8, batch_size=1, seq_len=64,
+                                                                         gradient_checkpointing=True, base_precision="nf4")),
+    ("llama7b2l-nf4-r8-b2-s256-ckpt", "llama-7b-2l-fp16", "causal_lm", dict(rank=8, batch_size=2, seq_len=256,
+                                                                          gradient_checkpointing=True, base_precision="nf4")),
+    ("llama7b2l-nf4-zo-b1-s64", "llama-7b-2l-fp16", "causal_lm", dict(rank=1, batch_size=1, seq_len=64, base_precision="nf4",
+                                                                    **_ZO)),
     # memory floors: the planner's smallest plan of each mode (rank 1, batch 1, seq 64; checkpointing for LoRA)
     ("smollm2-floor-lora-fp32", "smollm2", "causal_lm", dict(rank=1, batch_size=1, seq_len=64, gradient_checkpointing=True)),
     ("smollm2-floor-lora-int8", "smollm2", "causal_lm", dict(rank=1, batch_size=1, seq_len=64, gradient_checkpointing=True,

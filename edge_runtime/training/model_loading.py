@@ -89,14 +89,17 @@ def malloc_trim() -> None:
 
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-HEAP_MMAP_THRESHOLD = 2**20
+HEAP_MMAP_THRESHOLD = 128 * 2**10
 
 
 def heap_mmap_threshold(nbytes: int = HEAP_MMAP_THRESHOLD) -> None:
     """Serve allocations of `nbytes` or more with mmap (returned to the OS when freed) instead of
     glibc's heap, whose dynamic threshold grows to 32 MiB and then keeps freed temporaries resident.
     A quantized base on CPU dequantizes every Linear in every forward and backward; with the default
-    allocator those temporaries stayed resident (llama-95m nf4: 1423 -> 923 MiB peak, docs/memory.md)."""
+    allocator those temporaries stayed resident (llama-95m nf4: 1423 -> 923 MiB peak, docs/memory.md).
+    128 KiB, not 1 MiB: activations of a short batch (e.g. (1, 128, 1536) fp32 = 768 KiB) fell under
+    a 1 MiB threshold and the heap kept ~0.8 B per Linear weight of freed ones in backprop (llama-400m
+    nf4, checkpointing: killable peak 1026 -> 702 MiB; malloc_trim returned the same memory)."""
     try:
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, int(nbytes))
     except (OSError, AttributeError):

@@ -11,7 +11,9 @@ quantized as it arrives:
   requantization; other GGUF types are dequantized and quantized with quanto at the plan's level);
 - fp32 / bf16 / fp16 plans: each tensor converted to the plan's dtype.
 
-Embeddings, norms, an untied lm_head and biases are kept in the compute dtype. Peak memory is
+Embeddings, norms, an untied lm_head and biases are kept in the compute dtype, except that a
+quantized base computed in fp32 from an fp16 / bf16 checkpoint keeps the embeddings and lm_head in
+the file's dtype (`stored16`: widened per use, exactly). Peak memory is
 the quantized weights + the float embeddings / head + one tensor in flight (its file dtype,
 fp32 copy and quantized copy) + the runtime.
 """
@@ -29,6 +31,7 @@ import torch
 from torch import nn
 
 from edge_runtime.training.gguf_linear import NATIVE_TYPES, GGUFLinear
+from edge_runtime.training.stored16 import STORED16, keep_16bit
 
 log = logging.getLogger(__name__)
 QUANTIZED = ("int8", "nf4", "int4")
@@ -290,9 +293,14 @@ def _resolve(model: nn.Module, name: str, names: set[str]) -> str | None:
 class StreamLoader:
     """Fill a meta skeleton from (name, reader) pairs, quantizing each Linear weight as it arrives."""
 
-    def __init__(self, model: nn.Module, precision: str, compute: torch.dtype, use_bnb: bool) -> None:
+    def __init__(self, model: nn.Module, precision: str, compute: torch.dtype, use_bnb: bool,
+                 keep16: torch.dtype | None = None) -> None:
         self.model, self.precision, self.compute, self.use_bnb = model, precision, compute, use_bnb
         self.modules = dict(model.named_modules())
+        # keep16: the file's 16-bit dtype, kept for the embeddings and lm_head (stored16.keep_16bit)
+        tables = (model.get_input_embeddings(), model.get_output_embeddings()) if keep16 is not None else ()
+        self.keep16 = {n for n, m in self.modules.items() if any(m is t for t in tables if t is not None)}
+        self.keep16_dtype = keep16
         self.names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
         self.pending_bias: dict[str, torch.Tensor] = {}
         self.kept: dict[str, str] = {}  # module name -> how its weight is kept (for tests / logs)
@@ -310,8 +318,13 @@ class StreamLoader:
     def _set_param(self, pname: str, value: torch.Tensor) -> None:
         module_name, _, leaf = pname.rpartition(".")
         mod = self.modules[module_name] if module_name else self.model
-        dtype = self.compute if value.is_floating_point() else value.dtype
+        dtype = self._float_dtype(module_name) if value.is_floating_point() else value.dtype
         mod._parameters[leaf] = nn.Parameter(value.to(dtype), requires_grad=False)
+
+    def _float_dtype(self, module_name: str) -> torch.dtype:
+        """The dtype a float tensor of `module_name` is kept in: the file's 16-bit dtype for the
+        embeddings / head under keep16, else the compute dtype."""
+        return self.keep16_dtype if module_name in self.keep16 and self.keep16_dtype else self.compute
 
     def put(self, name: str, read: Reader) -> None:
         """Load one checkpoint tensor: a quantizable Linear weight is quantized, anything else set."""
@@ -321,7 +334,7 @@ class StreamLoader:
             return
         module_name, _, leaf = pname.rpartition(".")
         if not self._quantizable(module_name) and not isinstance(self.modules.get(module_name), nn.Linear):
-            self._set_param(pname, read(self.compute))  # converted while read (embeddings, norms)
+            self._set_param(pname, read(self._float_dtype(module_name)))  # converted while read (embeddings, norms)
             return
         if leaf == "bias":
             mod = self.modules[module_name]
@@ -333,7 +346,7 @@ class StreamLoader:
                 self._set_param(pname, read())
             return
         if not self._quantizable(module_name):
-            self._linear_weight(module_name, read(self.compute))
+            self._linear_weight(module_name, read(self._float_dtype(module_name)))
         elif self.use_bnb and self.precision == "nf4":  # quantized rows at a time, straight from the file
             self._linear_weight(module_name, read(None, True))
         else:
@@ -356,7 +369,7 @@ class StreamLoader:
             self._set_param(f"{module_name}.weight", value)
             if bias is not None:
                 self._set_param(f"{module_name}.bias", bias)
-            self.kept[module_name] = str(self.compute).replace("torch.", "")
+            self.kept[module_name] = str(self._float_dtype(module_name)).replace("torch.", "")
             return
         make = bnb_linear if self.use_bnb else quanto_linear
         self._replace(module_name, make(value, bias, self.precision, self.compute))
@@ -392,6 +405,15 @@ def _dequantized(value: tuple, dtype: torch.dtype = torch.float32) -> torch.Tens
     return out[rows].contiguous() if rows is not None else out
 
 
+def tables_kept_16bit(directory: Path, gguf: str | None, precision: str, compute: torch.dtype) -> torch.dtype | None:
+    """The file's dtype when the embeddings and lm_head stay 16-bit (`stored16`): a quantized base
+    computed in fp32 from an fp16 / bf16 safetensors checkpoint (memory.tables_16bit mirrors this); else None."""
+    if gguf or precision not in QUANTIZED or compute != torch.float32:
+        return None
+    stored = safetensors_dtype(directory)
+    return stored if stored in STORED16 else None
+
+
 def stream_load_causal_lm(directory: Path, gguf: str | None, config: Any, precision: str, compute: torch.dtype,
                           use_bnb: bool) -> tuple[nn.Module, dict[str, str]]:
     """(model, {module: how its weight is kept}) loaded tensor by tensor; see the module docstring."""
@@ -399,13 +421,17 @@ def stream_load_causal_lm(directory: Path, gguf: str | None, config: Any, precis
 
     dtype = compute if precision in QUANTIZED else {"fp32": torch.float32, "bf16": torch.bfloat16,
                                                      "fp16": torch.float16}[precision]
-    loader = StreamLoader(build_skeleton(config, dtype), precision, dtype, use_bnb)
+    keep16 = tables_kept_16bit(directory, gguf, precision, dtype)
+    loader = StreamLoader(build_skeleton(config, dtype), precision, dtype, use_bnb, keep16)
     source = gguf_tensors(directory / gguf, config) if gguf else safetensors_tensors(directory)
     for i, (name, read) in enumerate(source):
         loader.put(name, read)
         if i % 16 == 15:
             malloc_trim()
     model = loader.finish()
+    if keep16 is not None:
+        for name in keep_16bit(model, dtype):
+            loader.kept[name] = f"{str(keep16).replace('torch.', '')} (computed in {str(dtype).replace('torch.', '')})"
     malloc_trim()
     if use_bnb and precision in ("nf4", "int8"):
         model.is_loaded_in_4bit = precision == "nf4"  # what peft reads to wrap bitsandbytes layers
