@@ -10,9 +10,9 @@ non-LoRA tensor, so the global's extras hold the averaged sparse delta D (out, i
 At the close of round N (`after_round`, called by `RoundEngine.close`) the switch: per module the LoRA
 factors start at D's top-r singular directions (`aggregation.svd_init.svd_init_factors`:
 s B0 A0 = D_r), and the part they do not capture, D - s B0 A0, stays in every model: D as the
-sparse delta (frozen from now on: devices keep applying it, the coordinator keeps the global's
-values) and -s B0 A0 as the residual base (`GlobalState.base`, merged by every device like FeDeRA's),
-so the model is unchanged at the switch. Rounds N+1.. are the method's ordinary LoRA rounds.
+sparse delta (frozen from now on: devices keep applying it and no longer upload it, the
+coordinator keeps the global's values) and -s B0 A0 as the residual base (`GlobalState.base`,
+merged by every device like FeDeRA's), so the model is unchanged at the switch. Rounds N+1.. are the method's ordinary LoRA rounds.
 """
 from __future__ import annotations
 
@@ -106,8 +106,8 @@ def switch(method: Method, g: GlobalState) -> GlobalState:
 
 def after_round(method: Method, round_id: int, start: GlobalState, g: GlobalState) -> GlobalState:
     """The next global after `round_id` closed (`start`: the global it began from): the switch at the
-    close of the sparse stage; after it, the sparse delta kept at `start`'s values (frozen: what
-    devices re-upload, possibly quantized, does not move it)."""
+    close of the sparse stage; after it, the sparse delta kept at `start`'s values (frozen: devices
+    do not upload it, `DeviceContract.uploads`)."""
     cfg = method.cfg
     if not active(cfg) or round_id < cfg.slora_rounds:
         return g

@@ -116,6 +116,13 @@ class DeviceContract:
     def is_local(self, key: str) -> bool:
         return any(key.endswith(s) for s in self.keep_local)
 
+    def uploads(self, key: str) -> bool:
+        """Whether `key` goes into the upload: not kept local, and not a frozen sparse delta (SLoRA after
+        its switch: the coordinator keeps the global's values, `coordinator.slora.after_round`)."""
+        from .sparse import SPARSE_SUFFIX
+
+        return not self.is_local(key) and not (key.endswith(SPARSE_SUFFIX) and self.is_frozen(key))
+
     def is_frozen(self, key: str) -> bool:
         return any(key.endswith(s) for s in self.frozen)
 
@@ -135,7 +142,7 @@ def prepare_download(state: Mapping[str, torch.Tensor], current: Mapping[str, to
 
 def split_upload(state: Mapping[str, torch.Tensor], contract: DeviceContract) -> tuple[State, State]:
     """(what the device uploads, what it keeps on the device) of its trained adapter state."""
-    up = {k: v for k, v in state.items() if not contract.is_local(k)}
+    up = {k: v for k, v in state.items() if contract.uploads(k)}
     keep = {k: v for k, v in state.items() if contract.is_local(k)}
     return up, keep
 

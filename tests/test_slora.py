@@ -161,6 +161,9 @@ def test_sparse_stage_then_lora_over_grpc(minilm, tmp_path):
                 assert float((v - sent[k]).abs().max()) > 0, f"{k} did not train"
             elif k.endswith((A_SUFFIX, B_SUFFIX)):
                 assert torch.equal(v, sent[k]), f"{k} changed in the sparse stage"
+    for u in coord.store.updates(3):  # after the switch the frozen sparse delta is not sent back
+        up, _ = wire.decode_tensors(coord.store.read_blob(u["path"], u["sha256"]))
+        assert not any(module_of_sparse(k) for k in up) and any(k.endswith(B_SUFFIX) for k in up)
     g = coord.global_state
     assert set(g.base) == set(g.modules), "the switch should leave a residual base on every module"
     s = coord.method.cfg.scale(4)

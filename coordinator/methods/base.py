@@ -198,7 +198,7 @@ class Method:
         """Key -> shape an upload must have: the downloaded adapter's, less what the device keeps."""
         keep = self.device_contract(mode, round_id)
         return {k: tuple(v.shape) for k, v in download.items()
-                if not k.startswith("base_delta.") and not keep.is_local(k)}
+                if not k.startswith("base_delta.") and keep.uploads(k)}
 
     def expected_upload(self, state: Mapping[str, torch.Tensor], download: Mapping[str, torch.Tensor], mode: str,
                         round_id: int = 0) -> dict[str, tuple[int, ...]]:
