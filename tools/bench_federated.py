@@ -50,6 +50,7 @@ from edge_runtime.modelspec import load_model_spec  # noqa: E402
 from edge_runtime.planner import plan as make_plan  # noqa: E402
 from edge_runtime.profile import load_profile  # noqa: E402
 from edge_runtime.training.session import LocalTrainer  # noqa: E402
+from protos import peft_types  # noqa: E402
 from protos.adapter import A_SUFFIX, B_SUFFIX  # noqa: E402
 
 console = Console(width=150)
@@ -110,7 +111,7 @@ class Fleet:
 
     def reset(self) -> None:
         for t in self.trainers():
-            t.base, t.model = t.model.unload(), None
+            t.base, t.model = peft_types.unload(t.model), None  # LoRA or another PEFT type's wrapper
             t.base.load_state_dict(self._base[id(t)], strict=False)
             t.configure(t.plan.rank)
         self.trackers = {id(t): DeltaTracker() for t in self.trainers()}
@@ -146,12 +147,16 @@ def run_federated(method_name: str, devices: list[dict[str, Any]], shards: list[
                                       prune_threshold=prune, init=init_kind, **slora))
     init = {k: (v[:max_rank] if k.endswith(A_SUFFIX) else v[:, :max_rank] if k.endswith(B_SUFFIX) else v)
             for k, v in init_state.items()}
+    if method.peft != "lora":  # prompt tuning / (IA)3 / BitFit: the type's own tensors (coordinator.model)
+        init = initial_adapter_state(evaluator.model, [], 1, args.alpha_lora, False, args.seed, method.peft,
+                                     method.virtual_tokens)
     g = initial_global(method, init, base_weights or {})
     fleet.reset()
     sims = sim_devices(devices, shards, args, common_rank)
     holdouts = personal_holdouts(sims, args.seed) if method.contract("lora").personal_rank else {}
     policy, opt_state = round_policy(args), ServerOptState()
-    rows = [{"round": 0, **evaluator.evaluate(method.deltas(g), g.extra), "bytes_up": 0, "bytes_down": 0,
+    rows = [{"round": 0, **evaluator.evaluate(method.deltas(g), g.extra, method.peft, method.virtual_tokens),
+             "bytes_up": 0, "bytes_down": 0,
              "wall_s": 0.0}]
     for rnd in range(1, args.rounds + 1):
         t0 = time.perf_counter()
@@ -167,7 +172,7 @@ def run_federated(method_name: str, devices: list[dict[str, Any]], shards: list[
             console.print(f"  {method_name}: mean personalized accuracy {mp:.3f} vs global {mg:.3f} on the devices' "
                           "held-out splits")
         train_s = time.perf_counter() - t0
-        m = evaluator.evaluate(device_view_deltas(method, g, sims), g.extra)
+        m = evaluator.evaluate(device_view_deltas(method, g, sims), g.extra, method.peft, method.virtual_tokens)
         rows.append({"round": rnd, **m, "bytes_up": traffic.bytes_up, "bytes_down": traffic.bytes_down,
                      "wall_s": train_s, "ranks": {d.name: d.rank for d in sims},
                      **({"personal_vs_global": pers} if holdouts and rnd == args.rounds else {})})
@@ -271,7 +276,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-batch", type=int, default=0, help="cap the plans' micro-batch (CPU time; 0 = as planned)")
     ap.add_argument("--strategies",
                     default=("centralized,fedavg,zero_pad,stack,svd,fedsa,ffa,rolora,hetlora,fedavg+init-federa,"
-                             "fedavg+init-slora,feddpa,svd+zo"),
+                             "fedavg+init-slora,feddpa,svd+zo,prompt_tuning,ia3,bitfit"),
                     help="methods; NAME+zo adds the ZO devices, NAME+init-federa starts from FeDeRA's SVD init, "
                          "NAME+init-slora from SLoRA's (--slora-rounds sparse rounds, then LoRA)")
     ap.add_argument("--slora-rounds", type=int, default=2, help="NAME+init-slora: sparse rounds before LoRA")

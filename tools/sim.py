@@ -17,6 +17,7 @@ import torch
 
 from coordinator.engine import RoundEngine
 from edge_runtime.client import DeltaTracker
+from edge_runtime.device_round import obey_peft
 from edge_runtime.training.prune import prune_trainer
 from edge_runtime.training.personal import lora_scale, split_personal, with_personal
 from protos import federation_pb2 as pb
@@ -71,6 +72,7 @@ def run_round(engine: RoundEngine, devices: Sequence[SimDevice], trainer_for: Ca
         cfg, L = engine.method.cfg, contract.personal_rank
         if L and trainer.plan.rank < d.rank + L:  # the personal adapter's slots (edge_runtime.device_round)
             trainer.plan = replace(trainer.plan, rank=d.rank + L)
+        obey_peft(trainer, contract)  # the PEFT type the method's devices train (LoRA, prompt, (IA)3, BitFit)
         trainer.configure(d.rank + L, cfg.lora_alpha, cfg.use_rslora, seed)
         if delta:
             inc = tracker_for(trainer).increment(delta)
