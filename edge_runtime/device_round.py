@@ -204,12 +204,10 @@ def train_stats(trainer: RoundTrainer, fetched: Fetched, trained: Trained, num_r
 
 
 def _ratio(trainer: RoundTrainer, personal: int) -> float:
-    """s_r / s_{r+L}: the global adapter's scale over the whole (global + personal) adapter's."""
-    from edge_runtime.training.personal import lora_scale
+    """s_r / s_{r+L} of this trainer (its rank is global + personal slots)."""
+    from edge_runtime.training.personal import personal_ratio
 
-    r = trainer.rank - personal
-    return lora_scale(trainer.lora_alpha, r, trainer.use_rslora) / lora_scale(trainer.lora_alpha, trainer.rank,
-                                                                               trainer.use_rslora)
+    return personal_ratio(trainer.lora_alpha, trainer.rank - personal, personal, trainer.use_rslora)
 
 
 def _upload_state(trainer: RoundTrainer, contract: DeviceContract,

@@ -19,7 +19,7 @@ from coordinator.engine import RoundEngine
 from edge_runtime.client import DeltaTracker
 from edge_runtime.device_round import obey_peft
 from edge_runtime.training.prune import prune_trainer
-from edge_runtime.training.personal import lora_scale, split_personal, with_personal
+from edge_runtime.training.personal import personal_ratio, split_personal, with_personal
 from protos import federation_pb2 as pb
 from protos import wire
 from protos.adapter import DeviceContract, State, TrainingRecipe, loss_progress, prepare_download, split_upload
@@ -50,11 +50,6 @@ class RoundTraffic:
     personal_acc: dict[str, float] = field(default_factory=dict)  # device -> its own model's held-out accuracy
 
 
-def _ratio(alpha: float, rank: int, personal: int, rslora: bool) -> float:
-    """s_r / s_{r+L} of a device with a personal adapter (edge_runtime.training.personal)."""
-    return lora_scale(alpha, rank, rslora) / lora_scale(alpha, rank + personal, rslora)
-
-
 def run_round(engine: RoundEngine, devices: Sequence[SimDevice], trainer_for: Callable[[SimDevice], Any],
               tracker_for: Callable[[Any], DeltaTracker], seed: int, train_kw: Mapping[str, Any] | None = None,
               holdouts: Mapping[str, list[dict[str, Any]]] | None = None) -> RoundTraffic:
@@ -82,7 +77,7 @@ def run_round(engine: RoundEngine, devices: Sequence[SimDevice], trainer_for: Ca
         state = prepare_download(state, trainer.adapter_state(), d.kept, contract)
         if L:
             state = with_personal(state, trainer.adapter_state(), d.kept, d.rank,
-                                  _ratio(cfg.lora_alpha, d.rank, L, cfg.use_rslora))
+                                  personal_ratio(cfg.lora_alpha, d.rank, L, cfg.use_rslora))
         trainer.load_adapter_state(state)
         trainer.recipe = TrainingRecipe.from_meta(meta)
         trainer.frozen = contract.frozen
@@ -99,7 +94,8 @@ def run_round(engine: RoundEngine, devices: Sequence[SimDevice], trainer_for: Ca
                 d.rank = traffic.pruned[d.name] = new
             trained, mine = trainer.adapter_state(), {}
             if L:
-                trained, mine = split_personal(trained, d.rank, _ratio(cfg.lora_alpha, d.rank, L, cfg.use_rslora))
+                ratio = personal_ratio(cfg.lora_alpha, d.rank, L, cfg.use_rslora)
+                trained, mine = split_personal(trained, d.rank, ratio)
             if holdouts and d.name in holdouts:
                 traffic.personal_acc[d.name] = float(trainer.evaluate(holdouts[d.name])["accuracy"])
             up, d.kept = split_upload(trained, contract)

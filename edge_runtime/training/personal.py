@@ -22,6 +22,12 @@ def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
     return alpha / (rank ** 0.5 if use_rslora else rank)
 
 
+def personal_ratio(alpha: float, rank: int, personal: int, use_rslora: bool) -> float:
+    """s_r / s_(r+L): the global adapter's scale (rank r) over the scale of the whole adapter a device
+    trains (r global slots + L personal ones), used to move B between the two scales."""
+    return lora_scale(alpha, rank, use_rslora) / lora_scale(alpha, rank + personal, use_rslora)
+
+
 def with_personal(download: Mapping[str, "object"], fresh: Mapping[str, "object"], kept: Mapping[str, "object"],
                   rank: int, ratio: float) -> State:
     """The rank r + L adapter state to load.
