@@ -12,7 +12,8 @@ factors start at D's top-r singular directions (`aggregation.svd_init.svd_init_f
 s B0 A0 = D_r), and the part they do not capture, D - s B0 A0, stays in every model: D as the
 sparse delta (frozen from now on: devices keep applying it and no longer upload it, the
 coordinator keeps the global's values) and -s B0 A0 as the residual base (`GlobalState.base`,
-merged by every device like FeDeRA's), so the model is unchanged at the switch. Rounds N+1.. are the method's ordinary LoRA rounds.
+merged by every device like FeDeRA's), so the model is unchanged at the switch. Rounds N+1.. are
+the method's ordinary LoRA rounds.
 """
 from __future__ import annotations
 

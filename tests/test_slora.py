@@ -99,7 +99,7 @@ def test_the_switch_leaves_the_model_unchanged(minilm):
     logits, t, tracker = [], LocalTrainer(str(minilm), plan, "classification", seed=0, threads=1), DeltaTracker()
     zeroed = {k: v * 0 if module_of_sparse(k) else v for k, v in g.extra.items()}
     no_delta = g.__class__(g.strategy, g.modules, zeroed, g.total_weight, g.base)
-    for glob, rnd in ((no_delta, 1), (g, 1), (g2, 2)):  # one device's view: round 1 (sparse stage), round 2 (after the switch)
+    for glob, rnd in ((no_delta, 1), (g, 1), (g2, 2)):  # a device's view: sparse stage (round 1), after the switch
         engine = RoundEngine(method, glob, rnd)
         tensors, meta = wire.decode_tensors(engine.blob(engine.download(4, "lora", 0), 4, "lora"))
         state, delta = wire.split_download(tensors)
