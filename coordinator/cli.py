@@ -13,6 +13,24 @@ from .methods import DEFAULT, METHODS, NAMES
 from .methods.base import INITS
 
 
+def _method_args(p) -> None:
+    """The method's LoRA options: ranks, rank self-pruning, the round-1 init, the LoRA scale."""
+    p.add_argument("--max-rank", type=int, default=8)
+    p.add_argument("--cap-rank", type=int, default=64, help="stack/svd: global factors kept at most at this rank")
+    p.add_argument("--prune-threshold", type=float, default=0.0,
+                   help="rank self-pruning (" + ", ".join(n for n, c in METHODS.items() if c.prunes_rank) + "): a "
+                        "device drops trailing rank slots carrying at most this share of its B A (0: off)")
+    p.add_argument("--init", choices=INITS, default="random",
+                   help="round-1 LoRA factors: random (peft: A kaiming, B 0) or federa (FeDeRA: the base weights' top "
+                        "singular directions, their part moved out of every base so the initial model is unchanged) "
+                        "or slora (SLoRA: --slora-rounds of sparse fine-tuning, then LoRA from the SVD of its delta)")
+    p.add_argument("--slora-rounds", type=int, default=0, help="--init slora: sparse rounds before LoRA (>= 1)")
+    p.add_argument("--slora-density", type=float, default=0.0,
+                   help="--init slora: share of each LoRA module's base weight entries trained then, e.g. 0.02")
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--rslora", action="store_true")
+
+
 def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="run the coordinator")
     p.add_argument("--port", type=int, default=50051)
@@ -33,20 +51,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--zo-local-steps", type=int, default=0, help="local steps of zeroth-order devices (0: --local-steps)")
     p.add_argument("--lr", type=float, default=0.0, help="LoRA learning rate (0: each device's plan)")
     p.add_argument("--zo-lr", type=float, default=0.0, help="zeroth-order learning rate (0: each device's plan)")
-    p.add_argument("--max-rank", type=int, default=8)
-    p.add_argument("--cap-rank", type=int, default=64, help="stack/svd: global factors kept at most at this rank")
-    p.add_argument("--prune-threshold", type=float, default=0.0,
-                   help="rank self-pruning (" + ", ".join(n for n, c in METHODS.items() if c.prunes_rank) + "): a "
-                        "device drops trailing rank slots carrying at most this share of its B A (0: off)")
-    p.add_argument("--init", choices=INITS, default="random",
-                   help="round-1 LoRA factors: random (peft: A kaiming, B 0) or federa (FeDeRA: the base weights' top "
-                        "singular directions, their part moved out of every base so the initial model is unchanged) "
-                        "or slora (SLoRA: --slora-rounds of sparse fine-tuning, then LoRA from the SVD of its delta)")
-    p.add_argument("--slora-rounds", type=int, default=0, help="--init slora: sparse rounds before LoRA (>= 1)")
-    p.add_argument("--slora-density", type=float, default=0.0,
-                   help="--init slora: share of each LoRA module's base weight entries trained then, e.g. 0.02")
-    p.add_argument("--lora-alpha", type=float, default=16.0)
-    p.add_argument("--rslora", action="store_true")
+    _method_args(p)  # --max-rank, --cap-rank, --prune-threshold, --init, --slora-*, --lora-alpha, --rslora
     p.add_argument("--task", choices=("classification", "causal_lm"), default="classification")
     p.add_argument("--num-labels", type=int, default=2)
     p.add_argument("--target-modules", default="", help="comma-separated; default: the model's attention q/v")
