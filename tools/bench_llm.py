@@ -85,6 +85,7 @@ class Config:
     strategies: tuple[str, ...] = ("zero_pad", "stack", "svd")
     threads: int = 2
     seed: int = 0
+    dirichlet: float = 0.0  # label skew of the devices' shards: Dirichlet alpha (0 = iid)
     nf4: bool = True
     zo: bool = True
 
@@ -119,8 +120,11 @@ def load_data(cfg: Config) -> tuple[list[dict], list[dict]]:
     return cast(train), cast(held)
 
 
-def shards(records: list[dict], n: int, seed: int) -> list[list[dict]]:
+def shards(records: list[dict], n: int, seed: int, dirichlet: float = 0.0) -> list[list[dict]]:
+    """n shards: iid, or label-skewed with per-label proportions ~ Dir(dirichlet) when it is > 0."""
     from edge_runtime.data import partition
+    if dirichlet > 0:
+        return partition(records, n, "dirichlet", alpha=dirichlet, seed=seed)
     return partition(records, n, "iid", seed=seed)
 
 
@@ -280,7 +284,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--label-words", nargs="+", default=["negative", "positive"])
     for name, typ in (("train-rows", int), ("eval-rows", int), ("seq-len", int), ("batch-size", int),
                       ("local-steps", int), ("rounds", int), ("lr", float), ("zo-lr", float), ("threads", int),
-                      ("seed", int)):
+                      ("seed", int), ("dirichlet", float)):
         ap.add_argument(f"--{name}", type=typ, default=getattr(Config, name.replace("-", "_")))
     ap.add_argument("--strategies", nargs="*", default=list(Config.strategies), choices=method_names())
     ap.add_argument("--no-nf4", action="store_true", help="all LoRA devices on the fp32 base")
@@ -303,12 +307,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = Config(model=a.model or smollm2_gguf(), data=a.data, eval_data=a.eval_data, template=a.template,
                  label_words=tuple(a.label_words), train_rows=a.train_rows, eval_rows=a.eval_rows, seq_len=a.seq_len,
                  batch_size=a.batch_size, local_steps=a.local_steps, rounds=a.rounds, lr=a.lr, zo_lr=a.zo_lr,
-                 strategies=tuple(a.strategies), threads=a.threads, seed=a.seed, nf4=not a.no_nf4, zo=not a.no_zo)
+                 strategies=tuple(a.strategies), threads=a.threads, seed=a.seed, nf4=not a.no_nf4, zo=not a.no_zo,
+                 dirichlet=a.dirichlet)
     devices = [d for d in DEFAULT_DEVICES if (cfg.zo or d.mode != "zo")]
     if not cfg.nf4:
         devices = [replace(d, base_precision="fp32") for d in devices]
     train, held = load_data(cfg)
-    parts = shards(train, len(devices), cfg.seed)
+    parts = shards(train, len(devices), cfg.seed, cfg.dirichlet)
     t_all = time.perf_counter()
     fleet = Fleet(cfg, max_rank=sum(d.rank for d in devices))
     print(f"loaded bases in {fleet.load_seconds}", flush=True)
@@ -411,7 +416,8 @@ def _write_md(path: Path, report: dict) -> None:
     c = report["config"]
     lines = markdown_table(_HEAD, _rows(report["results"]))
     lines.append("")
-    lines.append(f"{c['eval_rows']} held-out rows, {c['train_rows']} training rows (iid over {len(c['devices'])} devices: "
+    split = f"Dirichlet {c['dirichlet']} label skew" if c.get("dirichlet", 0) > 0 else "iid"
+    lines.append(f"{c['eval_rows']} held-out rows, {c['train_rows']} training rows ({split} over {len(c['devices'])} devices: "
                  + ", ".join(d["name"] for d in c["devices"]) + f"), seq_len {c['seq_len']}, batch {c['batch_size']}, "
                  f"{c['local_steps']} local steps x {c['rounds']} rounds, lr {c['lr']} (ZO {c['zo_lr']}), "
                  f"{report['machine']}; total {report['total_seconds']:.0f} s.")
