@@ -171,7 +171,7 @@ def streamed(spec: ModelSpec, plan: Plan, task: str, device: str = "cpu", unifie
 
 
 def mmap_served(spec: ModelSpec, plan: Plan, task: str, device: str) -> bool:
-    """Whether the training process serves allocations >= 1 MiB with mmap (a quantized streamed base on
+    """Whether the training process serves allocations >= 128 KiB with mmap (a quantized streamed base on
     CPU: `model_loading.heap_mmap_threshold`): freed temporaries leave the RSS at once."""
     return device == "cpu" and plan.base_precision in QUANTIZED and streamed(spec, plan, task, device)
 

@@ -1,22 +1,19 @@
 """Memory estimator vs. measured peak RSS of a real training process.
 
-Each configuration runs in a FRESH subprocess (so ru_maxrss is that run's peak): build the
-model, apply the plan (base precision, LoRA rank/targets, checkpointing, ZO), train a few
-steps, report peak RSS. The trainer is `edge_runtime.training.session.LocalTrainer` when it
-exists (`--harness trainer`), else a minimal peft harness that mirrors it (`--harness peft`).
+Each configuration runs in a FRESH subprocess (so ru_maxrss is that run's peak): build the model, apply
+the plan (base precision, LoRA rank/targets, checkpointing, ZO), train a few steps, report peak RSS, on
+`LocalTrainer` (`--harness trainer`) or a minimal peft harness that mirrors it (`--harness peft`).
 
-    .venv/bin/python tools/bench_memory.py            # full set (31 configs, ~35 min on 2 busy cores)
+    .venv/bin/python tools/bench_memory.py            # full set (34 configs, ~45 min on 2 busy cores)
     .venv/bin/python tools/bench_memory.py --quick    # 4 configs (CI)
     .venv/bin/python tools/bench_memory.py --only smollm2-floor-zo --budget-mib 1100   # guard check
     .venv/bin/python tools/bench_memory.py --from-json docs/bench_memory.json --workdir DIR  # re-predict
 
-One measured process at a time, `--threads` torch/OpenMP threads each (default 1). Per row:
-the RSS after imports (baseline), ru_maxrss once the base is loaded (load peak), the peak the
-MemoryGuard sampled during train(), ru_maxrss at the end (the process peak the estimator
-predicts), the killable peak (RssAnon + RssShmem, sampled every 5 ms) and the first-step loss.
+One measured process at a time, `--threads` torch/OpenMP threads each (default 1). Per row: the RSS after imports
+(baseline), ru_maxrss once the base is loaded (load peak), the peak the MemoryGuard sampled during train(), ru_maxrss
+at the end (the process peak the estimator predicts), the killable peak (RssAnon + RssShmem) and first-step loss.
 Writes docs/bench_memory.json, the tables in docs/memory.md (between markers: all rows, and the
-quantized-vs-float pairs of `bench_memory_pairs.py`), docs/bench_memory.png and
-docs/bench_memory_pairs.png.
+quantized-vs-float pairs of `bench_memory_pairs.py`), docs/bench_memory.png and _pairs.png.
 """
 from __future__ import annotations
 
@@ -60,8 +57,7 @@ LLAMAS = {
     # >= 400 M Linear parameters (425 M), saved as fp16 safetensors (issue 15: quantized base vs float base)
     "llama-400m-fp16": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=15, num_attention_heads=12,
                             num_key_value_heads=12, vocab_size=8000, tie_word_embeddings=True),
-    # LLaMA-2-7B's shapes (hidden 4096, intermediate 11008, 32 heads, vocab 32000, untied head) with 2 of its
-    # 32 layers, fp16 file: the 7B QLoRA plans on CPU boards extrapolate from rows like these (held out of the fit)
+    # LLaMA-2-7B's shapes (untied head) with 2 of its 32 layers, fp16 file: checks the 7B plans on CPU boards
     "llama-7b-2l-fp16": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32,
                              num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
 }
@@ -105,13 +101,11 @@ CONFIGS = [
                                                                           gradient_checkpointing=True, base_precision="nf4")),
     ("llama400m-int4-r8-b1-s128-ckpt", "llama-400m-fp16", "causal_lm", dict(rank=8, batch_size=1, seq_len=128,
                                                                            gradient_checkpointing=True, base_precision="int4")),
-    # LLaMA-2-7B's layer and table shapes, 2 layers (validation rows for the 7B plans on CPU boards; not fitted)
-    ("llama7b2l-nf4-r8-b1-s64-ckpt", "llama-7b-2l-fp16", "causal_lm", dict(rank=8, batch_size=1, seq_len=64,
-                                                                         gradient_checkpointing=True, base_precision="nf4")),
-    ("llama7b2l-nf4-r8-b2-s256-ckpt", "llama-7b-2l-fp16", "causal_lm", dict(rank=8, batch_size=2, seq_len=256,
-                                                                          gradient_checkpointing=True, base_precision="nf4")),
-    ("llama7b2l-nf4-zo-b1-s64", "llama-7b-2l-fp16", "causal_lm", dict(rank=1, batch_size=1, seq_len=64, base_precision="nf4",
-                                                                    **_ZO)),
+    # LLaMA-2-7B's layer and table shapes, 2 layers (issue 15 follow-up; docs/memory.md)
+    *[(f"llama7b2l-nf4-{tag}", "llama-7b-2l-fp16", "causal_lm", dict(base_precision="nf4", **kw)) for tag, kw in (
+        ("r8-b1-s64-ckpt", dict(rank=8, batch_size=1, seq_len=64, gradient_checkpointing=True)),
+        ("r8-b2-s256-ckpt", dict(rank=8, batch_size=2, seq_len=256, gradient_checkpointing=True)),
+        ("zo-b1-s64", dict(rank=1, batch_size=1, seq_len=64, **_ZO)))],
     # memory floors: the planner's smallest plan of each mode (rank 1, batch 1, seq 64; checkpointing for LoRA)
     ("smollm2-floor-lora-fp32", "smollm2", "causal_lm", dict(rank=1, batch_size=1, seq_len=64, gradient_checkpointing=True)),
     ("smollm2-floor-lora-int8", "smollm2", "causal_lm", dict(rank=1, batch_size=1, seq_len=64, gradient_checkpointing=True,
