@@ -35,8 +35,8 @@ MiB = 2**20
 
 def _stepdown_node(fleet, out: Path) -> dict:
     """A fifth device whose plan (batch 64 x 256 tokens of long rows) needs several hundred MiB above the
-    runtime while its profile allows 32 MiB above the ClientApp's runtime (measured as RSS, file pages
-    included, while the guard counts anonymous memory: the margin must exceed those file pages): its
+    runtime while its profile allows 32 MiB above the ClientApp's runtime (counted as the guard counts it,
+    killable memory, since issue 15; the generous margin dates from when it was RSS incl. file pages): its
     memory guard must trip and step it down."""
     import yaml
 
