@@ -151,7 +151,6 @@ class Evaluator:
 
     def __post_init__(self) -> None:
         self._base = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self._wrapped: dict[tuple[str, int], torch.nn.Module] = {}  # non-LoRA PEFT type -> wrapped copy
 
     def evaluate(self, deltas: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
                  extra: Mapping[str, torch.Tensor], peft: str = "lora", virtual_tokens: int = 0) -> dict[str, float]:
@@ -180,17 +179,19 @@ class Evaluator:
 
     def _evaluate_wrapped(self, tensors: Mapping[str, torch.Tensor], peft: str, virtual_tokens: int
                           ) -> dict[str, float]:
-        """Metrics of the base wrapped for a non-LoRA PEFT type (one copy per type) with `tensors` loaded."""
-        import copy
-
+        """Metrics of the base wrapped in place for a non-LoRA PEFT type with `tensors` loaded, then
+        unwrapped (in place, not a copy: a deep copy would keep hooks bound to the original, e.g.
+        the masked mean pooler's, `protos.model_load.use_checkpoint_pooling`)."""
         from protos import peft_types
 
-        if (peft, virtual_tokens) not in self._wrapped:
-            self._wrapped[(peft, virtual_tokens)] = peft_types.build(copy.deepcopy(self.model), peft,
-                                                                     virtual_tokens).eval()
-        model = self._wrapped[(peft, virtual_tokens)]
-        peft_types.load_state(model, tensors, f"global state ({peft})")
-        return self._run(model)
+        with torch.random.fork_rng():  # build() seeds its init: leave the caller's RNG alone
+            model = peft_types.build(self.model, peft, virtual_tokens).eval()
+        try:
+            peft_types.load_state(model, tensors, f"global state ({peft})")
+            return self._run(model)
+        finally:
+            self.model = peft_types.unload(model)
+            self.model.load_state_dict(self._base)
 
     @torch.no_grad()
     def _run(self, model: torch.nn.Module | None = None) -> dict[str, float]:

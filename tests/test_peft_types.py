@@ -181,3 +181,19 @@ def test_trainable_count_refuses_unknown_layouts():
         trainable_count("bitfit", "llama", {"model.layers.0.self_attn.q_proj": (8, 8)}, 8, 1)
     with pytest.raises(ValueError, match="no default \\(IA\\)3 targets known for model type 'gpt_neox'"):
         trainable_count("ia3", "gpt_neox", {}, 8, 1)
+
+
+def test_evaluator_applies_the_type_to_its_own_model(minilm):
+    """(IA)3's and BitFit's initial states leave the model unchanged: the coordinator's evaluation of
+    them equals the base model's, and the base is itself again afterwards (the wrapper is applied in
+    place: a deep copy would keep the masked mean pooler's hook bound to the original model)."""
+    from coordinator.model import Evaluator, initial_adapter_state, load_base_model
+    from edge_runtime.data import load_sst2
+
+    model, tok = load_base_model(minilm, "classification", 2, 0)
+    ev = Evaluator(model, tok, load_sst2("dev", limit=48))
+    plain = ev.evaluate({}, {})
+    for kind in ("ia3", "bitfit"):
+        init = initial_adapter_state(model, [], 1, 16.0, False, 0, kind)
+        assert ev.evaluate({}, init, kind) == pytest.approx(plain, abs=1e-6), kind
+    assert ev.evaluate({}, {}) == pytest.approx(plain, abs=1e-6)
