@@ -200,3 +200,13 @@ def test_deploy_helpers_refuse_bad_input(tmp_path):
         node_config_arg({"data": "/my data/shard.jsonl"})
     assert node_config_arg({"model": "/m", "threads": 1, "enforce-budget": True}) == \
         'model="/m" threads=1 enforce-budget=true'
+
+
+def test_relative_out_becomes_absolute(tmp_path, monkeypatch):
+    """`--out runs/flower_demo` (the README's command): Flower's connection config refuses relative
+    certificate paths, so the deployment works under the absolute path of `out`."""
+    from flower_deploy import Deployment
+
+    monkeypatch.chdir(tmp_path)
+    dep = Deployment(Path("runs/flower_demo"), tls=True, auth=True)
+    assert dep.out == tmp_path / "runs" / "flower_demo" and dep.pki.is_absolute() and dep.home.is_absolute()

@@ -51,7 +51,7 @@ class Deployment:
     def __post_init__(self) -> None:
         if self.auth and not self.tls:
             raise ValueError("SuperNode authentication needs TLS (Flower refuses --enable-supernode-auth without it)")
-        self.out = Path(self.out)
+        self.out = Path(self.out).resolve()  # Flower's config wants absolute certificate paths
         self.home = self.out / "flwr-home"  # FLWR_HOME: the SuperLink connection and Flower's app cache
         self.pki = self.out / "pki"
         (self.out / "logs").mkdir(parents=True, exist_ok=True)
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = F.FleetConfig.load(args.config)
     cfg.strategy = args.strategy or cfg.strategy
     cfg.rounds = args.rounds or cfg.rounds
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     result = deploy_fleet(cfg, out, args.timeout, tls=not args.insecure, auth=not (args.insecure or args.no_auth),
                           app=stage_app(out) if args.stage_app else ROOT, self_plan=args.self_plan)
     ok = result["status"] == "finished:completed" and any(r["state"] == "aggregated" for r in result["rounds"])
