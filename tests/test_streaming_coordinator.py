@@ -12,7 +12,7 @@ from coordinator.aggregation import (DeviceState, GlobalState, LoraUpdate, aggre
 from coordinator.aggregation.svd import factors_from_svd, stacked_factors
 from coordinator.defences import RoundUpload
 from coordinator.engine import RoundEngine, aggregate
-from coordinator.methods import NAMES, MethodConfig, make_method
+from coordinator.methods import NAMES, MethodConfig, make_method, method_class
 from coordinator.round_policy import RoundPolicy
 from coordinator.server_opt import ServerOptState
 from coordinator.service import Coordinator, CoordinatorConfig
@@ -109,7 +109,34 @@ def _assert_same(a: GlobalState, ref, tol: float = 1e-5) -> None:
     assert a.total_weight == pytest.approx(W)
 
 
-@pytest.mark.parametrize("name", NAMES)
+LORA_NAMES = [n for n in NAMES if method_class(n).peft == "lora"]
+TENSOR_NAMES = [n for n in NAMES if method_class(n).peft != "lora"]  # prompt tuning, (IA)3, BitFit
+
+
+@pytest.mark.parametrize("name", TENSOR_NAMES)
+def test_fold_of_named_tensors_is_their_weighted_mean(name):
+    """Non-LoRA PEFT types: the streaming fold and the batch aggregate both give the weighted mean of
+    the uploaded tensors (every device uploads every tensor the global has)."""
+    cfg = MethodConfig(name=name, max_rank=4, cap_rank=64)
+    method = make_method(cfg)
+    gen = torch.Generator().manual_seed(3)
+    shapes = {"prompt.embedding": (16, 4), "ia3.l": (8,), "classifier.weight": (2, 4)}
+    g = method.initial({k: torch.randn(*v, generator=gen) for k, v in shapes.items()})
+    uploads = [(f"d{k}", {n: torch.randn(*v, generator=gen) for n, v in shapes.items()}, float(k + 1))
+               for k in range(3)]
+    fold = RoundEngine(method, g, 1, policy=RoundPolicy.plain())
+    for d, st, w in uploads:
+        fold.fold(d, st, w)
+    got, _ = fold.close()
+    batch = aggregate(method, g, uploads)
+    for n in shapes:
+        want = sum(w * st[n].double() for _, st, w in uploads) / sum(w for _, _, w in uploads)
+        assert torch.allclose(got.extra[n].double(), want, atol=1e-5), n
+        assert torch.allclose(batch.extra[n].double(), want, atol=1e-5), n
+    assert got.modules == {} and got.total_weight == pytest.approx(6.0)
+
+
+@pytest.mark.parametrize("name", LORA_NAMES)
 def test_fold_equals_batch_aggregate_for_every_method(name):
     cfg = MethodConfig(name=name, max_rank=4, cap_rank=64)
     method = make_method(cfg)
