@@ -12,7 +12,7 @@ import torch
 from coordinator.engine import RoundEngine
 from coordinator.methods import MethodConfig, make_method
 from edge_runtime.training.personal import PERSONAL, split_personal, with_personal, without_personal
-from tests.waiting import run_devices
+from tests.waiting import join_device, run_devices
 from protos.adapter import A_SUFFIX, B_SUFFIX, DeviceContract
 from protos.wire import split_download
 
@@ -70,10 +70,8 @@ def test_personalized_beats_global_over_grpc(minilm, tmp_path):
     from coordinator.round_policy import RoundPolicy
     from coordinator.server import create_server
     from coordinator.service import Coordinator, CoordinatorConfig
-    from edge_runtime.client import JoinConfig, run_join
     from edge_runtime.data import load_sst2, partition
     from edge_runtime.plan import Plan
-    from edge_runtime.profile import DeviceProfile
     from edge_runtime.training.session import LocalTrainer
 
     torch.set_num_threads(1)
@@ -94,11 +92,7 @@ def test_personalized_beats_global_over_grpc(minilm, tmp_path):
             trainers[i] = LocalTrainer(model, p, task, seed=seed)  # plan rank r: the device makes room for 2 r
             return trainers[i]
 
-        prof = DeviceProfile(name=f"d{i}", memory_total_bytes=4 << 30, memory_budget_bytes=2 << 30,
-                             compute_gflops={"fp32": 10.0})
-        outs[i] = run_join(JoinConfig(target=f"127.0.0.1:{port}", model=str(minilm), plan=plan, profile=prof,
-                                      records=train, name=f"d{i}", heartbeat_s=1.0, max_poll_s=0.3, stepdown=False,
-                                      holdout=holdout), factory)
+        outs[i] = join_device(port, str(minilm), plan, f"d{i}", train, factory, stepdown=False, holdout=holdout)
 
     cut = [int(0.75 * len(s)) for s in shards]
     run_devices(server, [(device, (i, s[:c], s[c:])) for i, (s, c) in enumerate(zip(shards, cut))])

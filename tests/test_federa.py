@@ -12,7 +12,7 @@ from coordinator.aggregation.svd_init import svd_init_factors
 from coordinator.engine import RoundEngine
 from coordinator.init_global import initial_global
 from coordinator.methods import MethodConfig, make_method
-from tests.waiting import run_devices
+from tests.waiting import join_device, run_devices
 from protos.adapter import A_SUFFIX, B_SUFFIX
 from protos.wire import BASE_DELTA, split_download
 
@@ -77,10 +77,8 @@ def test_federation_starts_from_the_svd_init_over_grpc(bert, tmp_path):
     keeps the residual, and its held-out loss is finite and evaluated every round."""
     from coordinator.server import create_server
     from coordinator.service import Coordinator, CoordinatorConfig
-    from edge_runtime.client import JoinConfig, run_join
     from edge_runtime.data import load_sst2
     from edge_runtime.plan import Plan
-    from edge_runtime.profile import DeviceProfile
 
     torch.set_num_threads(1)
     recs = load_sst2("train", limit=128)
@@ -96,10 +94,7 @@ def test_federation_starts_from_the_svd_init_over_grpc(bert, tmp_path):
     outs: dict[str, dict] = {}
 
     def device(name: str, shard: list[dict]) -> None:
-        prof = DeviceProfile(name=name, memory_total_bytes=4 << 30, memory_budget_bytes=2 << 30,
-                             compute_gflops={"fp32": 10.0})
-        outs[name] = run_join(JoinConfig(target=f"127.0.0.1:{port}", model=str(bert), plan=replace(plan),
-                                         profile=prof, records=shard, name=name, heartbeat_s=1.0, max_poll_s=0.3))
+        outs[name] = join_device(port, str(bert), replace(plan), name, shard)
 
     run_devices(server, [(device, (f"d{i}", recs[i::2])) for i in range(2)])
     assert set(outs) == {"d0", "d1"}, "a device did not finish"

@@ -13,7 +13,7 @@ from coordinator.engine import RoundEngine
 from coordinator.methods import MethodConfig, make_method
 from coordinator.validation import UpdateInvalid
 from edge_runtime.training.prune import lora_scale, prune_state, pruned_rank, tail_shares
-from tests.waiting import run_devices
+from tests.waiting import join_device, run_devices
 from protos.adapter import A_SUFFIX, B_SUFFIX, DeviceContract
 
 NAME = "hetlora"
@@ -135,10 +135,8 @@ def test_devices_prune_over_grpc_and_send_less(bert, tmp_path):
     round-2 downloads and uploads are smaller and every round is aggregated."""
     from coordinator.server import create_server
     from coordinator.service import Coordinator, CoordinatorConfig
-    from edge_runtime.client import JoinConfig, run_join
     from edge_runtime.data import load_sst2
     from edge_runtime.plan import Plan
-    from edge_runtime.profile import DeviceProfile
 
     torch.set_num_threads(1)
     recs = load_sst2("train", limit=128)
@@ -151,10 +149,7 @@ def test_devices_prune_over_grpc_and_send_less(bert, tmp_path):
     outs: dict[str, dict] = {}
 
     def device(name: str, rank: int, shard: list[dict]) -> None:
-        prof = DeviceProfile(name=name, memory_total_bytes=4 << 30, memory_budget_bytes=2 << 30,
-                             compute_gflops={"fp32": 10.0})
-        outs[name] = run_join(JoinConfig(target=f"127.0.0.1:{port}", model=str(bert), plan=replace(base, rank=rank),
-                                         profile=prof, records=shard, name=name, heartbeat_s=1.0, max_poll_s=0.3))
+        outs[name] = join_device(port, str(bert), replace(base, rank=rank), name, shard)
 
     run_devices(server, [(device, (n, r, recs[i::2])) for i, (n, r) in enumerate((("big", 8), ("small", 4)))])
     assert set(outs) == {"big", "small"}, "a device did not finish"

@@ -15,7 +15,7 @@ from coordinator.slora import switch
 from protos import wire
 from protos.adapter import A_SUFFIX, B_SUFFIX, DeviceContract
 from protos.sparse import SPARSE_SUFFIX, densify, mask_indices, mask_size, module_of_sparse
-from tests.waiting import run_devices
+from tests.waiting import join_device, run_devices
 
 SLORA = {"init": "slora", "slora_rounds": 1, "slora_density": 0.02}
 
@@ -126,10 +126,8 @@ def test_sparse_stage_then_lora_over_grpc(minilm, tmp_path):
     2-3 train LoRA while the sparse delta stays at round 1's values."""
     from coordinator.server import create_server
     from coordinator.service import Coordinator, CoordinatorConfig
-    from edge_runtime.client import JoinConfig, run_join
     from edge_runtime.data import load_sst2
     from edge_runtime.plan import Plan
-    from edge_runtime.profile import DeviceProfile
 
     torch.set_num_threads(1)
     recs = load_sst2("train", limit=96)
@@ -145,10 +143,7 @@ def test_sparse_stage_then_lora_over_grpc(minilm, tmp_path):
     outs: dict[str, dict] = {}
 
     def device(name: str, shard: list[dict]) -> None:
-        prof = DeviceProfile(name=name, memory_total_bytes=4 << 30, memory_budget_bytes=2 << 30,
-                             compute_gflops={"fp32": 10.0})
-        outs[name] = run_join(JoinConfig(target=f"127.0.0.1:{port}", model=str(minilm), plan=plan, profile=prof,
-                                         records=shard, name=name, heartbeat_s=1.0, max_poll_s=0.3, stepdown=False))
+        outs[name] = join_device(port, str(minilm), plan, name, shard, stepdown=False)
 
     run_devices(server, [(device, (f"d{i}", recs[i::2])) for i in range(2)])
     assert set(outs) == {"d0", "d1"} and all(len(o["rounds"]) == 3 and all(r["accepted"] for r in o["rounds"])

@@ -53,3 +53,17 @@ def run_devices(server, jobs: list[tuple[Callable[..., object], tuple]], timeout
             t.join(timeout=timeout)
     finally:
         server.stop(0)
+
+
+def join_device(port: int, model: str, plan: object, name: str, records: list[dict],
+                trainer_factory: Callable[..., object] | None = None, **join_kw: object) -> dict:
+    """One emulated device (4 GiB, 2 GiB budget, 10 GFLOP/s fp32) that joins the coordinator on
+    127.0.0.1:`port` until the federation ends; returns `edge_runtime.client.run_join`'s summary."""
+    from edge_runtime.client import JoinConfig, run_join
+    from edge_runtime.profile import DeviceProfile
+
+    prof = DeviceProfile(name=name, memory_total_bytes=4 << 30, memory_budget_bytes=2 << 30,
+                         compute_gflops={"fp32": 10.0})
+    cfg = JoinConfig(target=f"127.0.0.1:{port}", model=model, plan=plan, profile=prof, records=records, name=name,
+                     heartbeat_s=1.0, max_poll_s=0.3, **join_kw)
+    return run_join(cfg, trainer_factory)
