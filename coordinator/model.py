@@ -180,8 +180,8 @@ class Evaluator:
     def _evaluate_wrapped(self, tensors: Mapping[str, torch.Tensor], peft: str, virtual_tokens: int
                           ) -> dict[str, float]:
         """Metrics of the base wrapped in place for a non-LoRA PEFT type with `tensors` loaded, then
-        unwrapped (in place, not a copy: a deep copy would keep hooks bound to the original, e.g.
-        the masked mean pooler's, `protos.model_load.use_checkpoint_pooling`)."""
+        unwrapped (in place: no copy of the base per evaluation, and hooks registered on the base
+        stay bound to the model that runs)."""
         from protos import peft_types
 
         with torch.random.fork_rng():  # build() seeds its init: leave the caller's RNG alone

@@ -147,28 +147,31 @@ class Publisher:
         return self._evaluator.evaluate(c.method.deltas(g), g.extra, c.method.peft, c.method.virtual_tokens)
 
 
-def progress_of(stats: dict[str, Any]) -> float | None:
-    """The loss progress a device reported with its upload (TrainStats.extra_json), if any."""
+def reported(stats: dict[str, Any], key: str) -> Any:
+    """`key` of what a device reported with its upload (TrainStats.extra_json), or None."""
     import json
 
     try:
-        v = json.loads(stats.get("extra_json") or "{}").get("loss_progress")
-        return None if v is None else float(v)
+        return json.loads(stats.get("extra_json") or "{}").get(key)
     except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def progress_of(stats: dict[str, Any]) -> float | None:
+    """The loss progress a device reported with its upload, if any."""
+    try:
+        v = reported(stats, "loss_progress")
+        return None if v is None else float(v)
+    except (ValueError, TypeError):
         return None
 
 
 def holdout_mean(updates: list[dict[str, Any]]) -> dict[str, float]:
     """{"device_holdout_accuracy": mean, "device_holdout_n": count} of the held-out accuracies the
     round's devices reported (each its own model on its own rows; personalized with feddpa), or {}."""
-    import json
-
     accs = []
     for u in updates:
-        try:
-            v = json.loads((u.get("stats") or {}).get("extra_json") or "{}").get("holdout_accuracy")
-        except (ValueError, TypeError, AttributeError):
-            continue
+        v = reported(u.get("stats") or {}, "holdout_accuracy")
         if isinstance(v, (int, float)) and v == v:
             accs.append(float(v))
     return {"device_holdout_accuracy": sum(accs) / len(accs), "device_holdout_n": len(accs)} if accs else {}

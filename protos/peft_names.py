@@ -32,9 +32,7 @@ def trainable_count(kind: str, architecture: str, linear_shapes: dict[str, tuple
     linear_shapes: Linear module name -> (out, in) in the transformer body. prompt: virtual_tokens x
     hidden; ia3: one vector per target Linear, `out` long (`in` on feed-forward ones); bitfit: every
     bias (BERT-style encoders: each Linear's `out`, two LayerNorms per layer and the embeddings' LayerNorm;
-    a kept CLS pooler adds `hidden` more, not counted: sentence-transformers checkpoints such as MiniLM run
-    a mean pooler without parameters, `protos.model_load.use_checkpoint_pooling`; Qwen2: the q/k/v
-    projections'). ValueError when a model type's layout is unknown."""
+    a CLS pooler's bias (`hidden` more, e.g. MiniLM's) is not counted; Qwen2: the q/k/v projections'). ValueError when a model type's layout is unknown."""
     check_kind(kind, virtual_tokens)
     if kind == "prompt":
         return virtual_tokens * hidden
