@@ -264,7 +264,7 @@ def test_tampered_or_misrouted_ciphertext_is_rejected():
 def test_method_gate():
     assert set(NAMES) == {"fedavg", "zero_pad", "fedsa", "zo", "stack", "svd", "ffa", "rolora", "fedex", "hetlora",
                           "feddpa", "prompt_tuning", "ia3", "bitfit"}
-    for ok in ("fedavg", "zero_pad", "fedsa", "zo", "ffa", "rolora", "feddpa"):
+    for ok in ("fedavg", "zero_pad", "fedsa", "zo", "ffa", "rolora", "feddpa", "prompt_tuning", "ia3", "bitfit"):
         check_method_supports_secagg(ok)
     with pytest.raises(ValueError, match="cannot run under secure aggregation: .*prune their rank"):
         check_method_supports_secagg("hetlora")
@@ -272,9 +272,6 @@ def test_method_gate():
         with pytest.raises(ValueError, match="cannot run under secure aggregation: .*(individual|per-device products|"
                                              "product B_k A_k)"):
             check_method_supports_secagg(bad)
-    for untested in ("prompt_tuning", "ia3", "bitfit"):
-        with pytest.raises(ValueError, match="cannot run under secure aggregation: .*not tested with non-LoRA"):
-            check_method_supports_secagg(untested)
     with pytest.raises(ValueError, match="unknown method 'krum'"):
         check_method_supports_secagg("krum")
 

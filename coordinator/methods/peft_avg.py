@@ -28,8 +28,9 @@ class TensorAverage(Method):
     common_rank: ClassVar[bool] = False  # a device's LoRA rank means nothing here: every device, whatever its
     # plan's rank, trains the same tensors (so no device is refused for its rank)
     serves_base: ClassVar[bool] = False
-    secagg_refusal: ClassVar[str | None] = ("secure aggregation is not tested with non-LoRA PEFT types (prompt "
-                                            "tuning, (IA)3, BitFit) yet")
+    # secure aggregation: the aggregate is the weighted mean of named tensors, linear in what devices send:
+    # each device masks w_k (its tensors - what it downloaded) over the download's keys, and
+    # `coordinator.secagg_round.global_from_sum` adds the unmasked mean change to the global's extras
 
     def initial(self, init_state: Mapping[str, torch.Tensor]) -> GlobalState:
         """The round-1 global: every tensor of `init_state` (keys from `protos.peft_types.trainable`)."""
