@@ -86,6 +86,7 @@ def flower_config(rc: Mapping[str, Any]) -> FlowerConfig:
                         min_fit_clients=min_clients, min_available_clients=min_clients,
                         fraction_fit=_get(rc, "fraction-fit", float, d.fraction_fit),
                         fraction_evaluate=_get(rc, "fraction-evaluate", float, d.fraction_evaluate),
+                        prune_threshold=_get(rc, "prune-threshold", float, d.prune_threshold),
                         policy=round_policy(rc))
 
 

@@ -25,7 +25,7 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -71,6 +71,7 @@ class FlowerConfig:
     fraction_evaluate: float = 0.0
     min_evaluate_clients: int = 1
     norm_bound: float = 1e4
+    prune_threshold: float = 0.0  # rank self-pruning (hetlora): see coordinator.methods.MethodConfig
     policy: RoundPolicy = field(default_factory=RoundPolicy)  # weights, the devices' recipe, server optimizer
     properties_timeout_s: float | None = None
 
@@ -86,7 +87,8 @@ class FlowerConfig:
 
     def method_config(self) -> MethodConfig:
         return MethodConfig(name=self.strategy, max_rank=self.max_rank, lora_alpha=self.lora_alpha,
-                            use_rslora=self.use_rslora, cap_rank=max(self.cap_rank, self.max_rank))
+                            use_rslora=self.use_rslora, cap_rank=max(self.cap_rank, self.max_rank),
+                            prune_threshold=self.prune_threshold)
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,7 @@ class HeteroLoraStrategy(Strategy):
                 kept = engine.kept_from(up.state, self.sent[up.device_id].mode)
                 if kept:
                     self.kept[up.device_id] = kept
+                self._after_pruning(up)
                 if "train_loss" in res.metrics:
                     losses.append((float(res.metrics["train_loss"]), uploads[-1].weight))
             except ValueError as e:
@@ -217,6 +220,9 @@ class HeteroLoraStrategy(Strategy):
         finite = [(l, w) for l, w in losses if math.isfinite(l)]
         if finite:
             metrics["train_loss"] = sum(l * w for l, w in finite) / sum(w for _, w in finite)
+        held = [float(res.metrics["holdout_accuracy"]) for _, res in results if "holdout_accuracy" in res.metrics]
+        if held:  # personalized methods: each device's model (global + its own) on its held-out rows
+            metrics.update(device_holdout_accuracy=sum(held) / len(held), device_holdout_n=len(held))
         self.rounds.append({"round": server_round, **metrics})
         if self.listener is not None:
             self.listener.round_closed(self)
@@ -317,6 +323,17 @@ class HeteroLoraStrategy(Strategy):
                  info.mode)
         return info
 
+    def _after_pruning(self, up: RoundUpload) -> None:
+        """A method whose devices prune their rank (HetLoRA): a validated upload at rank r' below the
+        assigned one makes r' the client's rank from the next round on (as the gRPC coordinator does)."""
+        info = self.clients.get(up.device_id)
+        ranks = {int(t.shape[0]) for k, t in up.state.items() if k.endswith(A_SUFFIX)}
+        if not self.method.prunes_rank or info is None or len(ranks) != 1 or min(ranks) >= info.rank:
+            return
+        r = min(ranks)
+        log.info("client %s pruned its rank %d -> %d; assigned %d from the next round", up.device_id, info.rank, r, r)
+        self.clients[up.device_id] = replace(info, plan_rank=min(info.plan_rank, r), rank=r)
+
     def _download(self, cid: str, info: ClientInfo, server_round: int) -> State:
         engine = RoundEngine(self.method, self.global_state, server_round)
         return engine.download(info.rank, info.mode, self.config.seed + server_round, self.kept.get(cid))
@@ -366,7 +383,7 @@ def server_fn(context: Any) -> Any:
     """ServerAppComponents from the run config (pyproject [tool.flwr.app.config] or --run-config).
 
     Keys (coordinator.flower_run): model (HF dir, required), strategy, num-server-rounds, max-rank, cap-rank,
-    lora-alpha, local-steps, zo-local-steps, lr, zo-lr, seed, task, num-labels, min-clients, fraction-fit,
+    prune-threshold, lora-alpha, local-steps, zo-local-steps, lr, zo-lr, seed, task, num-labels, min-clients, fraction-fit,
     fraction-evaluate, eval-data, eval-limit, target-modules (JSON list), max-workers, journal, journal-tensors,
     and the round policy (serve's flags without '--': weight-temper, weight-cap, zo-progress, prox-mu,
     logit-adjust, lr-decay, freeze-head, server-opt, server-lr, server-momentum, server-beta2, server-tau).
@@ -384,13 +401,14 @@ def server_fn(context: Any) -> Any:
     cfg = flower_config(rc)
     model, tok = load_base_model(rc["model"], cfg.task, cfg.num_labels, cfg.seed)
     targets = resolve_target_modules(model, json.loads(rc["target-modules"]) if rc.get("target-modules") else None)
-    init = initial_adapter_state(model, targets, cfg.max_rank, cfg.lora_alpha, cfg.use_rslora, cfg.seed)
+    method = make_method(cfg.method_config())
+    init = initial_adapter_state(model, targets, cfg.max_rank, cfg.lora_alpha, cfg.use_rslora, cfg.seed,
+                                 method.peft, method.virtual_tokens)  # a non-LoRA PEFT type: its tensors by name
     evaluate_fn = None
     if rc.get("eval-data"):
         ev = Evaluator(model, tok, load_eval_records(str(rc["eval-data"]), int(rc.get("eval-limit", 512))),
                        task=cfg.task)
-        method = make_method(cfg.method_config())
-        evaluate_fn = lambda g: ev.evaluate(method.deltas(g), g.extra)  # noqa: E731
+        evaluate_fn = lambda g: ev.evaluate(method.deltas(g), g.extra, method.peft, method.virtual_tokens)  # noqa: E731
     strategy = HeteroLoraStrategy(init, cfg, evaluate_fn=evaluate_fn, target_modules=targets)
     if rc.get("journal"):
         strategy.listener = RoundJournal(str(rc["journal"]), tensors=bool(rc.get("journal-tensors", False)))

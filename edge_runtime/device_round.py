@@ -210,8 +210,8 @@ def _ratio(trainer: RoundTrainer, personal: int) -> float:
     return personal_ratio(trainer.lora_alpha, trainer.rank - personal, personal, trainer.use_rslora)
 
 
-def _upload_state(trainer: RoundTrainer, contract: DeviceContract,
-                  kept: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def upload_state(trainer: RoundTrainer, contract: DeviceContract,
+                 kept: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The trained adapter to send; the tensors the contract keeps on the device replace `kept`
     (a personal adapter's slots stay on the device too)."""
     from protos.adapter import split_upload
@@ -257,13 +257,13 @@ def _secagg_send(client: FederationClient, t: pb.Task, up: dict[str, torch.Tenso
 def _deliver(client: FederationClient, trainer: RoundTrainer, t: pb.Task, result: TrainOutcome,
              stats: pb.TrainStats, fetched: Fetched, kept: dict[str, torch.Tensor]) -> tuple[pb.UploadReply, int]:
     if t.secagg:
-        return _secagg_send(client, t, _upload_state(trainer, fetched.contract, kept), result, stats.num_examples,
+        return _secagg_send(client, t, upload_state(trainer, fetched.contract, kept), result, stats.num_examples,
                             fetched.state)
     if t.mode == "zo":
         pairs = result.zo_pairs or []
         lr = float(result.zo_lr or _task_lr(t) or 0.0)
         return client.submit_zo(t, pairs, lr, stats.num_examples, stats), len(pairs) * 8
-    up = _upload_state(trainer, fetched.contract, kept)
+    up = upload_state(trainer, fetched.contract, kept)
     rank = trainer.rank - fetched.contract.personal_rank  # what it sends: the global adapter's rank
     data = wire.encode_tensors(up, {"rank": rank, "lora_alpha": t.lora_alpha, "use_rslora": int(t.use_rslora)},
                                trainer.plan.upload_precision)

@@ -11,8 +11,11 @@ rank the server assigns (never above the plan's). `FlowerDeviceClient` is the th
 
 Wire conventions (`protos.flower_pack`): arrays in sorted key order, keys as JSON in the
 config / metrics; ZO devices return [seeds, projected gradients] and the learning rate.
-The server's config carries the method's `protos.adapter.DeviceContract` (`CFG_CONTRACT`): the
-tensors it keeps on the device (e.g. FedSA-LoRA's B) are never sent and are reused at the next
+The server's config carries the method's `protos.adapter.DeviceContract` (`CFG_CONTRACT`), which
+the device obeys through the gRPC device's own stages (`edge_runtime.device_round`: load, prune,
+upload_state): the PEFT type (prompt tuning, (IA)3, BitFit), a personal adapter (FedDPA: its slots
+never leave the device), rank self-pruning (HetLoRA: the upload's rank is the pruned one), SLoRA's
+sparse stage, and the tensors it keeps on the device (e.g. FedSA-LoRA's B), reused at the next
 download. The runtime (loaded model, merged stack deltas) is cached per node in this process;
 the kept tensors are also stored in the node's Flower `Context.state`, so they survive a
 ClientApp process restart.
@@ -31,15 +34,17 @@ import numpy as np
 import torch
 from flwr.client import ClientApp, NumPyClient
 
+from edge_runtime import device_round
 from edge_runtime.client import DeltaTracker
+from edge_runtime.device_round import Fetched
 from edge_runtime.data import load_records
 from edge_runtime.modelspec import load_model_spec
 from edge_runtime.plan import Plan
 from edge_runtime.planner import plan as make_plan
 from edge_runtime.profile import DeviceProfile, load_profile
 from protos import flower_pack as P
-from protos.adapter import (CONTRACT_META, RECIPE_META, DeviceContract, TrainingRecipe, loss_progress,
-                            prepare_download, split_upload)
+from protos import federation_pb2 as pb
+from protos.adapter import CONTRACT_META, RECIPE_META, DeviceContract, loss_progress
 from protos.wire import split_download
 
 log = logging.getLogger("edge_runtime.flower")
@@ -49,6 +54,15 @@ KEPT_LOCAL = "kept_local"  # Context.state key of the tensors the device contrac
 def contract_of(config: Mapping[str, Any]) -> DeviceContract:
     """The device contract the server put in a round's config (none: load and send everything)."""
     return DeviceContract.from_meta({CONTRACT_META: str(config.get(P.CFG_CONTRACT) or "")})
+
+
+def task_of(config: Mapping[str, Any]) -> pb.Task:
+    """A Flower round's config as the gRPC `Task` the device round's stages read (rank, alpha, rsLoRA,
+    seed, mode, steps, lr, round), so both transports load and upload through the same code."""
+    return pb.Task(round_id=int(config.get(P.CFG_ROUND, 0)), assigned_rank=int(config[P.CFG_RANK]),
+                   local_steps=int(config.get(P.CFG_STEPS, 0)), lr=float(config.get(P.CFG_LR, 0.0)),
+                   seed=int(config.get(P.CFG_SEED, 0)), mode=str(config[P.CFG_MODE]),
+                   lora_alpha=float(config[P.CFG_ALPHA]), use_rslora=bool(config[P.CFG_RSLORA]))
 
 
 @dataclass
@@ -118,15 +132,17 @@ class DeviceRuntime:
         return int(self.profile.memory_budget_bytes + extra)
 
     def _trainer_for(self, config: Mapping[str, Any]) -> Any:
-        """The LocalTrainer configured as the server asks (mode, targets, rank, alpha), built on first use."""
+        """The LocalTrainer for the server's mode and targets, built on first use (its rank, PEFT type and
+        personal slots are set by `edge_runtime.device_round.load`, as for a gRPC device)."""
         mode, rank = str(config[P.CFG_MODE]), int(config[P.CFG_RANK])
         alpha, rslora = float(config[P.CFG_ALPHA]), bool(config[P.CFG_RSLORA])
-        targets = json.loads(config[P.CFG_TARGETS]) if config.get(P.CFG_TARGETS) else self.plan.target_modules
+        targets = json.loads(config[P.CFG_TARGETS]) if config.get(P.CFG_TARGETS) else []
+        targets = list(targets) or list(self.plan.target_modules)  # a non-LoRA PEFT type's global names none
         if rank > self.plan.rank:
             raise ValueError(f"server assigned rank {rank} above this device's plan rank {self.plan.rank}")
-        plan = replace(self.plan, mode=mode, target_modules=list(targets), lora_alpha=alpha, use_rslora=rslora)
+        plan = replace(self.plan, mode=mode, target_modules=targets, lora_alpha=alpha, use_rslora=rslora)
         t = self.trainer
-        if t is None or t.plan.mode != mode or list(t.plan.target_modules) != list(targets):
+        if t is None or t.plan.mode != mode or list(t.plan.target_modules) != targets:
             from edge_runtime.stepdown import adaptive_for_join
             from edge_runtime.training.session import LocalTrainer
 
@@ -136,72 +152,69 @@ class DeviceRuntime:
                                  seed=int(config.get(P.CFG_SEED, 0)), threads=self.settings.threads)
             t = adaptive_for_join(inner, self.settings, task, LocalTrainer)  # OOM step-down, as `join`
             self.trainer, self.tracker = t, DeltaTracker()
-        if t.rank != rank or t.lora_alpha != alpha or t.use_rslora != rslora:
+        if t.use_rslora != rslora:
             t.configure(rank=rank, lora_alpha=alpha, use_rslora=rslora, seed=int(config.get(P.CFG_SEED, 0)))
         return t
 
-    def load(self, arrays: Sequence[np.ndarray], config: Mapping[str, Any], kept: Mapping[str, torch.Tensor]) -> Any:
-        """Configure the trainer and load the downloaded adapter (stack: merge the new base delta first),
-        completed by the `kept` tensors the device contract keeps on the device."""
-        tensors = P.arrays_to_state(arrays, config[P.KEYS])
-        state, delta = split_download(tensors)
+    def load(self, arrays: Sequence[np.ndarray], config: Mapping[str, Any],
+             kept: dict[str, torch.Tensor]) -> tuple[Any, Fetched, pb.Task]:
+        """Configure the trainer and load the download as a gRPC device does (`device_round.load`: the
+        contract's PEFT type, personal adapter, SLoRA sparse stage, kept tensors; stack: the new base
+        delta merged first). Returns (trainer, the decoded download, the round as a Task)."""
+        from protos.adapter import TrainingRecipe
+
+        state, delta = split_download(P.arrays_to_state(arrays, config[P.KEYS]))
         t = self._trainer_for(config)
-        if delta:
-            inc = self.tracker.increment(delta)
-            if inc:
-                t.merge_base_delta(inc)
-        contract = contract_of(config)
-        if contract.personal_rank:  # refused, not silently trained without the personal adapter
-            raise ValueError(f"the download's contract asks for a personal adapter (personal_rank "
-                             f"{contract.personal_rank}); this Flower ClientApp does not train one: run the method "
-                             "with edge-coordinator serve / edge-runtime join (docs/methods.md)")
-        if contract.sparse_density:  # refused like the personal adapter: SLoRA's sparse stage is not wired here
-            raise ValueError(f"the download's contract asks for a sparse delta (SLoRA, density "
-                             f"{contract.sparse_density}); this Flower ClientApp does not train one: run --init slora "
-                             "with edge-coordinator serve / edge-runtime join (docs/methods.md)")
-        if contract.keep_local:
-            state = prepare_download(state, t.adapter_state(), kept, contract)
-        t.load_adapter_state(state)
-        t.frozen = contract.frozen
-        t.recipe = TrainingRecipe.from_meta({RECIPE_META: str(config.get(P.CFG_RECIPE) or "")})
-        return t
+        fetched = Fetched(state, delta, contract_of(config), 0, 0.0,
+                          TrainingRecipe.from_meta({RECIPE_META: str(config.get(P.CFG_RECIPE) or "")}))
+        task = task_of(config)
+        device_round.load(t, task, fetched, self.tracker, kept)
+        return t, fetched, task
 
     # -- rounds --------------------------------------------------------------------------
     def fit(self, arrays: Sequence[np.ndarray], config: Mapping[str, Any],
-            kept: Mapping[str, torch.Tensor]) -> tuple[list[np.ndarray], int, dict[str, Any], dict[str, torch.Tensor]]:
-        """(arrays, num_examples, metrics, tensors to keep on the device)."""
+            kept: dict[str, torch.Tensor]) -> tuple[list[np.ndarray], int, dict[str, Any], dict[str, torch.Tensor]]:
+        """(arrays, num_examples, metrics, tensors to keep on the device: `kept` as the round left it)."""
         with self.lock:
-            t = self.load(arrays, config, kept)
-            lr = float(config.get(P.CFG_LR, 0.0)) or None
-            steps = int(config.get(P.CFG_STEPS, self.plan.local_steps))
-            result = t.train(self.settings.records, steps, lr=lr, seed=int(config.get(P.CFG_SEED, 0)),
-                             progress=self.settings.progress)
+            t, fetched, task = self.load(arrays, config, kept)
+            steps, lr = int(config.get(P.CFG_STEPS, self.plan.local_steps)), float(config.get(P.CFG_LR, 0.0)) or None
+            result = t.train(self.settings.records, steps, lr=lr, seed=int(task.seed), progress=self.settings.progress)
             n = int(result.examples_seen or len(self.settings.records))
-            metrics: dict[str, Any] = {P.CFG_MODE: str(config[P.CFG_MODE]), "train_s": float(result.seconds),
-                                       "steps": int(result.steps), "peak_rss_bytes": int(result.peak_rss_bytes),
-                                       "rank": int(t.rank), P.PROP_PROFILE: self.profile.name}
-            if math.isfinite(result.mean_loss):
-                metrics["train_loss"] = float(result.mean_loss)
-            metrics["loss_progress"] = loss_progress(list(result.losses or []))
-            if getattr(t, "last_events", None):
-                metrics["stepdown"] = json.dumps(t.last_events)
-            keep: dict[str, torch.Tensor] = {}
-            if config[P.CFG_MODE] == "zo":
+            metrics = self._fit_metrics(t, task, fetched, result)
+            if task.mode == "zo":
                 out, keys = P.zo_to_arrays(result.zo_pairs or [])
                 metrics[P.ZO_LR] = float(result.zo_lr or lr or t.plan.learning_rate)
             else:
-                up, keep = split_upload(t.adapter_state(), contract_of(config))
+                up = device_round.upload_state(t, fetched.contract, kept)  # personal slots stay in `kept`
                 out, keys = P.state_to_arrays(up, self.plan.upload_precision)
             metrics[P.KEYS] = keys
-            return out, n, metrics, keep
+            return out, n, metrics, kept
+
+    def _fit_metrics(self, t: Any, task: pb.Task, fetched: Fetched, result: Any) -> dict[str, Any]:
+        """A fit's metrics; rank self-pruning (the contract's threshold) happens here, before the upload."""
+        pruned = device_round.prune(t, task, fetched)  # {"pruned_rank": r', "plan": ...} or {}
+        metrics: dict[str, Any] = {P.CFG_MODE: task.mode, "train_s": float(result.seconds), "steps": int(result.steps),
+                                   "peak_rss_bytes": int(result.peak_rss_bytes), P.PROP_PROFILE: self.profile.name,
+                                   "rank": int(t.rank) - fetched.contract.personal_rank}  # the uploaded rank
+        if "pruned_rank" in pruned:
+            metrics["pruned_rank"] = int(pruned["pruned_rank"])
+        if fetched.contract.personal_rank and self.settings.eval_records:  # global + personal on its held-out rows
+            metrics.update(device_round.holdout_accuracy(t, task, self.settings.eval_records))
+        if math.isfinite(result.mean_loss):
+            metrics["train_loss"] = float(result.mean_loss)
+        metrics["loss_progress"] = loss_progress(list(result.losses or []))
+        if getattr(t, "last_events", None):
+            metrics["stepdown"] = json.dumps(t.last_events)
+        return metrics
 
     def evaluate(self, arrays: Sequence[np.ndarray], config: Mapping[str, Any],
                  kept: Mapping[str, torch.Tensor]) -> tuple[float, int, dict[str, Any]]:
-        """Score the downloaded global at this device's rank; the device's own adapter is put back afterwards."""
+        """Score the downloaded global at this device's rank (with its personal adapter, if the contract
+        has one); the device's own adapter is put back afterwards."""
         records = self.settings.eval_records or self.settings.records
         with self.lock:
             prev = self.trainer.adapter_state() if self.trainer is not None else None
-            t = self.load(arrays, config, kept)
+            t = self.load(arrays, config, dict(kept))[0]  # a personal adapter's slots included
             m = t.evaluate(records)
             cur = t.adapter_state()
             if prev is not None and {k: v.shape for k, v in prev.items()} == {k: v.shape for k, v in cur.items()}:
@@ -238,7 +251,7 @@ class FlowerDeviceClient(NumPyClient):
         return P.state_to_arrays(t.adapter_state())[0] if t is not None else []
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict]:
-        out, n, metrics, keep = self.runtime.fit(parameters, config, self._kept())
+        out, n, metrics, keep = self.runtime.fit(parameters, config, dict(self._kept()))
         if keep:
             self._store_kept(keep)
         return out, n, metrics

@@ -11,17 +11,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python tools/flower_sim.py` from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from coordinator.methods.registry import DEFAULT, NAMES  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="Hugging Face model directory (classification)")
-    ap.add_argument("--strategy", default="zero_pad", choices=["fedavg", "zero_pad", "stack", "svd", "fedsa", "zo"])
+    ap.add_argument("--strategy", default=DEFAULT, choices=NAMES, help="any registered method (coordinator.methods)")
+    ap.add_argument("--prune-threshold", type=float, default=0.0,
+                    help="hetlora's rank self-pruning: a device drops trailing slots carrying <= this share (0 = off)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--profiles", nargs="+", default=["laptop-cpu-16gb", "raspberry-pi-5-8gb", "jetson-nano-4gb"])
     ap.add_argument("--caps", nargs="*", type=int, default=[], help="per-device rank caps (0 = none)")
@@ -92,7 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
         return comps
 
     run_config = {"model": a.model, "strategy": a.strategy, "num-server-rounds": a.rounds, "max-rank": a.max_rank,
-                  "local-steps": a.local_steps, "min-clients": len(nodes), "max-workers": 1}
+                  "local-steps": a.local_steps, "min-clients": len(nodes), "max-workers": 1,
+                  "prune-threshold": a.prune_threshold}
     t0 = time.perf_counter()
     grid = run_inprocess(ServerApp(server_fn=fn), nodes, run_config)
     wall = time.perf_counter() - t0
