@@ -87,6 +87,8 @@ def flower_config(rc: Mapping[str, Any]) -> FlowerConfig:
                         fraction_fit=_get(rc, "fraction-fit", float, d.fraction_fit),
                         fraction_evaluate=_get(rc, "fraction-evaluate", float, d.fraction_evaluate),
                         prune_threshold=_get(rc, "prune-threshold", float, d.prune_threshold),
+                        init=_get(rc, "init", str, d.init), slora_rounds=_get(rc, "slora-rounds", int, d.slora_rounds),
+                        slora_density=_get(rc, "slora-density", float, d.slora_density),
                         policy=round_policy(rc))
 
 

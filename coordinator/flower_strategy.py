@@ -38,6 +38,7 @@ from flwr.server.strategy import Strategy
 from coordinator.aggregation import GlobalState
 from coordinator.defences import RoundUpload
 from coordinator.engine import RoundEngine
+from coordinator.init_global import initial_global
 from coordinator.methods import DEFAULT, Method, MethodConfig, make_method, method_class
 from coordinator.round_policy import RoundPolicy
 from coordinator.rounds import EnrolmentRefused, RoundConfig, assign_rank
@@ -72,6 +73,9 @@ class FlowerConfig:
     min_evaluate_clients: int = 1
     norm_bound: float = 1e4
     prune_threshold: float = 0.0  # rank self-pruning (hetlora): see coordinator.methods.MethodConfig
+    init: str = "random"  # the round-1 factors: "random", "federa" or "slora" (coordinator.init_global)
+    slora_rounds: int = 0  # init "slora": sparse rounds before LoRA
+    slora_density: float = 0.0  # init "slora": share of each LoRA base weight's entries in the sparse stage
     policy: RoundPolicy = field(default_factory=RoundPolicy)  # weights, the devices' recipe, server optimizer
     properties_timeout_s: float | None = None
 
@@ -88,7 +92,8 @@ class FlowerConfig:
     def method_config(self) -> MethodConfig:
         return MethodConfig(name=self.strategy, max_rank=self.max_rank, lora_alpha=self.lora_alpha,
                             use_rslora=self.use_rslora, cap_rank=max(self.cap_rank, self.max_rank),
-                            prune_threshold=self.prune_threshold)
+                            prune_threshold=self.prune_threshold, init=self.init, slora_rounds=self.slora_rounds,
+                            slora_density=self.slora_density, slora_seed=self.seed)
 
 
 @dataclass(frozen=True)
@@ -129,11 +134,13 @@ class HeteroLoraStrategy(Strategy):
     init_state: the round-1 adapter (peft state dict at max_rank, e.g. from
     `coordinator.model.initial_adapter_state`). evaluate_fn(global_state) -> metrics dict
     with a "loss" key, for server-side evaluation (e.g. `coordinator.model.Evaluator`).
+    base_weights: the base model's state dict, needed by init "federa" (`coordinator.init_global`).
     """
 
     def __init__(self, init_state: Mapping[str, torch.Tensor], config: FlowerConfig | None = None,
                  evaluate_fn: Callable[[GlobalState], Mapping[str, float]] | None = None,
-                 target_modules: list[str] | None = None, **overrides: Any):
+                 target_modules: list[str] | None = None, base_weights: Mapping[str, torch.Tensor] | None = None,
+                 **overrides: Any):
         super().__init__()
         self.config = FlowerConfig(**overrides) if config is None else config
         if config is not None and overrides:
@@ -142,7 +149,10 @@ class HeteroLoraStrategy(Strategy):
         self.policy, self.opt_state = self.config.policy, ServerOptState()
         self.rcfg = RoundConfig(max_rank=self.config.max_rank, strategy=self.config.strategy,
                                 common_rank=method_class(self.config.strategy).common_rank, seed=self.config.seed)
-        self.global_state = self.method.initial(init_state)
+        if self.config.init == "federa" and base_weights is None:
+            raise ValueError("init 'federa' starts from the SVD of the base weights: pass base_weights="
+                             "model.state_dict() to HeteroLoraStrategy (server_fn does)")
+        self.global_state = initial_global(self.method, init_state, base_weights or {})
         self.target_modules = list(target_modules or _targets_of(init_state))
         self.evaluate_fn = evaluate_fn
         self.clients: dict[str, ClientInfo] = {}
@@ -383,7 +393,7 @@ def server_fn(context: Any) -> Any:
     """ServerAppComponents from the run config (pyproject [tool.flwr.app.config] or --run-config).
 
     Keys (coordinator.flower_run): model (HF dir, required), strategy, num-server-rounds, max-rank, cap-rank,
-    prune-threshold, lora-alpha, local-steps, zo-local-steps, lr, zo-lr, seed, task, num-labels, min-clients, fraction-fit,
+    prune-threshold, init, slora-rounds, slora-density, lora-alpha, local-steps, zo-local-steps, lr, zo-lr, seed, task, num-labels, min-clients, fraction-fit,
     fraction-evaluate, eval-data, eval-limit, target-modules (JSON list), max-workers, journal, journal-tensors,
     and the round policy (serve's flags without '--': weight-temper, weight-cap, zo-progress, prox-mu,
     logit-adjust, lr-decay, freeze-head, server-opt, server-lr, server-momentum, server-beta2, server-tau).
@@ -398,10 +408,13 @@ def server_fn(context: Any) -> Any:
     if not rc.get("model"):
         raise ValueError("run config needs 'model' (a Hugging Face model directory on the SuperLink host): "
                          "flwr run . CONN --run-config 'model=\"/path/to/model\"'")
-    cfg = flower_config(rc)
+    cfg, rounds = flower_config(rc), int(rc.get("num-server-rounds", 3))
+    method = make_method(cfg.method_config())  # bad method settings are named before the model loads
+    if cfg.init == "slora" and cfg.slora_rounds >= rounds:
+        raise ValueError(f"run config slora-rounds={cfg.slora_rounds}: the sparse stage must end before the last "
+                         f"round (num-server-rounds={rounds})")
     model, tok = load_base_model(rc["model"], cfg.task, cfg.num_labels, cfg.seed)
     targets = resolve_target_modules(model, json.loads(rc["target-modules"]) if rc.get("target-modules") else None)
-    method = make_method(cfg.method_config())
     init = initial_adapter_state(model, targets, cfg.max_rank, cfg.lora_alpha, cfg.use_rslora, cfg.seed,
                                  method.peft, method.virtual_tokens)  # a non-LoRA PEFT type: its tensors by name
     evaluate_fn = None
@@ -409,13 +422,14 @@ def server_fn(context: Any) -> Any:
         ev = Evaluator(model, tok, load_eval_records(str(rc["eval-data"]), int(rc.get("eval-limit", 512))),
                        task=cfg.task)
         evaluate_fn = lambda g: ev.evaluate(method.deltas(g), g.extra, method.peft, method.virtual_tokens)  # noqa: E731
-    strategy = HeteroLoraStrategy(init, cfg, evaluate_fn=evaluate_fn, target_modules=targets)
+    strategy = HeteroLoraStrategy(init, cfg, evaluate_fn=evaluate_fn, target_modules=targets,
+                                  base_weights=model.state_dict())
     if rc.get("journal"):
         strategy.listener = RoundJournal(str(rc["journal"]), tensors=bool(rc.get("journal-tensors", False)))
     server = Server(client_manager=SimpleClientManager(), strategy=strategy)
     if int(rc.get("max-workers", 0) or 0) > 0:  # clients driven concurrently per round (Flower's thread pool)
         server.set_max_workers(int(rc["max-workers"]))
-    return ServerAppComponents(server=server, config=ServerConfig(num_rounds=int(rc.get("num-server-rounds", 3))))
+    return ServerAppComponents(server=server, config=ServerConfig(num_rounds=rounds))
 
 
 def make_server_app() -> Any:

@@ -141,3 +141,54 @@ def test_flower_sim_offers_every_registered_method():
         assert flower_sim.parse_args(["--model", "m", "--strategy", name]).strategy == name
     with pytest.raises(SystemExit):
         flower_sim.parse_args(["--model", "m", "--strategy", "krum"])
+
+
+@needs_flwr
+def test_svd_initialisations_run_on_flower(fleet):
+    """init federa: round 1 starts from the base weights' SVD and every download carries the residual as
+    base_delta factors; init slora (1 sparse round of 2): the ClientApps train the sparse delta in round 1,
+    then LoRA with the delta frozen (sent, not uploaded) in round 2. Both fold like the round engine."""
+    from protos.sparse import SPARSE_SUFFIX
+
+    strat, _ = _run(fleet, "fedavg", rounds=1, nodes=_lora_nodes(fleet), policy=RoundPolicy.plain(),
+                    **{"max-rank": 2, "init": "federa"})
+    rec = strat.last
+    assert not strat.refused and strat.rounds[0]["uploads"] == 3 and rec.before.base
+    for m, b in rec.before.base.items():  # the residual -s B0 A0 of the SVD start
+        assert torch.equal(b.A, rec.before.modules[m].A) and torch.equal(b.B, -rec.before.modules[m].B), m
+    assert all(any(k.startswith("base_delta.") for k in s.tensors) for s in rec.sent.values())
+    want = _refold(strat)
+    assert all(_close(u.A, want.modules[m].A) for m, u in strat.global_state.modules.items())
+
+    strat, _ = _run(fleet, "fedavg", rounds=2, nodes=_lora_nodes(fleet), policy=RoundPolicy.plain(),
+                    **{"max-rank": 2, "init": "slora", "slora-rounds": 1, "slora-density": 0.05})
+    rec, g = strat.last, strat.global_state
+    sparse = [k for k in g.extra if k.endswith(SPARSE_SUFFIX)]
+    assert sparse and all(g.extra[k].abs().sum() > 0 for k in sparse)  # trained by the devices in round 1
+    assert not strat.refused and [r["uploads"] for r in strat.rounds] == [3, 3]
+    for cid, res in rec.results.items():  # round 2: the delta is sent (applied, frozen), not uploaded
+        assert set(sparse) <= set(rec.sent[cid].tensors)
+        assert not any(k.endswith(SPARSE_SUFFIX) for k in json.loads(res.metrics["keys"])), cid
+
+
+@needs_flwr
+def test_bad_method_settings_on_flower_are_named_before_the_model_loads():
+    from flwr.app import Context, RecordDict
+
+    from coordinator.flower_strategy import HeteroLoraStrategy, server_fn
+
+    def serve(**rc):
+        ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={"model": "/no/model", **rc})
+        return server_fn(ctx)
+
+    with pytest.raises(ValueError, match="--init slora needs --slora-rounds"):
+        serve(strategy="fedavg", init="slora")
+    with pytest.raises(ValueError, match="slora-rounds=3: the sparse stage must end before the last round"):
+        serve(strategy="fedavg", init="slora", **{"slora-rounds": 3, "slora-density": 0.02, "num-server-rounds": 3})
+    with pytest.raises(ValueError, match="--prune-threshold 0.5: strategy 'zero_pad' trains fixed ranks.*hetlora"):
+        serve(strategy="zero_pad", **{"prune-threshold": 0.5})
+    with pytest.raises(ValueError, match="unknown method 'krum'; choose one of .*bitfit"):
+        serve(strategy="krum")
+    state = {"m.lora_A.weight": torch.zeros(8, 4), "m.lora_B.weight": torch.zeros(4, 8)}
+    with pytest.raises(ValueError, match="init 'federa' starts from the SVD of the base weights: pass base_weights"):
+        HeteroLoraStrategy(state, strategy="fedavg", init="federa")

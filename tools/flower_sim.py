@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python tools/flower_sim.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
+from coordinator.methods.base import INITS  # noqa: E402
 from coordinator.methods.registry import DEFAULT, NAMES  # noqa: E402
 
 
@@ -29,6 +30,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--strategy", default=DEFAULT, choices=NAMES, help="any registered method (coordinator.methods)")
     ap.add_argument("--prune-threshold", type=float, default=0.0,
                     help="hetlora's rank self-pruning: a device drops trailing slots carrying <= this share (0 = off)")
+    ap.add_argument("--init", default="random", choices=INITS, help="round-1 LoRA factors (as serve's --init)")
+    ap.add_argument("--slora-rounds", type=int, default=0, help="--init slora: sparse rounds before LoRA")
+    ap.add_argument("--slora-density", type=float, default=0.0, help="--init slora: share of base entries trained")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--profiles", nargs="+", default=["laptop-cpu-16gb", "raspberry-pi-5-8gb", "jetson-nano-4gb"])
     ap.add_argument("--caps", nargs="*", type=int, default=[], help="per-device rank caps (0 = none)")
@@ -100,7 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     run_config = {"model": a.model, "strategy": a.strategy, "num-server-rounds": a.rounds, "max-rank": a.max_rank,
                   "local-steps": a.local_steps, "min-clients": len(nodes), "max-workers": 1,
-                  "prune-threshold": a.prune_threshold}
+                  "prune-threshold": a.prune_threshold, "init": a.init, "slora-rounds": a.slora_rounds,
+                  "slora-density": a.slora_density}
     t0 = time.perf_counter()
     grid = run_inprocess(ServerApp(server_fn=fn), nodes, run_config)
     wall = time.perf_counter() - t0
