@@ -318,11 +318,12 @@ def test_secagg_refuses_stack_and_svd_at_start_up(model, tmp_path, strategy, cap
     assert not (tmp_path / "cli").exists()  # refused before anything was created
 
 
-@pytest.mark.parametrize("strategy,pool", [("fedsa", 0), ("zo", 64), ("ia3", 0)])
+@pytest.mark.parametrize("strategy,pool", [("fedsa", 0), ("zo", 64), ("ia3", 0), ("feddpa", 0)])
 def test_join_loop_trains_and_runs_secagg(model, tmp_path, strategy, pool):
     """Three real devices (`run_join`, LocalTrainer on the tiny BERT) through two secure rounds; under
     zo they train with the round's seed pool and send pool + 1 scalars instead of their adapters; under
-    ia3 (built as LoRA, told by the download's contract) they mask their (IA)3 vectors' change."""
+    ia3 (built as LoRA, told by the download's contract) they mask their (IA)3 vectors' change; under
+    feddpa they train rank 4 + 4 personal slots and mask only the global rank-4 adapter."""
     from edge_runtime.client import JoinConfig, run_join
     from edge_runtime.data import load_sst2
     from edge_runtime.plan import Plan
@@ -360,6 +361,10 @@ def test_join_loop_trains_and_runs_secagg(model, tmp_path, strategy, pool):
             g = c.global_state
             assert not g.modules and lens == [sum(t.numel() for t in g.extra.values()) + 1] * 2, lens
             assert any(not torch.equal(t, torch.ones_like(t)) for k, t in g.extra.items() if "ia3_l" in k)
+        elif strategy == "feddpa":  # the global adapter at rank 4 (+ head): the personal slots stay on the devices
+            g = c.global_state
+            size = sum(u.A.numel() + u.B.numel() for u in g.modules.values()) + sum(t.numel() for t in g.extra.values())
+            assert all(u.rank == 4 for u in g.modules.values()) and lens == [size + 1] * 2, (lens, size)
         else:
             assert lens == [pool + 1] * 2 if pool else all(n > 500 for n in lens), lens
     finally:
