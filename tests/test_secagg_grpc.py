@@ -193,7 +193,8 @@ def leaked(store: Path, fed: Federation) -> list[str]:
 
 
 @pytest.mark.parametrize("strategy,ranks", [("zero_pad", [2, 4, 4]), ("fedavg", [4, 4, 4]), ("ia3", [2, 4, 4]),
-                                            ("bitfit", [2, 4, 4]), ("prompt_tuning", [2, 4, 4])])
+                                            ("bitfit", [2, 4, 4]), ("prompt_tuning", [2, 4, 4]), ("ffa", [2, 4, 4]),
+                                            ("rolora", [2, 4, 4])])
 def test_secagg_round_matches_plain_round_and_store_holds_no_update(model, tmp_path, strategy, ranks):
     plain = Federation(model, tmp_path / "plain", strategy, ranks, secagg=False)
     secure = Federation(model, tmp_path / "secure", strategy, ranks, secagg=True)
