@@ -72,7 +72,9 @@ class HetLoRA(Method):
     common_rank = False
     prunes_rank = True
     secagg_refusal = ("HetLoRA devices may prune their rank after training, so an upload's shape is not known when "
-                      "the masks are agreed")
+                      "the masks are agreed, and its sparsity-weighted aggregation scales each device's weight by the "
+                      "norm of its own product, which the coordinator never sees under masking (zero_pad is the same "
+                      "padding without either)")
 
     def serve(self, g: GlobalState, rank: int, seed: int) -> Served:
         return self.serve_slices(g, rank)
