@@ -127,6 +127,27 @@ def test_feddpa_personal_adapter_stays_on_the_flower_device(fleet, tmp_path):
         assert _close(u.A, want.modules[m].A) and _close(u.B * u.scale, want.modules[m].B * want.modules[m].scale), m
 
 
+@needs_flwr
+def test_ffa_rolora_fedex_fold_like_the_engine_on_flower(fleet):
+    """The frozen-factor methods (ffa: A frozen; rolora: B in odd rounds, A in even ones) and FedEx-LoRA
+    (its residual travels as a base delta) over ranks 8 / 4 / 2: two rounds, every upload accepted, the
+    global equals the round engine's fold of the same uploads (base residual included)."""
+    for name in ("ffa", "rolora", "fedex"):
+        strat, _ = _run(fleet, name, rounds=2, nodes=_lora_nodes(fleet), policy=RoundPolicy.plain())
+        assert not strat.refused and [r["uploads"] for r in strat.rounds] == [3, 3] and not strat.last.rejected, name
+        g, want = strat.global_state, _refold(strat)
+        for m, u in g.modules.items():
+            assert _close(u.A, want.modules[m].A) and _close(u.B * u.scale, want.modules[m].B * want.modules[m].scale)
+        assert sorted(g.base) == sorted(want.base), name
+        for m, b in g.base.items():
+            assert _close(b.A, want.base[m].A) and _close(b.B * b.scale, want.base[m].B * want.base[m].scale), m
+        if name == "ffa":  # the ClientApps honoured the frozen A: uploaded as sent
+            for d in _device_uploads(strat):
+                assert all(torch.equal(v, d["start"][k]) for k, v in d["state"].items() if k.endswith(".lora_A.weight"))
+        if name == "fedex":
+            assert g.base and all(any(k.startswith("base_delta.") for k in s.tensors) for s in strat.last.sent.values())
+
+
 def test_flower_sim_offers_every_registered_method():
     """tools/flower_sim.py's --strategy choices are the registry's (no hard-coded list)."""
     import sys
