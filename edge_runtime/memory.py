@@ -13,10 +13,10 @@ Load peak = overhead + what loading the base costs, by source (`load_peak_bytes`
 is dequantized to fp32 before the model exists (~1.4 x the fp32 weights + the mmapped file), a
 quantized base on CPU is read at full precision and quantized, a same-dtype safetensors dir is
 only mmapped. Training peak = overhead + weights (+ what the load leaves resident) + adapter
-(params, grads, optimizer) + max(phase peaks), where the phases are: backward (saved
-activations + logits and their gradients), forward of a zeroth-order step, and dequantization
-temporaries of a quantized base. The breakdown carries `load_peak_excess` = max(0, load -
-training) so that its parts still sum to the total.
+(params, grads, optimizer) + the dynamic part: saved activations, logits and their gradients, a ZO
+forward, dequantization temporaries, added up on glibc's default heap (as fitted); where freed memory
+leaves the RSS at once (`mmap_served`), kept values + the larger of the loss-chunk and decoder-layer
+phases (`alive_at_peak`). The breakdown carries `load_peak_excess` = max(0, load - training).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "nf4": 0.5, "int4":
 QUANT_CONST = {"nf4": 1 / 64 + 4 / (64 * 256), "int4": 8 / 128, "int8": 0.0}
 QUANTIZED = ("int8", "nf4", "int4")
 LOGIT_CHUNK_ROWS = 256  # edge_runtime.training.losses.CHUNK_TOKENS
-HEAD_SLICE_ROWS = 4096  # edge_runtime.training.stored16.HEAD_SLICE_ROWS
+HEAD_SLICE_ROWS = 1024  # 16-bit LM head rows widened to fp32 at a time (stored16.Head16 imports it): 17 MB at 7B
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class Calibration:
     act_inter: float = 4.3          # ... + act_inter * intermediate
     act_kv: float = 4.0             # ... + act_kv * kv_dim (k/v projections, rope)
     act_hidden_encoder: float = 6.2  # encoders: + this * hidden (LayerNorms, GELU, dropout masks)
-    attn_eager: float = 4.0         # materialized attention (eager; SDPA on CPU with a mask): copies of (b, heads, s, s)
+    attn_eager: float = 4.0         # materialized attention (see `_dynamic_bytes`): copies of (b, heads, s, s)
     # Checkpointing: kept layer inputs + the recomputed layers alive at the backward peak.
     ckpt_hidden: float = 3.95       # kept values ~ ckpt_hidden * hidden per token per layer (input, its grad, residual)
     ckpt_layers: float = 2.5        # layers' activations alive at once (recomputed layer, its grads, allocator reuse)
@@ -61,14 +61,20 @@ class Calibration:
     # Causal-LM head (losses.py: <= 256 rows per chunk).
     logits_train: float = 5.3       # fp32 (rows, V) copies alive in a chunk's backward: logits, log-softmax, grads
     logits_zo: float = 2.9          # ... in a no-grad forward
+    # ... counted (torch profiler), not fitted, where freed memory leaves the RSS (`mmap_served`): log-softmax,
+    live_logits_train: float = 3.0  # NLL grad, logits grad in a chunk's backward; logits + log-softmax without grad
+    live_logits_zo: float = 2.0
     fwd_transient: float = 2.85     # no-grad forward: live values ~ fwd_transient * intermediate per token
     alloc_slack: float = 0.05       # allocator fragmentation on the dynamic part
     # Quantized base on CPU.
     dequant_copies: float = 2.05    # fp32 copies of the largest quantized Linear in flight
+    live_dequant_copies: float = 1.0  # ... in backprop, counted where freed memory leaves the RSS (`mmap_served`):
+    #                                   bitsandbytes' CPU gemm_4bit and its backward widen the weight once (profiler)
     dequant_saved: float = 0.03     # bitsandbytes backprop: fp32 Linear weights' worth kept alive (fraction of all)
     quanto_saved_int8: float = 1.0  # optimum-quanto (GGUF sources, int4) backprop, qint8: the same fraction
     quanto_saved_4bit: float = 0.55  # ... qint4
-    int8_inputs: float = 2.1        # bitsandbytes int8 on CPU: Linear inputs kept on the matmul's ctx (copies)
+    int8_inputs: float = 2.1        # bitsandbytes int8 on CPU: Linear inputs kept on the matmul's ctx (copies: the
+    #                                 last step's graph, holding its ctx, lives until the next loss replaces it)
     # Load.
     load_gguf_dequant: float = 1.39  # GGUF via transformers (CUDA route): fp32 tensors + conversion temporaries / fp32 weights
     gguf_residue_per_vocab: float = 1430.0  # bytes left after a GGUF load per vocab entry (tokenizer, heap not returned)
@@ -77,13 +83,11 @@ class Calibration:
     # bytes), GGUF blocks kept (x the file's bytes per weight)
     stream_nf4_bnb: float = 1.3    # (no file bytes: its rows are read and quantized 4 MiB at a time)
     # allocations >= 128 KiB served by mmap (quantized streamed base on CPU, `model_loading.heap_mmap_threshold`):
-    # the dynamic part's share that stays resident, relative to glibc's default heap. Refit (issue 15, item 3) on the
-    # 17 quantized streamed rows re-measured with the 128 KiB threshold, incl. 3 rows of LLaMA-2-7B's shapes:
-    # in-sample max |error| 9.8 %, leave-one-out max 14.5 % (docs/memory.md)
-    mmap_dynamic: float = 0.59
-    mmap_dynamic_ckpt: float = 0.36  # ... with gradient checkpointing
-    mmap_per_weight: float = 0.2    # ... bytes per Linear weight resident while training on a quantized base (was 0.9
-    #                                 under the 1 MiB threshold: freed sub-MiB activations the heap kept)
+    # the activation terms' share that is alive (`served_dynamic`), fitted on the 17 quantized streamed rows with
+    # the phase model (`alive_at_peak`): in-sample max |error| 5.5 %, leave-one-out max 6.5 % (docs/memory.md)
+    mmap_dynamic: float = 0.85
+    mmap_dynamic_ckpt: float = 0.5  # ... with gradient checkpointing
+    mmap_per_weight: float = 0.1    # ... bytes per Linear weight resident while training on a quantized base
     ckpt_dequant_layers: float = 0.0   # ... under checkpointing: layers' worth of fp32 Linear weights alive (was 2.0)
     stream_int8_bnb: float = 8.0
     stream_quanto: float = 3.3
@@ -350,7 +354,8 @@ def _default_overhead(device: str, unified_memory: bool) -> int:
     return measure_runtime_overhead()
 
 
-def _quantized_cpu_bytes(spec: ModelSpec, plan: Plan, cal: Calibration, tokens: int, act_b: int) -> dict[str, float]:
+def _quantized_cpu_bytes(spec: ModelSpec, plan: Plan, cal: Calibration, tokens: int, act_b: int,
+                         served: bool) -> dict[str, float]:
     """Dequantization temporaries (and bitsandbytes int8 saved inputs) of a quantized base on CPU."""
     zo = plan.mode == "zo"
     L, h = spec.layers, spec.hidden
@@ -365,11 +370,12 @@ def _quantized_cpu_bytes(spec: ModelSpec, plan: Plan, cal: Calibration, tokens: 
     kept = spec.gguf_block_params if gguf_blocks_kept(spec, plan.base_precision) else 0
     saved = 0.0 if zo else frac * (spec.linear_params - kept) * 4
     if plan.gradient_checkpointing:  # saved tensors of the recomputed layer(s) only
-        layers = cal.ckpt_dequant_layers if mmap_served(spec, plan, "causal_lm", "cpu") else frac
+        layers = cal.ckpt_dequant_layers if served else frac
         saved = saved / frac * layers / max(1, L) if frac else 0.0
-    if not zo and mmap_served(spec, plan, "causal_lm", "cpu"):  # resident per quantized weight in backprop
-        saved += cal.mmap_per_weight * spec.linear_params
-    out["dequant_temporaries"] = cal.dequant_copies * biggest * 4 + saved
+    copies = cal.live_dequant_copies if served and not zo else cal.dequant_copies
+    out["dequant_temporaries"] = copies * biggest * 4 + (0.0 if served else saved)
+    if served:  # kept through the backward, not only while a Linear is in flight (+ per quantized weight)
+        out["dequant_resident"] = saved + (0.0 if zo else cal.mmap_per_weight * spec.linear_params)
     if not zo and plan.base_precision == "int8" and spec.source_format != "gguf":
         # bitsandbytes' CPU int8 matmul (MatMul8bitFp) keeps each Linear's input on its ctx, outside
         # save_for_backward, so checkpointing does not drop it: ~(3h + I) values per token per layer
@@ -386,17 +392,14 @@ def _dynamic_bytes(spec: ModelSpec, plan: Plan, task: str, n_train: int, device:
     h, inter = spec.hidden, spec.intermediate or 4 * spec.hidden
     kv = spec.kv_heads * spec.head_dim
     tokens = b * s
-    cpu = device == "cpu"
-    zo = plan.mode == "zo"
+    cpu, zo, served = device == "cpu", plan.mode == "zo", mmap_served(spec, plan, task, device)
     per_layer = cal.act_hidden * h + cal.act_inter * inter + cal.act_kv * kv  # values / token / layer
     # BERT-style encoders save more per layer (two LayerNorms, GELU, dropout masks): fitted on the
     # non-checkpointed rows; under checkpointing `ckpt_layers` already covers the recomputed layer
     enc_extra = cal.act_hidden_encoder * h if spec.task_kind == "encoder" else 0.0
-    # (b, heads, s, s) scores are materialized by eager attention, by SDPA on CPU whenever the
-    # trainer passes a padding mask (it always does: the math path keeps scores and probabilities
-    # per layer), and by encoders with a padding mask on any device (kept from the earlier fit; on
-    # CUDA a decoder's SDPA uses the memory-efficient kernel).
-    materialized = attn_implementation == "eager" or cpu or spec.task_kind == "encoder"
+    # (b, heads, s, s) scores: eager attention, encoders with a padding mask, and (default-heap fit) SDPA on CPU;
+    # torch 2.13's CPU SDPA runs its flash kernel with or without a mask (profiler): the mmap-served model drops it
+    materialized = attn_implementation == "eager" or (cpu and not served) or spec.task_kind == "encoder"
     attn = cal.attn_eager * spec.heads * s * s * b * act_b if materialized else 0.0
     # the trainer's causal-LM loss runs lm_head only on response tokens, LOGIT_CHUNK_ROWS rows at a
     # time under checkpointing: one chunk's fp32 logits (rows, V) are alive at a time
@@ -406,17 +409,41 @@ def _dynamic_bytes(spec: ModelSpec, plan: Plan, task: str, n_train: int, device:
     if zo:
         dyn["zo_perturbation"] = 2 * 4 * n_train  # clean copy + z
         dyn["activations_forward"] = tokens * cal.fwd_transient * inter * act_b + attn / max(1.0, cal.attn_eager)
-        dyn["logits"] = cal.logits_zo * logits
+        dyn["logits"] = (cal.live_logits_zo if served else cal.logits_zo) * logits
     else:
         if plan.gradient_checkpointing:
             kept = tokens * L * cal.ckpt_hidden * h * act_b + tokens * cal.embed_grad_input * h * 4
-            dyn["activations"] = kept + cal.ckpt_layers * (tokens * per_layer * act_b + attn)
+            dyn["activations"] = kept  # + the recomputed layer(s), alive only while a layer is in backward
+            dyn["activations_layer"] = cal.ckpt_layers * (tokens * per_layer * act_b + attn)
         else:
             dyn["activations"] = tokens * L * (per_layer + enc_extra) * act_b + attn * L
-        dyn["logits"] = cal.logits_train * logits
+        dyn["logits"] = (cal.live_logits_train if served else cal.logits_train) * logits
     if plan.base_precision in QUANTIZED and cpu:
-        dyn.update(_quantized_cpu_bytes(spec, plan, cal, tokens, act_b))
+        dyn.update(_quantized_cpu_bytes(spec, plan, cal, tokens, act_b, served))
     return dyn
+
+
+HEAD_PHASE = ("logits", "head_slice")
+LAYER_PHASE = ("activations_layer", "activations_forward", "dequant_temporaries")
+COUNTED = ("logits", "head_slice", "int8_saved_inputs")  # live copies counted from the code, never scaled
+
+
+def served_dynamic(dyn: dict[str, float], plan: Plan, cal: Calibration) -> dict[str, float]:
+    """Mmap-served heap: activation terms (fitted on glibc's heap) x `mmap_dynamic` / `mmap_dynamic_ckpt`;
+    counted live copies (`COUNTED`; in backprop the dequantized Linear, `live_dequant_copies`) as they are."""
+    f = cal.mmap_dynamic_ckpt if plan.gradient_checkpointing else cal.mmap_dynamic
+    counted = COUNTED if plan.mode == "zo" else COUNTED + ("dequant_temporaries",)
+    return {k: v if k in counted else v * f for k, v in dyn.items()}
+
+
+def alive_at_peak(dyn: dict[str, float]) -> dict[str, float]:
+    """Parts alive at the peak where freed memory leaves the RSS (`mmap_served`): the loss chunk (`HEAD_PHASE`)
+    and a decoder layer (`LAYER_PHASE`: recomputed activations, ZO forward, dequantized Linear) never overlap, so
+    the smaller phase's parts count 0; kept values (checkpoints, saved activations, ZO copies) count in both."""
+    head = sum(dyn.get(k, 0.0) for k in HEAD_PHASE)
+    layer = sum(dyn.get(k, 0.0) for k in LAYER_PHASE)
+    gone = LAYER_PHASE if head > layer else HEAD_PHASE
+    return {k: 0.0 if k in gone else v for k, v in dyn.items()}
 
 
 def estimate(spec: ModelSpec, plan: Plan, task: str = "classification", overhead_bytes: int | None = None,
@@ -451,11 +478,12 @@ def estimate(spec: ModelSpec, plan: Plan, task: str = "classification", overhead
     parts["optimizer_state"] = 0 if zo or plan.optimizer == "sgd" else 8 * n_train
 
     dyn = _dynamic_bytes(spec, plan, task, n_train, device, attn_implementation, cal, response_tokens)
-    if mmap_served(spec, plan, task, device):
-        f = cal.mmap_dynamic_ckpt if plan.gradient_checkpointing else cal.mmap_dynamic
-        dyn = {k: v * f for k, v in dyn.items()}
     if t16 and task == "causal_lm":  # stored16.Head16: one widened (slice, H) fp32 block of the head in flight
         dyn["head_slice"] = min(HEAD_SLICE_ROWS, spec.vocab) * spec.hidden * 4
+    if mmap_served(spec, plan, task, device):
+        dyn = alive_at_peak(served_dynamic(dyn, plan, cal))
+    elif "activations_layer" in dyn:  # the default heap keeps what a phase freed: the parts add up (as fitted)
+        dyn["activations"] += dyn.pop("activations_layer")
     dyn_total = sum(dyn.values())
     dyn["allocator_slack"] = cal.alloc_slack * dyn_total
     parts.update({k: int(v) for k, v in dyn.items()})

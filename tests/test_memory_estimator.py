@@ -160,3 +160,25 @@ def test_load_term_scales_with_calibration(specs):
     hi = load_peak_bytes(spec, plan, task, calibration=Calibration(stream_gguf_blocks=2.0))
     biggest = max(o * i for o, i in spec.linear_shapes.values())
     assert hi - lo == pytest.approx(biggest * spec.gguf_block_bytes / spec.gguf_block_params, abs=2)
+
+
+def test_mmap_served_peak_holds_one_phase_loss_chunk_or_decoder_layer(specs):
+    """A quantized base on CPU returns freed memory at once: the loss chunk (logits, head slice) and a
+    decoder layer (recomputed activations, the dequantized Linear in flight) never overlap."""
+    from edge_runtime.memory import HEAD_SLICE_ROWS, alive_at_peak, mmap_served
+    assert alive_at_peak({"activations": 5.0, "logits": 3.0, "head_slice": 1.0, "dequant_temporaries": 2.0}) == \
+        {"activations": 5.0, "logits": 3.0, "head_slice": 1.0, "dequant_temporaries": 0.0}
+    assert alive_at_peak({"activations": 5.0, "logits": 1.0, "activations_layer": 2.0, "dequant_temporaries": 2.0}) == \
+        {"activations": 5.0, "logits": 0.0, "activations_layer": 2.0, "dequant_temporaries": 2.0}
+    spec, task = specs["llama7b"]  # the largest Linear, 11008 x 4096 widened to fp32, outweighs a 256-row chunk
+    plan = Plan(rank=8, batch_size=2, seq_len=256, gradient_checkpointing=True, base_precision="nf4",
+                target_modules=spec.default_targets)
+    assert mmap_served(spec, plan, task, "cpu")
+    b = estimate(spec, plan, task, overhead_bytes=OV).breakdown
+    assert b["dequant_temporaries"] == 4 * 11008 * 4096 and b["activations_layer"] > 0
+    assert b["logits"] == 0 and b["head_slice"] == 0
+    gpu = estimate(spec, plan, task, overhead_bytes=OV, device="cuda", unified_memory=True).breakdown
+    assert gpu["logits"] > 0 and "activations_layer" not in gpu  # not mmap-served: the parts add up
+    zo = estimate(spec, Plan(**{**plan.to_dict(), "mode": "zo", "optimizer": "sgd", "batch_size": 1, "seq_len": 64}),
+                  task, overhead_bytes=OV).breakdown
+    assert zo["head_slice"] == 0 and zo["dequant_temporaries"] > HEAD_SLICE_ROWS * spec.hidden * 4

@@ -67,6 +67,23 @@ def test_head16_slices_forward_and_backward_like_a_widened_linear():
     assert torch.allclose(x.grad, x_ref.grad, rtol=1e-4, atol=1e-3) and head.weight.grad is None
 
 
+def test_head16_default_slice_is_the_estimators_and_gives_the_same_logits_as_one_wide_slice():
+    from edge_runtime.memory import HEAD_SLICE_ROWS
+    from edge_runtime.training import stored16
+
+    assert stored16.HEAD_SLICE_ROWS is HEAD_SLICE_ROWS  # one home (memory.py), no copy to drift
+    w = torch.randn(2 * HEAD_SLICE_ROWS + 77, 48, generator=torch.Generator().manual_seed(2)).half()
+    x = torch.randn(3, 5, 48, generator=torch.Generator().manual_seed(3))
+    default, whole = Head16(w), Head16(w, slice_rows=w.shape[0])  # 3 slices (last one short) vs 1
+    assert default.slice_rows == HEAD_SLICE_ROWS
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = default(xa), whole(xb)
+    assert torch.equal(ya, yb)  # each logit is the same dot product whatever the slicing
+    (ya ** 2).sum().backward()
+    (yb ** 2).sum().backward()
+    assert torch.allclose(xa.grad, xb.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_trainer_steps_on_fp16_tables_and_the_estimator_counts_them_at_2_bytes(untied_fp16):
     from edge_runtime.training.session import LocalTrainer
     plan = Plan(rank=2, target_modules=QV, base_precision="nf4", batch_size=2, seq_len=32, gradient_checkpointing=True)

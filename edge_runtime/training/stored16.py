@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-HEAD_SLICE_ROWS = 4096  # vocabulary rows of the head widened at a time (memory.py models the temporary)
+from edge_runtime.memory import HEAD_SLICE_ROWS  # one home: the estimator models the (rows, H) fp32 block
 STORED16 = (torch.float16, torch.bfloat16)
 
 
