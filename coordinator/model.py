@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from protos.model_load import LOAD_LOCK, ensure_output_head
+from protos.pooling import use_checkpoint_pooling
 from protos.sparse import SPARSE_SUFFIX
 
 HEAD_NAMES = ("classifier", "score")
@@ -60,6 +61,7 @@ def load_base_model(model_dir: str | Path, task: str, num_labels: int, seed: int
         if task == "classification":
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
                                                                        dtype=torch.float32, **extra)
+            use_checkpoint_pooling(model, path)
         else:
             model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True,
                                                                **extra)

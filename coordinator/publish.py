@@ -6,6 +6,7 @@ Every method runs under the coordinator's lock. The fold of the open round is ke
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from protos import wire
+from protos.pooling import checkpoint_pooling
 
 from . import rounds as R
 from .aggregation import GlobalState
@@ -124,6 +126,11 @@ class Publisher:
         store.write_blob(store.rel(d / "peft" / "adapter_model.safetensors"),
                          wire.encode_tensors(tensors, {"format": "pt"}, packed=False))
         store.write_blob(store.rel(d / "peft" / "adapter_config.json"), cfg_json.encode())
+        pooling = checkpoint_pooling(c.cfg.model) if c.cfg.task == "classification" else None
+        if pooling:  # the head reads the checkpoint's sentence vector, not transformers' pooler
+            store.write_blob(store.rel(d / "peft" / "pooling.json"), json.dumps(
+                {"mode": pooling[0], "normalize": pooling[1],
+                 "load_with": "protos.pooling.use_checkpoint_pooling(model, base_model_dir)"}).encode())
         if round_id > 0:
             store.set_round_global(round_id, rel, sha, metrics)
         else:

@@ -26,9 +26,11 @@ torch.set_num_threads(1)
 def fleet(tmp_path_factory):
     from edge_runtime.data import load_sst2
     from edge_runtime.training.tiny import make_tiny_bert
+    from tests.test_pooling import write_sentence_pipeline
 
     tmp = tmp_path_factory.mktemp("e2e")
     model = make_tiny_bert(tmp / "bert", hidden=32, vocab_size=500)
+    write_sentence_pipeline(model)  # both sides classify its normalized mean (protos.pooling)
     train = load_sst2("train", limit=900)
     shards = []
     for i in range(3):
@@ -127,3 +129,4 @@ def test_heterogeneous_fleet_two_rounds(fleet, federations, strategy):
         assert losses[-1] < losses[0], f"{strategy}: held-out loss did not improve: {losses}"
     peft_dir = Path(c.cfg.store) / "rounds" / "0002" / "peft"
     assert (peft_dir / "adapter_config.json").exists() and (peft_dir / "adapter_model.safetensors").exists()
+    assert json.loads((peft_dir / "pooling.json").read_text())["mode"] == "mean"

@@ -27,6 +27,7 @@ from edge_runtime.plan import Plan
 from edge_runtime.training.imports import (bitsandbytes_installed, needs_bitsandbytes, quantized_with_bnb,
                                            use_bitsandbytes)
 from protos.model_load import LOAD_LOCK, ensure_output_head
+from protos.pooling import use_checkpoint_pooling
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +224,7 @@ def _load_model(directory: Any, gguf: str | None, t: Any, prec: str, seed: int, 
             if t.kind == "classification":
                 model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=t.num_labels,
                                                                            **kwargs)
+                use_checkpoint_pooling(model, directory)
             else:
                 model, info = AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True, **kwargs)
                 ensure_output_head(model, info.get("missing_keys", ()))
