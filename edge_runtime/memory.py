@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from edge_runtime.dequant_rows import row_chunk_bytes
 from edge_runtime.modelspec import ModelSpec
 from edge_runtime.plan import Plan
 
@@ -358,12 +359,10 @@ def _quantized_cpu_bytes(spec: ModelSpec, plan: Plan, cal: Calibration, tokens: 
                          served: bool) -> dict[str, float]:
     """Dequantization temporaries (and bitsandbytes int8 saved inputs) of a quantized base on CPU."""
     zo = plan.mode == "zo"
-    L, h = spec.layers, spec.hidden
-    inter = spec.intermediate or 4 * spec.hidden
+    L, h, inter = spec.layers, spec.hidden, spec.intermediate or 4 * spec.hidden
     biggest = max((o * i for o, i in spec.linear_shapes.values()), default=0)
     out: dict[str, float] = {}
-    # forward: dequantized fp32 copies of the Linear in flight; backward through a quantized
-    # Linear on CPU keeps more alive (fitted fraction of all Linear weights as fp32)
+    # forward: fp32 copies of the Linear in flight; backward keeps more (fitted fraction of all Linear weights, fp32)
     quanto = spec.source_format == "gguf" or plan.base_precision == "int4"  # model_loading's quanto route
     frac = (cal.quanto_saved_int8 if plan.base_precision == "int8" else cal.quanto_saved_4bit) if quanto else cal.dequant_saved
     # GGUF blocks (GGUFLinear) save nothing for backward: they dequantize again
@@ -372,6 +371,8 @@ def _quantized_cpu_bytes(spec: ModelSpec, plan: Plan, cal: Calibration, tokens: 
     if plan.gradient_checkpointing:  # saved tensors of the recomputed layer(s) only
         layers = cal.ckpt_dequant_layers if served else frac
         saved = saved / frac * layers / max(1, L) if frac else 0.0
+    if zo and served and plan.base_precision == "nf4" and not quanto:  # bitsandbytes: no-grad forwards by rows
+        return {"dequant_chunk": row_chunk_bytes(spec, tokens, act_b)}  # (training/bnb_rows.py), counted
     copies = cal.live_dequant_copies if served and not zo else cal.dequant_copies
     out["dequant_temporaries"] = copies * biggest * 4 + (0.0 if served else saved)
     if served:  # kept through the backward, not only while a Linear is in flight (+ per quantized weight)
@@ -424,8 +425,8 @@ def _dynamic_bytes(spec: ModelSpec, plan: Plan, task: str, n_train: int, device:
 
 
 HEAD_PHASE = ("logits", "head_slice")
-LAYER_PHASE = ("activations_layer", "activations_forward", "dequant_temporaries")
-COUNTED = ("logits", "head_slice", "int8_saved_inputs")  # live copies counted from the code, never scaled
+LAYER_PHASE = ("activations_layer", "activations_forward", "dequant_temporaries", "dequant_chunk")
+COUNTED = ("logits", "head_slice", "int8_saved_inputs", "dequant_chunk")  # live copies counted from the code
 
 
 def served_dynamic(dyn: dict[str, float], plan: Plan, cal: Calibration) -> dict[str, float]:

@@ -119,5 +119,5 @@ print(json.dumps(out))
     assert out["fp32_steps"] == 1
     assert out["nf4"]["bitsandbytes"], out
     # peft's bitsandbytes LoRA layer (not its plain Linear one): the caches filled while hidden were cleared
-    assert out["nf4_layers"] == ["peft.tuners.lora.bnb", "Linear4bit"], out
+    assert out["nf4_layers"] == ["peft.tuners.lora.bnb", "RowChunkedLinear4bit"], out
     assert out["nf4_steps"] == 1

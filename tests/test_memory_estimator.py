@@ -181,4 +181,18 @@ def test_mmap_served_peak_holds_one_phase_loss_chunk_or_decoder_layer(specs):
     assert gpu["logits"] > 0 and "activations_layer" not in gpu  # not mmap-served: the parts add up
     zo = estimate(spec, Plan(**{**plan.to_dict(), "mode": "zo", "optimizer": "sgd", "batch_size": 1, "seq_len": 64}),
                   task, overhead_bytes=OV).breakdown
-    assert zo["head_slice"] == 0 and zo["dequant_temporaries"] > HEAD_SLICE_ROWS * spec.hidden * 4
+    assert "dequant_temporaries" not in zo and min(zo["head_slice"], zo["dequant_chunk"]) == 0  # one phase
+
+
+def test_zo_nf4_on_cpu_counts_one_row_chunk_not_the_whole_weight(specs):
+    """bitsandbytes nf4 ZO forwards on CPU dequantize by rows (training/bnb_rows.py): the estimator counts one
+    (rows, in) fp32 chunk, its (tokens, rows) product and the weight's fp32 absmax, unscaled; int8 keeps its term."""
+    from edge_runtime.dequant_rows import dequant_chunk_rows, row_chunk_bytes
+    spec, task = specs["llama7b"]
+    rows = dequant_chunk_rows(4096)
+    assert rows == 1024 and row_chunk_bytes(spec, 64, 4) == rows * 4096 * 4 + 64 * rows * 4 + 11008 * 4096 // 16
+    zo = dict(mode="zo", optimizer="sgd", rank=1, batch_size=1, seq_len=64, target_modules=spec.default_targets)
+    nf4 = estimate(spec, Plan(base_precision="nf4", **zo), task, overhead_bytes=OV, response_tokens=8).breakdown
+    assert "dequant_temporaries" not in nf4 and nf4["dequant_chunk"] == row_chunk_bytes(spec, 64, 4)  # layer phase
+    int8 = estimate(spec, Plan(base_precision="int8", **zo), task, overhead_bytes=OV).breakdown
+    assert "dequant_chunk" not in int8 and int8["dequant_temporaries"] > 2 * 11008 * 4096 * 4 * 0.5

@@ -23,7 +23,7 @@ def recs():
 
 
 @pytest.mark.parametrize("precision,backend,layer_type", [
-    ("nf4", "auto", "Linear4bit"), ("int8", "auto", "Linear8bitLt"),
+    ("nf4", "auto", "RowChunkedLinear4bit"), ("int8", "auto", "Linear8bitLt"),
     ("int4", "auto", "QLinear"), ("int8", "quanto", "QLinear")])
 def test_quantized_base_lora_steps(llama, recs, precision, backend, layer_type):
     plan = Plan(rank=4, target_modules=QV, base_precision=precision, batch_size=4, learning_rate=1e-2)

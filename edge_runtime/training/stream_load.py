@@ -5,7 +5,8 @@ tensor by tensor with plain file reads (`os.preadv` into a fresh buffer, never a
 page is charged to the process and nothing keeps the file open afterwards). Each Linear weight is
 quantized as it arrives:
 
-- safetensors + nf4 / int8: bitsandbytes `Linear4bit` (nf4, double quantization) / `Linear8bitLt`;
+- safetensors + nf4 / int8: bitsandbytes `Linear4bit` (nf4, double quantization; no-grad forwards dequantize
+  by rows, `bnb_rows`) / `Linear8bitLt`;
   optimum-quanto `qint4` / `qint8` where bitsandbytes is not used; int4: quanto `qint4`;
 - GGUF + any quantized plan: `GGUFLinear` keeps the file's Q4_0 / Q4_1 / Q8_0 blocks (no
   requantization; other GGUF types are dequantized and quantized with quanto at the plan's level);
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edge_runtime.training.bnb_rows import row_chunked
 from edge_runtime.training.gguf_linear import NATIVE_TYPES, GGUFLinear
 from edge_runtime.training.stored16 import STORED16, keep_16bit
 
@@ -210,6 +212,7 @@ def bnb_linear(w: Any, bias: torch.Tensor | None, precision: str, compute: torch
         lin.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=NF4_BLOCK,
                                        compress_statistics=True, quant_type="nf4", module=lin, bnb_quantized=True)
         lin.quant_state = state
+        row_chunked(lin)  # no-grad CPU forwards (ZO) dequantize by rows, not the whole weight
     else:
         lin = bnb.nn.Linear8bitLt(in_f, out_f, bias=bias is not None, has_fp16_weights=False, threshold=6.0,
                                   device="meta")
