@@ -36,6 +36,9 @@ class Publisher:
         self.c = c
         self.fold: RoundEngine | None = None  # streaming aggregate of the open round
         self._evaluator = None
+        pooling = checkpoint_pooling(c.cfg.model) if c.cfg.task == "classification" else None
+        self._pooling_json = json.dumps({"mode": pooling[0], "normalize": pooling[1], "load_with": (
+            "protos.pooling.use_checkpoint_pooling(model, base_model_dir)")}).encode() if pooling else b""
 
     # -- the round's streaming aggregate ----------------------------------------------------
     def stored_uploads(self, round_id: int):
@@ -126,11 +129,8 @@ class Publisher:
         store.write_blob(store.rel(d / "peft" / "adapter_model.safetensors"),
                          wire.encode_tensors(tensors, {"format": "pt"}, packed=False))
         store.write_blob(store.rel(d / "peft" / "adapter_config.json"), cfg_json.encode())
-        pooling = checkpoint_pooling(c.cfg.model) if c.cfg.task == "classification" else None
-        if pooling:  # the head reads the checkpoint's sentence vector, not transformers' pooler
-            store.write_blob(store.rel(d / "peft" / "pooling.json"), json.dumps(
-                {"mode": pooling[0], "normalize": pooling[1],
-                 "load_with": "protos.pooling.use_checkpoint_pooling(model, base_model_dir)"}).encode())
+        if self._pooling_json:  # the head reads the checkpoint's sentence vector, not transformers' pooler
+            store.write_blob(store.rel(d / "peft" / "pooling.json"), self._pooling_json)
         if round_id > 0:
             store.set_round_global(round_id, rel, sha, metrics)
         else:
