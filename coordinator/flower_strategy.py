@@ -416,12 +416,13 @@ def server_fn(context: Any) -> Any:
     model, tok = load_base_model(rc["model"], cfg.task, cfg.num_labels, cfg.seed)
     targets = resolve_target_modules(model, json.loads(rc["target-modules"]) if rc.get("target-modules") else None)
     init = initial_adapter_state(model, targets, cfg.max_rank, cfg.lora_alpha, cfg.use_rslora, cfg.seed,
-                                 method.peft, method.virtual_tokens)  # a non-LoRA PEFT type: its tensors by name
+                                 method.peft, method.virtual_tokens, method.bottleneck)  # a non-LoRA PEFT type: by name
     evaluate_fn = None
     if rc.get("eval-data"):
         ev = Evaluator(model, tok, load_eval_records(str(rc["eval-data"]), int(rc.get("eval-limit", 512))),
                        task=cfg.task)
-        evaluate_fn = lambda g: ev.evaluate(method.deltas(g), g.extra, method.peft, method.virtual_tokens)  # noqa: E731
+        evaluate_fn = lambda g: ev.evaluate(method.deltas(g), g.extra, method.peft, method.virtual_tokens,  # noqa: E731
+                                            method.bottleneck)
     strategy = HeteroLoraStrategy(init, cfg, evaluate_fn=evaluate_fn, target_modules=targets,
                                   base_weights=model.state_dict())
     if rc.get("journal"):

@@ -90,16 +90,16 @@ def resolve_target_modules(model: torch.nn.Module, requested: Sequence[str] | No
 
 
 def initial_adapter_state(model: torch.nn.Module, target_modules: Sequence[str], rank: int, lora_alpha: float,
-                          use_rslora: bool, seed: int, peft: str = "lora", virtual_tokens: int = 0
-                          ) -> dict[str, torch.Tensor]:
+                          use_rslora: bool, seed: int, peft: str = "lora", virtual_tokens: int = 0,
+                          bottleneck: int = 0) -> dict[str, torch.Tensor]:
     """peft adapter state at `rank` (A kaiming-uniform under `seed`, B zero) plus the head; for a
-    non-LoRA `peft` (prompt / ia3 / bitfit) its trainable tensors by name (`protos.peft_types`)."""
+    non-LoRA `peft` (prompt / ia3 / bitfit / adapter) its trainable tensors by name (`protos.peft_types`)."""
     import copy
 
     if peft != "lora":
         from protos import peft_types
 
-        wrapped = peft_types.build(copy.deepcopy(model), peft, virtual_tokens, seed)
+        wrapped = peft_types.build(copy.deepcopy(model), peft, virtual_tokens, seed, bottleneck)
         return {k: v.detach().float().clone() for k, v in peft_types.trainable(wrapped).items()}
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
@@ -155,11 +155,12 @@ class Evaluator:
         self._base = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def evaluate(self, deltas: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-                 extra: Mapping[str, torch.Tensor], peft: str = "lora", virtual_tokens: int = 0) -> dict[str, float]:
+                 extra: Mapping[str, torch.Tensor], peft: str = "lora", virtual_tokens: int = 0,
+                 bottleneck: int = 0) -> dict[str, float]:
         """deltas: module key (peft-prefixed) -> (B (out, r) scale folded, A (r, in)); extra: head tensors
         (a non-LoRA `peft`: all its trainable tensors by name, applied through the same wrapper as on devices)."""
         if peft != "lora":
-            return self._evaluate_wrapped(extra, peft, virtual_tokens)
+            return self._evaluate_wrapped(extra, peft, virtual_tokens, bottleneck)
         state = {k: v.clone() for k, v in self._base.items()}
         for name, (B, A) in deltas.items():
             key = _strip(name) + ".weight"
@@ -179,15 +180,15 @@ class Evaluator:
         finally:
             self.model.load_state_dict(self._base)
 
-    def _evaluate_wrapped(self, tensors: Mapping[str, torch.Tensor], peft: str, virtual_tokens: int
-                          ) -> dict[str, float]:
+    def _evaluate_wrapped(self, tensors: Mapping[str, torch.Tensor], peft: str, virtual_tokens: int,
+                          bottleneck: int = 0) -> dict[str, float]:
         """Metrics of the base wrapped in place for a non-LoRA PEFT type with `tensors` loaded, then
         unwrapped (in place: no copy of the base per evaluation, and hooks registered on the base
         stay bound to the model that runs)."""
         from protos import peft_types
 
         with torch.random.fork_rng():  # build() seeds its init: leave the caller's RNG alone
-            model = peft_types.build(self.model, peft, virtual_tokens).eval()
+            model = peft_types.build(self.model, peft, virtual_tokens, bottleneck=bottleneck).eval()
         try:
             peft_types.load_state(model, tensors, f"global state ({peft})")
             return self._run(model)
@@ -227,7 +228,7 @@ def _strip(name: str) -> str:
 
 def peft_export_files(deltas: Mapping[str, tuple[torch.Tensor, torch.Tensor]], extra: Mapping[str, torch.Tensor],
                       target_modules: Sequence[str], base_model: str, task: str, peft: str = "lora",
-                      virtual_tokens: int = 0) -> tuple[str, dict[str, torch.Tensor]]:
+                      virtual_tokens: int = 0, bottleneck: int = 0) -> tuple[str, dict[str, torch.Tensor]]:
     """(adapter_config.json text, adapter_model tensors) for the global adapter, scale folded into B.
 
     Every module gets lora_alpha == its rank (scale 1); differing ranks go to rank_pattern/alpha_pattern.
@@ -236,7 +237,8 @@ def peft_export_files(deltas: Mapping[str, tuple[torch.Tensor, torch.Tensor]], e
     """
     if peft != "lora":
         cfg = {"peft_type": peft.upper(), "base_model_name_or_path": str(base_model), "num_virtual_tokens":
-               virtual_tokens, "task_type": "SEQ_CLS" if task == "classification" else "CAUSAL_LM",
+               virtual_tokens, "bottleneck": bottleneck,
+               "task_type": "SEQ_CLS" if task == "classification" else "CAUSAL_LM",
                "key_format": "protos.peft_types.trainable (adapter name stripped)"}
         return json.dumps(cfg, indent=2), {k: v.contiguous() for k, v in extra.items()}
     tensors: dict[str, torch.Tensor] = {}

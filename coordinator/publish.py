@@ -125,7 +125,7 @@ class Publisher:
         sha = store.write_blob(rel, global_to_bytes(c.global_state))
         cfg_json, tensors = peft_export_files(c.method.deltas(c.global_state), c.global_state.extra,
                                               c.target_modules, c.cfg.model, c.cfg.task, c.method.peft,
-                                              c.method.virtual_tokens)
+                                              c.method.virtual_tokens, c.method.bottleneck)
         store.write_blob(store.rel(d / "peft" / "adapter_model.safetensors"),
                          wire.encode_tensors(tensors, {"format": "pt"}, packed=False))
         store.write_blob(store.rel(d / "peft" / "adapter_config.json"), cfg_json.encode())
@@ -151,7 +151,8 @@ class Publisher:
             model, tok = c.load_model()
             self._evaluator = Evaluator(model, tok, load_eval_records(c.cfg.eval_data, c.cfg.eval_limit),
                                         task=c.cfg.task)
-        return self._evaluator.evaluate(c.method.deltas(g), g.extra, c.method.peft, c.method.virtual_tokens)
+        return self._evaluator.evaluate(c.method.deltas(g), g.extra, c.method.peft, c.method.virtual_tokens,
+                                        c.method.bottleneck)
 
 
 def reported(stats: dict[str, Any], key: str) -> Any:

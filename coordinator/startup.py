@@ -52,7 +52,7 @@ def _init(c: Coordinator) -> None:
     model, _ = c.load_model()
     c.target_modules = resolve_target_modules(model, c.cfg.target_modules or None)
     init = initial_adapter_state(model, c.target_modules, c.cfg.max_rank, c.cfg.lora_alpha, c.cfg.use_rslora,
-                                 c.cfg.seed, c.method.peft, c.method.virtual_tokens)
+                                 c.cfg.seed, c.method.peft, c.method.virtual_tokens, c.method.bottleneck)
     c.global_state = initial_global(c.method, init, model.state_dict())
     c.global_round = 0
     c.publisher.write_global(0, {})

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from protos.peft_names import PEFT_TYPES
+from protos.peft_names import DEFAULT_BOTTLENECK, PEFT_TYPES
 
 TASK_CHOICES = ("classification", "causal_lm")
 
@@ -30,7 +30,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--local-steps", type=int, default=20)
     p.add_argument("--examples", type=int, default=None, help="number of local training examples")
     p.add_argument("--peft", choices=PEFT_TYPES, default="lora",
-                   help="PEFT type to plan: lora (default), prompt (prompt tuning), ia3 ((IA)3) or bitfit (bias-only); "
+                   help="PEFT type to plan: lora (default), prompt (prompt tuning), ia3 ((IA)3), bitfit (bias-only) or "
+                        f"adapter (bottleneck adapters, width {DEFAULT_BOTTLENECK}); "
                         "a federation's download names the one its devices train")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--out", help="write the plan JSON here")

@@ -145,15 +145,19 @@ def _fit_rank(trainer: RoundTrainer, rank: int) -> None:
 
 
 def obey_peft(trainer: RoundTrainer, contract: DeviceContract) -> bool:
-    """Set the trainer's plan to the PEFT type the contract names (prompt tuning, (IA)3, BitFit or
-    LoRA; every device of a federation trains the same one). True: it changed (reconfigure)."""
+    """Set the trainer's plan to the PEFT type the contract names (prompt tuning, (IA)3, BitFit, bottleneck
+    adapters or LoRA; every device of a federation trains the same one, at the contract's prompt length /
+    bottleneck width when it names one). True: it changed (reconfigure)."""
     from dataclasses import replace
 
     changed = False
     for t in (trainer, getattr(trainer, "inner", None)):
-        if t is not None and (t.plan.peft, t.plan.virtual_tokens) != (contract.peft, contract.virtual_tokens or
-                                                                       t.plan.virtual_tokens):
-            t.plan = replace(t.plan, peft=contract.peft, virtual_tokens=contract.virtual_tokens or t.plan.virtual_tokens)
+        if t is None:
+            continue
+        want = {"peft": contract.peft, "virtual_tokens": contract.virtual_tokens or t.plan.virtual_tokens,
+                "bottleneck": contract.bottleneck or t.plan.bottleneck}
+        if any(getattr(t.plan, k) != v for k, v in want.items()):
+            t.plan = replace(t.plan, **want)
             changed = True
     return changed or getattr(trainer, "peft", contract.peft) != contract.peft
 

@@ -183,12 +183,12 @@ def mmap_served(spec: ModelSpec, plan: Plan, task: str, device: str) -> bool:
 
 def trainable_params(spec: ModelSpec, plan: Plan, task: str) -> int:
     """LoRA factors r*(in+out) per target (rank_pattern honoured), or the plan's other PEFT type's
-    tensors (prompt / (IA)3 vectors / biases: `protos.peft_names.trainable_count`), + a trainable task head."""
+    tensors (prompt / (IA)3 / biases / adapters: `protos.peft_names.trainable_count`), + a trainable task head."""
     if plan.peft != "lora":
         from protos.peft_names import trainable_count
 
         n = trainable_count(plan.peft, spec.architecture, spec.linear_shapes, spec.hidden, spec.layers,
-                            plan.virtual_tokens)
+                            plan.virtual_tokens, plan.bottleneck)
     else:
         n = sum(next((v for k, v in plan.rank_pattern.items() if name.endswith(k)), plan.rank) * (o + i)
                 for name, (o, i) in spec.target_shapes(plan.target_modules).items())

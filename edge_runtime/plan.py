@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from protos.peft_names import DEFAULT_BOTTLENECK
+
 MODES = ("lora", "zo")
 BASE_PRECISIONS = ("fp32", "bf16", "fp16", "int8", "nf4", "int4")
 UPLOAD_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
@@ -44,6 +46,7 @@ class Plan:
     compute_dtype: str = "fp32"
     peft: str = "lora"  # protos.peft_names.PEFT_TYPES; a federation's download contract may set it
     virtual_tokens: int = 16  # prompt tuning's trainable prompt length (peft "prompt" only)
+    bottleneck: int = DEFAULT_BOTTLENECK  # a bottleneck adapter's width (peft "adapter" only)
     memory: dict[str, Any] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
 
@@ -79,7 +82,7 @@ class Plan:
         from protos.peft_names import check_kind
 
         try:
-            check_kind(self.peft, self.virtual_tokens, "plan field 'peft'")
+            check_kind(self.peft, self.virtual_tokens, "plan field 'peft'", self.bottleneck)
         except ValueError as e:
             raise PlanError(str(e)) from None
         for k, r in self.rank_pattern.items():

@@ -95,7 +95,8 @@ def adapter_values(spec: ModelSpec, c: _Cand) -> int:
         return spec.lora_params(list(c.targets), c.rank)
     from protos.peft_names import trainable_count
 
-    return trainable_count(c.peft, spec.architecture, spec.linear_shapes, spec.hidden, spec.layers, Plan().virtual_tokens)
+    return trainable_count(c.peft, spec.architecture, spec.linear_shapes, spec.hidden, spec.layers,
+                           Plan().virtual_tokens, Plan().bottleneck)
 
 
 def upload_seconds(n_values: int, precision: str, profile: DeviceProfile) -> float:
@@ -144,7 +145,7 @@ def plan(profile: DeviceProfile, spec: ModelSpec, task: str, *, round_deadline_s
         raise ValueError(f"task {task!r} is invalid: expected one of {TASKS}")
     from protos.peft_names import check_kind
 
-    check_kind(peft, Plan().virtual_tokens, "--peft")
+    check_kind(peft, Plan().virtual_tokens, "--peft", Plan().bottleneck)
     deadline = float(round_deadline_s or profile.round_deadline_s)
     overhead = _overhead(profile, overhead_bytes)
     budget = effective_budget(profile, overhead)

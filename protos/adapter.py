@@ -15,9 +15,10 @@ download's safetensors metadata, so the device runtime never branches on a metho
   smaller rank and reports it (0: off).
 - `personal_rank`: personalized LoRA (FedDPA-style): the device trains a personal adapter of this
   rank next to the global one (both applied), keeps it and uploads only the global one (0: off).
-- `peft` / `virtual_tokens`: the PEFT type every device trains (`protos.peft_names.PEFT_TYPES`:
-  "lora", or prompt tuning / (IA)3 / BitFit, whose adapter state is a dict of named tensors,
-  `protos.peft_types`); the device rebuilds its adapter when it differs from what it holds.
+- `peft` / `virtual_tokens` / `bottleneck`: the PEFT type every device trains (`protos.peft_names.
+  PEFT_TYPES`: "lora", or prompt tuning / (IA)3 / BitFit / bottleneck adapters, whose adapter state is a
+  dict of named tensors, `protos.peft_types`), with prompt tuning's prompt length and the adapters'
+  width; the device rebuilds its adapter when it differs from what it holds.
 - `sparse_density` / `sparse_seed`: SLoRA's sparse delta (`protos.sparse`): the device adds a delta at a
   fixed random mask (this density, derived from this seed) to every LoRA module's base weight; its
   values travel as `<module>.sparse_delta` tensors next to the adapter (0: off). `frozen` may name
@@ -57,6 +58,7 @@ class DeviceContract:
     personal_rank: int = 0
     peft: str = "lora"
     virtual_tokens: int = 0
+    bottleneck: int = 0
     sparse_density: float = 0.0
     sparse_seed: int = 0
 
@@ -67,7 +69,7 @@ class DeviceContract:
 
         from .peft_names import check_kind
 
-        check_kind(self.peft, self.virtual_tokens, "device contract peft")
+        check_kind(self.peft, self.virtual_tokens, "device contract peft", self.bottleneck)
         if not (isinstance(self.personal_rank, int) and 0 <= self.personal_rank <= 4096):
             raise ValueError(f"device contract personal_rank={self.personal_rank!r}: expected an integer in [0, 4096] "
                              "(0 = no personal adapter)")
@@ -93,6 +95,8 @@ class DeviceContract:
             d["personal_rank"] = self.personal_rank
         if self.peft != "lora":
             d["peft"], d["virtual_tokens"] = self.peft, self.virtual_tokens
+        if self.bottleneck:
+            d["bottleneck"] = self.bottleneck
         if self.sparse_density:
             d["sparse_density"], d["sparse_seed"] = self.sparse_density, self.sparse_seed
         return json.dumps(d)
@@ -109,6 +113,7 @@ class DeviceContract:
                        prune_threshold=float(d.get("prune_threshold", 0.0)),
                        personal_rank=int(d.get("personal_rank", 0)),
                        peft=str(d.get("peft", "lora")), virtual_tokens=int(d.get("virtual_tokens", 0)),
+                       bottleneck=int(d.get("bottleneck", 0)),
                        sparse_density=float(d.get("sparse_density", 0.0)), sparse_seed=int(d.get("sparse_seed", 0)))
         except (ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"download metadata {CONTRACT_META!r} is not a valid device contract: {raw!r} ({e})") from e

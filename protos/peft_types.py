@@ -8,12 +8,15 @@
   type; one learned scaling vector per target Linear ((out, 1), or (1, in) on feed-forward ones).
 - "bitfit": BitFit (Ben Zaken et al. 2022): every bias of the base model trains, nothing else
   (peft has no config for it: `BitFit` below).
+- "adapter": bottleneck adapters (Houlsby et al. 2019 / Pfeiffer et al. 2020; FedAdapter) of width
+  `bottleneck` after each layer's feed-forward block (`protos.bottleneck`; peft has none either).
 The task head (classifier / score) trains with every type, as with LoRA.
 
 For the non-LoRA types the adapter state is `trainable(model)`: every trainable parameter, keyed by
 its name with peft's adapter name removed (e.g. `prompt_encoder.embedding.weight` (T, H),
 `base_model.model.bert.encoder.layer.0.attention.self.key.ia3_l` (384, 1), `base_model.bert.encoder.
-layer.0.attention.self.query.bias` (384,), `...classifier.weight` (labels, H)); a federation averages
+layer.0.attention.self.query.bias` (384,), `base_model.bert.encoder.layer.0.output.dense.bottleneck_adapter.
+down.weight` (bottleneck, 384), `...classifier.weight` (labels, H)); a federation averages
 these tensors by name (the coordinator's non-LoRA methods keep them as `GlobalState.extra`).
 """
 from __future__ import annotations
@@ -84,13 +87,20 @@ class BitFit(nn.Module):
                   str(Path(out_dir) / "bitfit_model.safetensors"), metadata={"peft_type": "BITFIT"})
 
 
-def build(base: nn.Module, kind: str, virtual_tokens: int = 0, seed: int = 0) -> nn.Module:
-    """`base` wrapped for a non-LoRA PEFT `kind` (fresh, seeded init); the head trains too."""
-    check_kind(kind, virtual_tokens)
+def build(base: nn.Module, kind: str, virtual_tokens: int = 0, seed: int = 0, bottleneck: int = 0) -> nn.Module:
+    """`base` wrapped for a non-LoRA PEFT `kind` (fresh, seeded init); the head trains too.
+    virtual_tokens: prompt tuning's prompt length; bottleneck: the adapters' width ("adapter")."""
+    check_kind(kind, virtual_tokens, bottleneck=bottleneck)
     if kind == "lora":
         raise ValueError("build() makes the non-LoRA types; LoRA has its own builders")
     if kind == "bitfit":
         return BitFit(base)
+    if kind == "adapter":
+        from .bottleneck import Bottleneck
+
+        with LOAD_LOCK:
+            torch.manual_seed(seed)
+            return Bottleneck(base, bottleneck, tuple(heads_of(base)))
     from peft import IA3Config, PromptTuningConfig, get_peft_model
 
     heads = heads_of(base)

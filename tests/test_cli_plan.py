@@ -53,3 +53,22 @@ def test_console_script_reports_errors(tmp_path):
                         "--model", str(minilm_dir())],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_plan_peft_adapter_counts_the_bottleneck_adapters(capsys):
+    """`edge-runtime plan --peft adapter`: a plan of that type at the default width, whose estimate counts
+    one bottleneck adapter per layer (BERT: MiniLM; Llama: the config-only TinyLlama)."""
+    from edge_runtime.memory import trainable_params
+    from edge_runtime.modelspec import load_model_spec
+    from protos.peft_names import trainable_count
+
+    for model, task in ((minilm_dir(), "classification"), (ROOT / "models/tinyllama-1.1b", "causal_lm")):
+        rc, out = _run(["plan", "--profile", str(ROOT / "profiles/desktop-gpu-24gb.yaml"), "--model", str(model),
+                        "--peft", "adapter", "--json"], capsys)
+        p = Plan.from_dict(json.loads(out))
+        spec = load_model_spec(model)
+        n = spec.layers * (2 * spec.hidden * p.bottleneck + p.bottleneck + spec.hidden)
+        assert rc == 0 and p.peft == "adapter" and p.bottleneck == 16 and any("peft adapter" in r for r in p.reasons)
+        assert trainable_count("adapter", spec.architecture, {}, spec.hidden, spec.layers, bottleneck=16) == n
+        head = 2 * spec.hidden + 2 if task == "classification" else 0  # a trainable 2-label head
+        assert p.memory["breakdown"]["adapter_params"] == 4 * trainable_params(spec, p, task) == 4 * (n + head), model

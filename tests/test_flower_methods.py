@@ -1,9 +1,10 @@
-"""The methods beyond LoRA averaging on the Flower transport: prompt tuning, (IA)3 and BitFit (the
-download's contract makes every ClientApp rebuild its adapter to the PEFT type), HetLoRA's rank
-self-pruning (a device uploads at a lower rank and is assigned it next round) and FedDPA's personal
-adapter (kept in the node's state, never uploaded). A real Flower ServerApp against real ClientApps
-on the tiny BERT of tests/test_flower.py, in process (coordinator/flower_loopback.py); every round is
-checked against the round engine folding the same uploads."""
+"""The methods beyond LoRA averaging on the Flower transport: prompt tuning, (IA)3, BitFit and
+bottleneck adapters (the download's contract makes every ClientApp rebuild its adapter to the PEFT
+type), HetLoRA's rank self-pruning (a device uploads at a lower rank and is assigned it next round)
+and FedDPA's personal adapter (kept in the node's state, never uploaded). A real Flower ServerApp
+against real ClientApps on the tiny BERT of tests/test_flower.py, in process
+(coordinator/flower_loopback.py); every round is checked against the round engine folding the same
+uploads."""
 from __future__ import annotations
 
 import json
@@ -15,7 +16,8 @@ from coordinator.round_policy import RoundPolicy
 from protos import peft_types
 from test_flower import _close, _device_uploads, _run, fleet, needs_flwr  # noqa: F401  (module fixture)
 
-PEFT_METHODS = {"prompt_tuning": "prompt", "ia3": "ia3", "bitfit": "bitfit"}  # method -> the PEFT type it trains
+PEFT_METHODS = {"prompt_tuning": "prompt", "ia3": "ia3", "bitfit": "bitfit",  # method -> the PEFT type it trains
+                "adapter": "adapter"}
 
 
 def _lora_nodes(fleet, **extra):
@@ -41,7 +43,7 @@ def _refold(strat):
 
 @needs_flwr
 def test_peft_types_train_their_own_tensors_on_flower(fleet, tmp_path):
-    """prompt_tuning, ia3, bitfit: every device (plan ranks 8 / 4 / 2) trains the type's tensors, uploads
+    """prompt_tuning, ia3, bitfit, adapter: every device (plan ranks 8 / 4 / 2) trains the type's tensors, uploads
     exactly them, and the global is their weighted mean; the server evaluates through the same wrapper."""
     from edge_runtime.flower_client import cached_runtimes
 

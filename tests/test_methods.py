@@ -181,7 +181,7 @@ def test_unknown_method_names_the_choices():
     with pytest.raises(ValueError, match="unknown method"):
         method_class("FedAvg")  # names are exact
     assert NAMES == tuple(METHODS) and set(NAMES) == {"fedavg", "zero_pad", "stack", "svd", "fedsa", "zo", "ffa", "rolora", "fedex", "hetlora", "feddpa",
-                                                  "prompt_tuning", "ia3", "bitfit"}
+                                                  "prompt_tuning", "ia3", "bitfit", "adapter"}
     assert all(METHODS[n].name == n for n in NAMES)
     with pytest.raises(ValueError, match="max_rank"):
         MethodConfig("fedavg", max_rank=8, cap_rank=4)

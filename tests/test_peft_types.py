@@ -1,4 +1,4 @@
-"""Prompt tuning, (IA)3 and BitFit as federated methods: each over real gRPC with two emulated
+"""Prompt tuning, (IA)3, BitFit and bottleneck adapters as federated methods: each over real gRPC with two emulated
 devices of different plans (MiniLM, SST-2 rows), and the refusals of bad input (names, shapes,
 PEFT types) with messages that say what is wrong."""
 from __future__ import annotations
@@ -16,8 +16,8 @@ from protos.adapter import DeviceContract
 from protos.wire import split_download
 from tests.waiting import run_devices
 
-KINDS = ("prompt", "ia3", "bitfit")  # PEFT types
-METHOD = {"prompt": "prompt_tuning", "ia3": "ia3", "bitfit": "bitfit"}  # the method that trains each
+KINDS = ("prompt", "ia3", "bitfit", "adapter")  # PEFT types
+METHOD = {"prompt": "prompt_tuning", "ia3": "ia3", "bitfit": "bitfit", "adapter": "adapter"}  # who trains each
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,8 @@ def _engine(base, kind: str) -> tuple[RoundEngine, dict[str, torch.Tensor]]:
     from coordinator.model import initial_adapter_state
 
     method = make_method(MethodConfig(METHOD[kind], max_rank=4))
-    init = initial_adapter_state(base, ["query", "value"], 4, 16.0, False, 0, method.peft, method.virtual_tokens)
+    init = initial_adapter_state(base, ["query", "value"], 4, 16.0, False, 0, method.peft, method.virtual_tokens,
+                                 method.bottleneck)
     engine = RoundEngine(method, method.initial(init), 1)
     return engine, split_download(engine.download(2, "lora", 0))[0]
 
@@ -68,7 +69,7 @@ def test_initial_state_of_another_type_and_unknown_types_are_refused(base):
     lora = initial_adapter_state(base, ["query", "value"], 4, 16.0, False, 0)
     with pytest.raises(ValueError, match=r"initial_adapter_state\(\.\.\., peft='ia3'\)"):
         make_method(MethodConfig("ia3", max_rank=4)).initial(lora)
-    with pytest.raises(PlanError, match="plan field 'peft'='adapters': choose one of lora, prompt, ia3, bitfit"):
+    with pytest.raises(PlanError, match="'peft'='adapters': choose one of lora, prompt, ia3, bitfit, adapter"):
         Plan(peft="adapters")
     with pytest.raises(ValueError, match="virtual_tokens >= 1"):
         DeviceContract(peft="prompt")
@@ -162,7 +163,7 @@ def test_estimator_and_planner_know_the_trainable_size(minilm, base, kind):
     from edge_runtime.profile import load_profile
 
     spec = load_model_spec(minilm)
-    built = peft_types.build(copy.deepcopy(base), kind, Plan().virtual_tokens)
+    built = peft_types.build(copy.deepcopy(base), kind, Plan().virtual_tokens, bottleneck=Plan().bottleneck)
     pooler = sum(p.numel() for k, p in peft_types.trainable(built).items() if ".pooler." in k)  # a kept CLS
     n = sum(p.numel() for p in peft_types.trainable(built).values()) - pooler  # pooler's bias: not counted (doc)
     assert trainable_params(spec, Plan(peft=kind), "classification") == n
@@ -184,16 +185,17 @@ def test_trainable_count_refuses_unknown_layouts():
 
 
 def test_evaluator_applies_the_type_to_its_own_model(minilm):
-    """(IA)3's and BitFit's initial states leave the model unchanged: the coordinator's evaluation of
-    them equals the base model's, and the base is itself again afterwards (the wrapper is applied in
-    place: a deep copy would keep the masked mean pooler's hook bound to the original model)."""
+    """(IA)3's, BitFit's and the bottleneck adapters' initial states leave the model unchanged: the
+    coordinator's evaluation of them equals the base model's, and the base is itself again afterwards
+    (the wrapper is applied in place: a deep copy would keep the masked mean pooler's hook bound to the
+    original model)."""
     from coordinator.model import Evaluator, initial_adapter_state, load_base_model
     from edge_runtime.data import load_sst2
 
     model, tok = load_base_model(minilm, "classification", 2, 0)
     ev = Evaluator(model, tok, load_sst2("dev", limit=48))
     plain = ev.evaluate({}, {})
-    for kind in ("ia3", "bitfit"):
-        init = initial_adapter_state(model, [], 1, 16.0, False, 0, kind)
-        assert ev.evaluate({}, init, kind) == pytest.approx(plain, abs=1e-6), kind
+    for kind, width in (("ia3", 0), ("bitfit", 0), ("adapter", 16)):
+        init = initial_adapter_state(model, [], 1, 16.0, False, 0, kind, bottleneck=width)
+        assert ev.evaluate({}, init, kind, bottleneck=width) == pytest.approx(plain, abs=1e-6), kind
     assert ev.evaluate({}, {}) == pytest.approx(plain, abs=1e-6)

@@ -263,8 +263,9 @@ def test_tampered_or_misrouted_ciphertext_is_rejected():
 
 def test_method_gate():
     assert set(NAMES) == {"fedavg", "zero_pad", "fedsa", "zo", "stack", "svd", "ffa", "rolora", "fedex", "hetlora",
-                          "feddpa", "prompt_tuning", "ia3", "bitfit"}
-    for ok in ("fedavg", "zero_pad", "fedsa", "zo", "ffa", "rolora", "feddpa", "prompt_tuning", "ia3", "bitfit"):
+                          "feddpa", "prompt_tuning", "ia3", "bitfit", "adapter"}
+    for ok in ("fedavg", "zero_pad", "fedsa", "zo", "ffa", "rolora", "feddpa", "prompt_tuning", "ia3", "bitfit",
+               "adapter"):
         check_method_supports_secagg(ok)
     with pytest.raises(ValueError, match="cannot run under secure aggregation: .*prune their rank"):
         check_method_supports_secagg("hetlora")

@@ -194,7 +194,7 @@ def leaked(store: Path, fed: Federation) -> list[str]:
 
 @pytest.mark.parametrize("strategy,ranks", [("zero_pad", [2, 4, 4]), ("fedavg", [4, 4, 4]), ("ia3", [2, 4, 4]),
                                             ("bitfit", [2, 4, 4]), ("prompt_tuning", [2, 4, 4]), ("ffa", [2, 4, 4]),
-                                            ("rolora", [2, 4, 4])])
+                                            ("rolora", [2, 4, 4]), ("adapter", [2, 4, 4])])
 def test_secagg_round_matches_plain_round_and_store_holds_no_update(model, tmp_path, strategy, ranks):
     plain = Federation(model, tmp_path / "plain", strategy, ranks, secagg=False)
     secure = Federation(model, tmp_path / "secure", strategy, ranks, secagg=True)
@@ -319,12 +319,13 @@ def test_secagg_refuses_stack_and_svd_at_start_up(model, tmp_path, strategy, cap
     assert not (tmp_path / "cli").exists()  # refused before anything was created
 
 
-@pytest.mark.parametrize("strategy,pool", [("fedsa", 0), ("zo", 64), ("ia3", 0), ("feddpa", 0)])
+@pytest.mark.parametrize("strategy,pool", [("fedsa", 0), ("zo", 64), ("ia3", 0), ("feddpa", 0), ("adapter", 0)])
 def test_join_loop_trains_and_runs_secagg(model, tmp_path, strategy, pool):
     """Three real devices (`run_join`, LocalTrainer on the tiny BERT) through two secure rounds; under
     zo they train with the round's seed pool and send pool + 1 scalars instead of their adapters; under
-    ia3 (built as LoRA, told by the download's contract) they mask their (IA)3 vectors' change; under
-    feddpa they train rank 4 + 4 personal slots and mask only the global rank-4 adapter."""
+    ia3 / adapter (built as LoRA, told by the download's contract) they mask their (IA)3 vectors' /
+    bottleneck adapters' change; under feddpa they train rank 4 + 4 personal slots and mask only the
+    global rank-4 adapter."""
     from edge_runtime.client import JoinConfig, run_join
     from edge_runtime.data import load_sst2
     from edge_runtime.plan import Plan
@@ -358,10 +359,13 @@ def test_join_loop_trains_and_runs_secagg(model, tmp_path, strategy, pool):
         assert c.store.updates() == []  # nothing per device was stored
         assert c.global_round == 2 and c.global_state.strategy == strategy == c.method.name
         lens = [r["metrics"]["secagg_vector_len"] for r in c.store.rounds()]
-        if strategy == "ia3":  # the payload is the named tensors (the scaling vectors + the head), nothing else
+        if strategy in ("ia3", "adapter"):  # the payload is the named tensors (+ the head), nothing else
             g = c.global_state
             assert not g.modules and lens == [sum(t.numel() for t in g.extra.values()) + 1] * 2, lens
-            assert any(not torch.equal(t, torch.ones_like(t)) for k, t in g.extra.items() if "ia3_l" in k)
+            if strategy == "ia3":  # the scalings moved from 1
+                assert any(not torch.equal(t, torch.ones_like(t)) for k, t in g.extra.items() if "ia3_l" in k)
+            else:  # the adapters' W_up moved from 0
+                assert any(t.any() for k, t in g.extra.items() if k.endswith("bottleneck_adapter.up.weight"))
         elif strategy == "feddpa":  # the global adapter at rank 4 (+ head): the personal slots stay on the devices
             g = c.global_state
             size = sum(u.A.numel() + u.B.numel() for u in g.modules.values()) + sum(t.numel() for t in g.extra.values())

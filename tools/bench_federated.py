@@ -147,15 +147,16 @@ def run_federated(method_name: str, devices: list[dict[str, Any]], shards: list[
                                       prune_threshold=prune, init=init_kind, **slora))
     init = {k: (v[:max_rank] if k.endswith(A_SUFFIX) else v[:, :max_rank] if k.endswith(B_SUFFIX) else v)
             for k, v in init_state.items()}
-    if method.peft != "lora":  # prompt tuning / (IA)3 / BitFit: the type's own tensors (coordinator.model)
+    if method.peft != "lora":  # prompt tuning / (IA)3 / BitFit / adapters: the type's own tensors (coordinator.model)
         init = initial_adapter_state(evaluator.model, [], 1, args.alpha_lora, False, args.seed, method.peft,
-                                     method.virtual_tokens)
+                                     method.virtual_tokens, method.bottleneck)
     g = initial_global(method, init, base_weights or {})
     fleet.reset()
     sims = sim_devices(devices, shards, args, common_rank)
     holdouts = personal_holdouts(sims, args.seed) if method.contract("lora").personal_rank else {}
     policy, opt_state = round_policy(args), ServerOptState()
-    rows = [{"round": 0, **evaluator.evaluate(method.deltas(g), g.extra, method.peft, method.virtual_tokens),
+    rows = [{"round": 0, **evaluator.evaluate(method.deltas(g), g.extra, method.peft, method.virtual_tokens,
+                                              method.bottleneck),
              "bytes_up": 0, "bytes_down": 0,
              "wall_s": 0.0}]
     for rnd in range(1, args.rounds + 1):
@@ -172,7 +173,8 @@ def run_federated(method_name: str, devices: list[dict[str, Any]], shards: list[
             console.print(f"  {method_name}: mean personalized accuracy {mp:.3f} vs global {mg:.3f} on the devices' "
                           "held-out splits")
         train_s = time.perf_counter() - t0
-        m = evaluator.evaluate(device_view_deltas(method, g, sims), g.extra, method.peft, method.virtual_tokens)
+        m = evaluator.evaluate(device_view_deltas(method, g, sims), g.extra, method.peft, method.virtual_tokens,
+                               method.bottleneck)
         rows.append({"round": rnd, **m, "bytes_up": traffic.bytes_up, "bytes_down": traffic.bytes_down,
                      "wall_s": train_s, "ranks": {d.name: d.rank for d in sims},
                      **({"personal_vs_global": pers} if holdouts and rnd == args.rounds else {})})

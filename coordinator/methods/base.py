@@ -109,6 +109,7 @@ class Method:
     lr_factor: ClassVar[float] = 1.0  # x the round's learning rate (the recipe's lr_scale) for this method's devices
     peft: ClassVar[str] = "lora"  # the PEFT type devices train (protos.peft_names.PEFT_TYPES; the contract carries it)
     virtual_tokens: ClassVar[int] = 0  # prompt tuning's prompt length (peft "prompt")
+    bottleneck: ClassVar[int] = 0  # the bottleneck adapters' width (peft "adapter")
 
     def __init__(self, cfg: MethodConfig) -> None:
         if cfg.prune_threshold and not self.prunes_rank:

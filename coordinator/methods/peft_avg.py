@@ -1,5 +1,5 @@
-"""What the non-LoRA PEFT methods share (prompt tuning, (IA)3, BitFit): the global is a dict of
-named trainable tensors, weighted-averaged by name.
+"""What the non-LoRA PEFT methods share (prompt tuning, (IA)3, BitFit, bottleneck adapters): the
+global is a dict of named trainable tensors, weighted-averaged by name.
 
 The engine already averages every non-LoRA tensor of an upload (`GlobalState.extra`, the head's
 path); these methods keep all of their state there and no LoRA modules: `initial` takes the
@@ -23,7 +23,7 @@ from .base import Method, Served
 
 
 class TensorAverage(Method):
-    """Weighted average of named tensors; subclasses set `peft` (and `virtual_tokens`)."""
+    """Weighted average of named tensors; subclasses set `peft` (and `virtual_tokens` / `bottleneck`)."""
 
     common_rank: ClassVar[bool] = False  # a device's LoRA rank means nothing here: every device, whatever its
     # plan's rank, trains the same tensors (so no device is refused for its rank)
@@ -45,7 +45,7 @@ class TensorAverage(Method):
         return Served({}, {})
 
     def contract(self, mode: str, round_id: int = 0) -> DeviceContract:
-        return DeviceContract(peft=self.peft, virtual_tokens=self.virtual_tokens)
+        return DeviceContract(peft=self.peft, virtual_tokens=self.virtual_tokens, bottleneck=self.bottleneck)
 
     def deltas(self, g: GlobalState) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {}

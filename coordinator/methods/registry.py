@@ -1,6 +1,7 @@
 """Method name -> class. Adding a method: its module, plus one line here."""
 from __future__ import annotations
 
+from .adapter import Adapter
 from .base import Method, MethodConfig
 from .bitfit import BitFit
 from .fedavg import FedAvg
@@ -32,6 +33,7 @@ METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
     PromptTuning,
     IA3,
     BitFit,
+    Adapter,
 )}
 NAMES = tuple(METHODS)
 DEFAULT = "zero_pad"  # what `edge-coordinator serve`, the Flower app and the library use unless told

@@ -147,8 +147,8 @@ class LocalTrainer:
         if self.peft == "lora":
             self.model = apply_lora(self.base, self.plan, rank, self.lora_alpha, self.use_rslora, seed)
             self._params = self._trainable()
-        else:  # prompt tuning / (IA)3 / BitFit: their trainable tensors by name (protos.peft_types)
-            self.model = peft_types.build(self.base, self.peft, self.plan.virtual_tokens, seed)
+        else:  # prompt tuning / (IA)3 / BitFit / bottleneck adapters: their tensors by name (protos.peft_types)
+            self.model = peft_types.build(self.base, self.peft, self.plan.virtual_tokens, seed, self.plan.bottleneck)
             self._params = peft_types.trainable(self.model)
         self.rank = rank
         self.device = next(iter(self._params.values())).device
