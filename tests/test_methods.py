@@ -194,13 +194,18 @@ def _own_module(name: str) -> Path:
 
 def _allowed_nodes(tree: ast.AST, rel: Path) -> set[int]:
     """ids of string constants that are not a method name in use: `__all__` entries (Python names of
-    the pure maths functions `fedavg`, `stack`, ...) and, in coordinator/cli.py, a `default=` value."""
+    the pure maths functions `fedavg`, `stack`, ...), in coordinator/cli.py a `default=` value, and in
+    edge_runtime/ort_backend the "adapter" key of its artifacts' ort_meta.json (format 1: a file
+    format's field, written as a dict key and read as a subscript; not the `adapter` method)."""
     ok: set[int] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
             ok.update(id(c) for c in ast.walk(node.value))
         if rel.as_posix() == "coordinator/cli.py" and isinstance(node, ast.Call):
             ok.update(id(kw.value) for kw in node.keywords if kw.arg == "default")
+        if rel.parent.as_posix() == "edge_runtime/ort_backend":
+            keys = node.keys if isinstance(node, ast.Dict) else [node.slice] if isinstance(node, ast.Subscript) else []
+            ok.update(id(k) for k in keys if isinstance(k, ast.Constant) and k.value == "adapter")
     return ok
 
 
