@@ -110,7 +110,8 @@ def test_bad_widths_and_unknown_model_types_are_refused():
 
 def test_the_width_travels_in_the_contract_and_the_device_rebuilds(tmp_path):
     """A download's contract names the width; a device planned at another width (and as LoRA) switches
-    to the contract's type and width, and a second identical contract changes nothing."""
+    to the contract's type and width, a second identical contract changes nothing, and it trains
+    (W_up leaves zero) with gradient checkpointing."""
     from edge_runtime.device_round import obey_peft
     from edge_runtime.plan import Plan
     from edge_runtime.training.session import LocalTrainer
@@ -118,7 +119,8 @@ def test_the_width_travels_in_the_contract_and_the_device_rebuilds(tmp_path):
 
     c = DeviceContract.from_meta({"device_contract": DeviceContract(peft="adapter", bottleneck=8).to_meta()})
     assert (c.peft, c.bottleneck) == ("adapter", 8)
-    plan = Plan(rank=2, target_modules=["query", "value"], batch_size=2, seq_len=16, bottleneck=4)
+    plan = Plan(rank=2, target_modules=["query", "value"], batch_size=2, seq_len=16, bottleneck=4,
+                gradient_checkpointing=True)  # the hooks run again in the recomputed forward
     t = LocalTrainer(make_tiny_bert(tmp_path / "bert", hidden=32, layers=2), plan, "classification", seed=0)
     assert obey_peft(t, c) and t.plan.bottleneck == 8 and t.plan.peft == "adapter"
     t.configure()
