@@ -28,6 +28,9 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--logit-adjust", type=float, default=_P.logit_adjust,
                    help="local logit adjustment tau by each device's label prior, classification (0: off)")
     g.add_argument("--lr-decay", type=float, default=_P.lr_decay, help="round r trains at lr * decay ** (r - 1)")
+    g.add_argument("--loss-weight", type=float, default=_P.loss_weight,
+                   help="device weight x min(1, its mean training loss / ln K) ** this (q-FFL; 0: off); "
+                        "classification only")
     g.add_argument("--freeze-head", action="store_true",
                    help="devices train only LoRA; the classifier head stays at its shared init (FedBABU)")
 
@@ -36,4 +39,4 @@ def policy_from_args(args: argparse.Namespace) -> RoundPolicy:
     opt = ServerOptConfig(args.server_opt, args.server_lr, args.server_momentum, args.server_beta2, args.server_tau)
     return RoundPolicy(server_opt=opt, weight_temper=args.weight_temper, weight_cap=args.weight_cap,
                        zo_progress=not args.no_zo_progress, prox_mu=args.prox_mu, logit_adjust=args.logit_adjust,
-                       lr_decay=args.lr_decay, freeze_head=args.freeze_head)
+                       lr_decay=args.lr_decay, freeze_head=args.freeze_head, loss_weight=args.loss_weight)

@@ -95,7 +95,7 @@ class CoordinatorConfig:
         if isinstance(self.policy, dict):
             d = dict(self.policy)
             self.policy = RoundPolicy(**{**d, "server_opt": ServerOptConfig(**d.get("server_opt", {}))})
-        return self.policy
+        return self.policy.for_task(self.task, self.num_labels)
 
     def method_config(self) -> MethodConfig:
         return MethodConfig(name=self.strategy, max_rank=self.max_rank, lora_alpha=self.lora_alpha,

@@ -100,10 +100,10 @@ class RoundEngine:
 
     def accept(self, device_id: str, state: Mapping[str, torch.Tensor], examples: float,
                sent: Mapping[str, torch.Tensor], mode: str, precision: str | None = None,
-               progress: float | None = None) -> float:
+               progress: float | None = None, loss: float | None = None) -> float:
         """Validate an upload against what the device downloaded, then fold it. Returns its norm."""
         norm = self.validate(state, sent, mode, precision)
-        self.fold(device_id, state, examples, mode, progress, sent)
+        self.fold(device_id, state, examples, mode, progress, sent, loss)
         return norm
 
     @staticmethod
@@ -113,16 +113,17 @@ class RoundEngine:
         return zo_replay_update(start, pairs, lr)
 
     def fold(self, device_id: str, state: Mapping[str, torch.Tensor], examples: float, mode: str = "lora",
-             progress: float | None = None, sent: Mapping[str, torch.Tensor] | None = None) -> None:
+             progress: float | None = None, sent: Mapping[str, torch.Tensor] | None = None,
+             loss: float | None = None) -> None:
         """Fold one validated upload (ZO: the replayed final adapter) with the policy's weight for
-        `examples`; a ZO device with a reported `progress` is held until the close. `sent`: what the
+        `examples` and the device's mean training `loss` (RoundPolicy.weight); a ZO device with a reported `progress` is held until the close. `sent`: what the
         device downloaded, so that its change is folded (`Method.updates`); None: what the method
         serves a device of its rank."""
         if device_id in self.devices:
             raise UpdateInvalid("duplicate", f"device {device_id} was already folded into round {self.round_id}")
         if not examples > 0:
             raise UpdateInvalid("malformed", f"device {device_id}: example count must be positive, got {examples}")
-        weight = self.policy.weight(examples)
+        weight = self.policy.weight(examples, loss)
         if mode == "zo" and progress is not None and self.policy.zo_progress:
             self._zo_held.append((device_id, dict(state), weight, float(progress), sent))
             self.devices.add(device_id)

@@ -68,6 +68,7 @@ def _round_policy(rc: Mapping[str, Any], p: RoundPolicy, s: ServerOptConfig) -> 
                        prox_mu=_get(rc, "prox-mu", float, p.prox_mu),
                        logit_adjust=_get(rc, "logit-adjust", float, p.logit_adjust),
                        lr_decay=_get(rc, "lr-decay", float, p.lr_decay),
+                       loss_weight=_get(rc, "loss-weight", float, p.loss_weight),
                        freeze_head=_get(rc, "freeze-head", bool, p.freeze_head))
 
 
@@ -89,7 +90,8 @@ def flower_config(rc: Mapping[str, Any]) -> FlowerConfig:
                         prune_threshold=_get(rc, "prune-threshold", float, d.prune_threshold),
                         init=_get(rc, "init", str, d.init), slora_rounds=_get(rc, "slora-rounds", int, d.slora_rounds),
                         slora_density=_get(rc, "slora-density", float, d.slora_density),
-                        policy=round_policy(rc))
+                        policy=round_policy(rc).for_task(_get(rc, "task", str, d.task),
+                                                         _get(rc, "num-labels", int, d.num_labels)))
 
 
 class RoundJournal:

@@ -206,7 +206,8 @@ class HeteroLoraStrategy(Strategy):
                 up = self.decode_fit(proxy.cid, res, server_round)
                 progress = res.metrics.get("loss_progress")
                 engine.accept(up.device_id, up.state, up.weight, self.sent[up.device_id].tensors,
-                              self.sent[up.device_id].mode, progress=None if progress is None else float(progress))
+                              self.sent[up.device_id].mode, progress=None if progress is None else float(progress),
+                              loss=res.metrics.get("train_loss"))
                 uploads.append(up)
                 kept = engine.kept_from(up.state, self.sent[up.device_id].mode)
                 if kept:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from protos import wire
-from protos.pooling import checkpoint_pooling
+from protos.pooling import NORMALIZED_SCALE, checkpoint_pooling
 
 from . import rounds as R
 from .aggregation import GlobalState
@@ -37,7 +37,8 @@ class Publisher:
         self.fold: RoundEngine | None = None  # streaming aggregate of the open round
         self._evaluator = None
         pooling = checkpoint_pooling(c.cfg.model) if c.cfg.task == "classification" else None
-        self._pooling_json = json.dumps({"mode": pooling[0], "normalize": pooling[1], "load_with": (
+        self._pooling_json = json.dumps({"mode": pooling[0], "normalize": pooling[1], "scale": (
+            NORMALIZED_SCALE if pooling[1] else 1.0), "load_with": (
             "protos.pooling.use_checkpoint_pooling(model, base_model_dir)")}).encode() if pooling else b""
 
     # -- the round's streaming aggregate ----------------------------------------------------
@@ -57,12 +58,14 @@ class Publisher:
             for u in rows:
                 sent = c.download_tensors(u["download_id"])
                 fold.fold(u["device_id"], c.stored_state(u, sent), float(max(u["num_examples"], 1)),
-                          "zo" if u["kind"] == "ZO" else "lora", progress_of(u.get("stats") or {}), sent)
+                          "zo" if u["kind"] == "ZO" else "lora", progress_of(u.get("stats") or {}), sent,
+                          loss_of(u.get("stats") or {}))
             self.fold = fold
         return fold
 
     def fold_accepted(self, rnd: R.Round, device_id: str, state: dict[str, torch.Tensor], weight: int,
-                      mode: str, progress: float | None, sent: dict[str, torch.Tensor]) -> None:
+                      mode: str, progress: float | None, sent: dict[str, torch.Tensor],
+                      loss: float | None = None) -> None:
         """Fold an accepted upload (already durable on disk; `sent`: what its device downloaded) into the
         round's streaming aggregate."""
         if self.c.defence.active:  # robust statistics need every update at once: batch at close
@@ -72,7 +75,7 @@ class Publisher:
             if fold is None or fold.round_id != rnd.round_id:
                 fold = self.round_fold(rnd)  # first upload of the round, or after a restart
             if device_id not in fold.devices:
-                fold.fold(device_id, state, float(max(weight, 1)), mode, progress, sent=sent)
+                fold.fold(device_id, state, float(max(weight, 1)), mode, progress, sent=sent, loss=loss)
         except (ValueError, RuntimeError) as e:  # the close re-reads the round from disk
             log.warning("round %d: streaming fold of %s failed (%s); will rebuild from disk", rnd.round_id,
                         device_id, e)
@@ -171,6 +174,15 @@ def progress_of(stats: dict[str, Any]) -> float | None:
         v = reported(stats, "loss_progress")
         return None if v is None else float(v)
     except (ValueError, TypeError):
+        return None
+
+
+def loss_of(stats: dict[str, Any]) -> float | None:
+    """The mean training loss a device reported with its upload (TrainStats.train_loss), if any."""
+    try:
+        v = stats.get("train_loss")
+        return None if v is None else float(v)
+    except (ValueError, TypeError, AttributeError):
         return None
 
 

@@ -5,7 +5,10 @@ Label skew makes a federated model drift to the local majorities; the remedies h
 survey's standard ones, each a user option:
 - weights: a device's weight is examples ** `weight_temper` (1: by examples, 0.5: square root,
   0: uniform), at most `weight_cap` examples (0: no cap), so one large one-sided shard cannot
-  dominate; zeroth-order devices are weighted by what they learned: x min(1, their relative
+  dominate; x (the device's mean training loss / ln K, at most 1) ** `loss_weight` (q-FFL, Li et al.
+  2020: under logit adjustment a one-sided shard's loss is near 0 — it has nothing to teach the
+  class boundary — while Adam still moves its parameters by full steps, so it barely counts);
+  zeroth-order devices are weighted by what they learned: x min(1, their relative
   loss decrease / the LoRA devices' mean) (`zo_progress`), so a ZO device that barely moved does
   not drag the average back to the round's start;
 - the recipe (protos.adapter.TrainingRecipe): FedProx `prox_mu`, local logit adjustment
@@ -16,9 +19,9 @@ survey's standard ones, each a user option:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from protos.adapter import TrainingRecipe
+from protos.adapter import TrainingRecipe, loss_factor
 
 from .server_opt import ServerOptConfig
 
@@ -33,6 +36,8 @@ class RoundPolicy:
     logit_adjust: float = 1.0
     lr_decay: float = 0.7  # non-IID FedAvg needs a decaying learning rate (Li et al. 2020); measured below
     freeze_head: bool = False
+    loss_weight: float = 1.0  # q: weight x min(1, device loss / ln K) ** q (0: off)
+    num_labels: int = 2  # K of a classification task (chance-level loss ln K); 0: not classification (no loss weight)
 
     def __post_init__(self) -> None:
         if not 0 <= self.weight_temper <= 1:
@@ -42,12 +47,16 @@ class RoundPolicy:
             raise ValueError(f"--weight-cap {self.weight_cap!r}: expected examples >= 0 (0: no cap)")
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"--lr-decay {self.lr_decay!r}: expected a factor in (0, 1] per round")
+        if not (math.isfinite(self.loss_weight) and self.loss_weight >= 0):
+            raise ValueError(f"--loss-weight {self.loss_weight!r}: expected an exponent >= 0 (0: off, 1: by loss)")
+        if self.num_labels == 1 or self.num_labels < 0:
+            raise ValueError(f"num_labels {self.num_labels!r}: expected >= 2 classes, or 0 (not classification)")
         self.recipe(1)  # validates prox_mu / logit_adjust
 
     @classmethod
     def plain(cls) -> RoundPolicy:
         """Weights = examples, no recipe, no server optimizer (the methods' textbook aggregation)."""
-        return cls(weight_temper=1.0, zo_progress=False, logit_adjust=0.0)
+        return cls(weight_temper=1.0, zo_progress=False, logit_adjust=0.0, loss_weight=0.0)
 
     def recipe(self, round_id: int, lr_factor: float = 1.0) -> TrainingRecipe:
         """What every device is told to do in `round_id` (1-based); `lr_factor`: the method's
@@ -55,12 +64,20 @@ class RoundPolicy:
         return TrainingRecipe(prox_mu=self.prox_mu, logit_adjust=self.logit_adjust,
                               lr_scale=lr_factor * self.lr_decay ** max(0, round_id - 1), freeze_head=self.freeze_head)
 
-    def weight(self, num_examples: float) -> float:
-        """A device's aggregation weight from the examples it reports (>= 1)."""
+    def weight(self, num_examples: float, loss: float | None = None) -> float:
+        """A device's aggregation weight from the examples and the mean training loss it reports."""
         n = max(1.0, float(num_examples))
         if self.weight_cap:
             n = min(n, self.weight_cap)
-        return n ** self.weight_temper
+        return n ** self.weight_temper * self.loss_factor(loss)
+
+    def loss_factor(self, loss: float | None) -> float:
+        """min(1, loss / ln K) ** loss_weight, at least 1e-3 (1: off, or no finite loss reported)."""
+        return loss_factor(loss, self.loss_weight, self.num_labels)
+
+    def for_task(self, task: str, num_labels: int) -> RoundPolicy:
+        """This policy for a federation's task (the loss weight needs a classifier's K)."""
+        return replace(self, num_labels=int(num_labels) if task == "classification" else 0)
 
     @staticmethod
     def zo_factor(progress: float, reference: float | None) -> float:

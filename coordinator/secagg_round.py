@@ -110,7 +110,8 @@ class ZOScalars:
 
 
 def round_payload(g: GlobalState, method: Method, ranks: Iterable[int], weight_cap: int,
-                  zo: ZOScalars | None = None, weight_temper: float = 1.0) -> RoundPayload:
+                  zo: ZOScalars | None = None, weight_temper: float = 1.0, loss_weight: float = 0.0,
+                  num_labels: int = 0) -> RoundPayload:
     """The public payload description of a round: the global adapter's keys at the global rank, or
     (an all-ZO method, one rank, a pool smaller than the adapter) the seed-scalar mode."""
     ranks = [int(r) for r in ranks]
@@ -121,7 +122,8 @@ def round_payload(g: GlobalState, method: Method, ranks: Iterable[int], weight_c
     layout = tuple((k, tuple(int(d) for d in state[k].shape)) for k in keys)
     scales = {cfg.scale(r) for r in ranks}
     rp = RoundPayload(layout=layout, weight_cap=float(weight_cap), fold_scale=not only_a and len(scales) > 1,
-                      ignore_extra=only_a, changes=not method.factor_space, weight_temper=weight_temper)
+                      ignore_extra=only_a, changes=not method.factor_space, weight_temper=weight_temper,
+                      loss_weight=loss_weight, num_labels=num_labels)
     if zo is not None and method.all_zo and len(set(ranks)) == 1 and zo.pool_size + 1 < rp.vector_len:
         rp = replace(rp, zo_pool_seed=zo.pool_seed, zo_pool_size=zo.pool_size, zo_lr_ref=zo.lr_ref,
                      zo_value_scale=zo.value_scale, changes=False)

@@ -56,7 +56,9 @@ class SecAggRounds:
         ranks = [c.fed.devices[d].assigned_rank for d in rnd.selected]
         zo = ZOScalars(c.cfg.seed + rnd.round_id, c.cfg.secagg_zo_pool, c.cfg.zo_lr or ZO_LR_REF) \
             if c.cfg.secagg_zo_pool > 0 else None
-        payload = round_payload(c.global_state, c.method, ranks, self.weight_cap(rnd), zo, c.policy.weight_temper)
+        p = c.policy
+        payload = round_payload(c.global_state, c.method, ranks, self.weight_cap(rnd), zo, p.weight_temper,
+                                p.loss_weight, p.num_labels)
         sa = SecAggRound.open(rnd.round_id, rnd.selected, payload, c.cfg.secagg_settings(), rnd.deadline)
         log.info("round %d: secure aggregation over %d devices, threshold %d, %d values per device",
                  rnd.round_id, len(rnd.selected), sa.server.params.threshold, payload.vector_len)

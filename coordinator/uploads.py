@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from protos import wire
 
 from . import rounds as R
-from .publish import progress_of
+from .publish import loss_of, progress_of
 from .engine import RoundEngine
 from .errors import UploadRejected, UploadTooLarge
 from .secagg_round import SecAggRejected
@@ -182,4 +182,4 @@ class Uploads:
         c.replanner.note_plan(device_id, stats)
         c.accept_upload(rnd, device_id, size)
         mode = c.method.device_mode(c.fed.devices[device_id].mode)
-        c.publisher.fold_accepted(rnd, device_id, state, weight, mode, progress_of(stats), sent)
+        c.publisher.fold_accepted(rnd, device_id, state, weight, mode, progress_of(stats), sent, loss_of(stats))

@@ -246,9 +246,10 @@ def _secagg_send(client: FederationClient, t: pb.Task, up: dict[str, torch.Tenso
     try:
         session = SecAggSession(client, t)
         if session.payload.zo_scalars and t.mode == "zo":
-            vec = session.zo_vector(result.zo_pairs or [], float(result.zo_lr or t.lr), n_examples)
+            vec = session.zo_vector(result.zo_pairs or [], float(result.zo_lr or t.lr), n_examples,
+                                    float(result.mean_loss))
         else:
-            vec = session.vector(up, n_examples, start)
+            vec = session.vector(up, n_examples, start, float(result.mean_loss))
         report = session.run(vec)
     except SecAggError as e:  # too few devices left, or a check on the coordinator's messages failed
         log.warning("round %d: secure aggregation stopped: %s", t.round_id, e)

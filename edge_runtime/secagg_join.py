@@ -53,9 +53,10 @@ class SecAggSession:
         self.weight = 0.0
 
     def vector(self, state: Mapping[str, torch.Tensor], num_examples: int,
-               start: Mapping[str, torch.Tensor] | None = None) -> np.ndarray:
+               start: Mapping[str, torch.Tensor] | None = None, loss: float | None = None) -> np.ndarray:
         """(vector_len,) float64 payload of the trained adapter at this device's rank and scale: its
-        change from `start` (what it downloaded) when the round's payload asks for changes."""
+        change from `start` (what it downloaded) when the round's payload asks for changes; `loss`: the
+        mean training loss that the round's loss weight reads."""
         from protos.secagg_payload import device_change
 
         if self.payload.changes:
@@ -64,15 +65,16 @@ class SecAggSession:
             state = device_change(state, start)
         t = self.task
         vec, self.weight = device_payload(state, self.payload, num_examples,
-                                          lora_scale(t.lora_alpha, int(t.assigned_rank), bool(t.use_rslora)))
+                                          lora_scale(t.lora_alpha, int(t.assigned_rank), bool(t.use_rslora)), loss)
         if num_examples > self.payload.weight_cap:
             log.warning("round %d: %d examples counted as the coordinator's cap %d", t.round_id, num_examples,
                         int(self.payload.weight_cap))
         return vec
 
-    def zo_vector(self, pairs: Sequence[tuple[int, float]], lr: float, num_examples: int) -> np.ndarray:
+    def zo_vector(self, pairs: Sequence[tuple[int, float]], lr: float, num_examples: int,
+                  loss: float | None = None) -> np.ndarray:
         """(pool size + 1,) float64 payload of a ZO device in seed-scalar mode (`RoundPayload.zo_scalars`)."""
-        vec, self.weight = device_zo_payload(pairs, lr, self.payload, num_examples)
+        vec, self.weight = device_zo_payload(pairs, lr, self.payload, num_examples, loss)
         return vec
 
     def _send(self, phase: int, data: bytes) -> pb.SecAggReply:

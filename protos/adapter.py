@@ -30,6 +30,7 @@ same way.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -199,6 +200,15 @@ class TrainingRecipe:
             return cls(**floats, freeze_head=bool(d.get("freeze_head", False)))
         except (ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"download metadata {RECIPE_META!r} is not a valid training recipe: {raw!r} ({e})") from e
+
+
+def loss_factor(loss: float | None, q: float, num_labels: int) -> float:
+    """A device's aggregation-weight factor from its mean training loss (q-FFL, Li et al. 2020):
+    min(1, loss / ln K) ** q, at least 1e-3; 1 when off (q = 0, K < 2: not classification) or no
+    finite loss was reported. One home for the coordinator's policy and secure-aggregation devices."""
+    if not q or num_labels < 2 or loss is None or not math.isfinite(float(loss)):
+        return 1.0
+    return max(1e-3, min(1.0, max(0.0, float(loss)) / math.log(num_labels)) ** q)
 
 
 def loss_progress(losses: list[float]) -> float:

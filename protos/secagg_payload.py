@@ -147,6 +147,8 @@ class RoundPayload(Wire):
     zo_value_scale: float = 1.0
     changes: bool = False
     weight_temper: float = 1.0  # weight = (min(n, cap) / cap) ** temper, as the coordinator's round policy
+    loss_weight: float = 0.0  # ... x protos.adapter.loss_factor(the device's mean training loss, q, K)
+    num_labels: int = 0
 
     def __post_init__(self) -> None:
         if not self.layout:
@@ -176,33 +178,37 @@ def device_change(state: Mapping[str, torch.Tensor], start: Mapping[str, torch.T
     return {k: (v - start[k]) if k in start and start[k].shape == v.shape else v for k, v in state.items()}
 
 
-def device_weight(rp: RoundPayload, num_examples: int) -> float:
-    """(min(num_examples, cap) / cap) ** temper: in (0, 1], so weighted values stay inside the clip range."""
+def device_weight(rp: RoundPayload, num_examples: int, loss: float | None = None) -> float:
+    """(min(num_examples, cap) / cap) ** temper x loss_factor(loss): in (0, 1], so weighted values stay
+    inside the clip range."""
+    from .adapter import loss_factor
+
     if num_examples < 1:
         raise ValueError(f"num_examples must be >= 1, got {num_examples}")
-    return (min(float(num_examples), rp.weight_cap) / rp.weight_cap) ** rp.weight_temper
+    n = (min(float(num_examples), rp.weight_cap) / rp.weight_cap) ** rp.weight_temper
+    return n * loss_factor(loss, rp.loss_weight, rp.num_labels)
 
 
 def device_payload(state: Mapping[str, torch.Tensor], rp: RoundPayload, num_examples: int,
-                   scale: float) -> tuple[np.ndarray, float]:
+                   scale: float, loss: float | None = None) -> tuple[np.ndarray, float]:
     """A device's (vector_len,) float64 input for the round, and the weight it used.
 
-    state: the device's trained adapter (peft keys, its own rank); scale: its LoRA scale s_k.
-    The weight min(num_examples, cap) / cap keeps weighted values inside the clip range.
+    state: the device's trained adapter (peft keys, its own rank); scale: its LoRA scale s_k; loss: its
+    mean training loss. The weight (`device_weight`) keeps weighted values inside the clip range.
     """
-    weight = device_weight(rp, num_examples)
+    weight = device_weight(rp, num_examples, loss)
     vec = pack_state(state, rp.payload_layout, weight=weight, b_scale=scale if rp.fold_scale else 1.0,
                      ignore_extra=rp.ignore_extra)
     return vec, weight
 
 
 def device_zo_payload(pairs: Sequence[tuple[int, float]], lr: float, rp: RoundPayload,
-                      num_examples: int) -> tuple[np.ndarray, float]:
+                      num_examples: int, loss: float | None = None) -> tuple[np.ndarray, float]:
     """A ZO device's (pool size + 1,) float64 input in seed-scalar mode, and its weight:
     w * sum of g * (lr / zo_lr_ref) / zo_value_scale at each pool seed's position, then w."""
     if not rp.zo_scalars:
         raise ValueError("this round's secure-aggregation payload is not in seed-scalar mode")
-    weight = device_weight(rp, num_examples)
+    weight = device_weight(rp, num_examples, loss)
     unit = float(lr) / rp.zo_lr_ref / rp.zo_value_scale
     return zo_pack([(s, g * unit) for s, g in pairs], seed_pool(rp.zo_pool_seed, rp.zo_pool_size),
                    weight=weight), weight

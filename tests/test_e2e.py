@@ -14,6 +14,7 @@ import torch
 
 from coordinator.server import create_server
 from coordinator.service import Coordinator, CoordinatorConfig
+from protos.pooling import NORMALIZED_SCALE
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = ["fedavg", "zero_pad", "stack", "svd", "fedsa", "zo"]
@@ -129,4 +130,5 @@ def test_heterogeneous_fleet_two_rounds(fleet, federations, strategy):
         assert losses[-1] < losses[0], f"{strategy}: held-out loss did not improve: {losses}"
     peft_dir = Path(c.cfg.store) / "rounds" / "0002" / "peft"
     assert (peft_dir / "adapter_config.json").exists() and (peft_dir / "adapter_model.safetensors").exists()
-    assert json.loads((peft_dir / "pooling.json").read_text())["mode"] == "mean"
+    pooling = json.loads((peft_dir / "pooling.json").read_text())
+    assert pooling["mode"] == "mean" and pooling["scale"] == NORMALIZED_SCALE

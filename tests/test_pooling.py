@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from protos.pooling import SentencePooler, checkpoint_pooling, use_checkpoint_pooling
+from protos.pooling import NORMALIZED_SCALE, SentencePooler, checkpoint_pooling, use_checkpoint_pooling
 from tests.models import minilm_dir
 
 
@@ -45,6 +45,8 @@ def test_checkpoint_pooling_reads_the_pipeline_and_keeps_the_pooler_otherwise(tm
     assert "cannot read" in caplog.text
     with pytest.raises(ValueError, match="pooling mode 'max'"):
         SentencePooler("max", True)
+    with pytest.raises(ValueError, match="pooling scale 0"):
+        SentencePooler("mean", True, scale=0)
 
 
 def _both_sides():
@@ -65,10 +67,10 @@ def test_both_sides_classify_the_checkpoints_normalized_mean_and_padding_does_no
     with torch.no_grad():
         hidden = dev.bert(**batch).last_hidden_state  # (2, T, 384)
         m = batch["attention_mask"].unsqueeze(-1).float()
-        want = F.normalize((hidden * m).sum(1) / m.sum(1), dim=-1)
+        want = F.normalize((hidden * m).sum(1) / m.sum(1), dim=-1) * NORMALIZED_SCALE
         got = dev.bert(**batch).pooler_output
-        assert torch.allclose(got, want, atol=1e-6)
-        assert torch.allclose(got.norm(dim=-1), torch.ones(2), atol=1e-5)
+        assert torch.allclose(got, want, atol=1e-5)
+        assert torch.allclose(got.norm(dim=-1), torch.full((2,), NORMALIZED_SCALE), atol=1e-4)
         both = dev(**batch).logits
         alone = dev(**tok(texts[1:], return_tensors="pt")).logits
         assert torch.allclose(both[1], alone[0], atol=1e-5)  # the padded row equals the unpadded one

@@ -121,6 +121,31 @@ def test_zo_device_weighted_by_its_progress():
     assert mp["zo_weight_factor"] == pytest.approx(0.01)
 
 
+def test_device_weighted_by_its_training_loss():
+    """q-FFL-style loss weight: under logit adjustment a one-sided shard's loss is near 0, so its update
+    barely counts; the factor is min(1, loss / ln K) ** q, off for non-classification tasks (K = 0)."""
+    import math
+    p = RoundPolicy(weight_temper=0.5, loss_weight=1.0, num_labels=2)
+    assert p.weight(100, math.log(2)) == pytest.approx(10.0) and p.weight(100, 5.0) == pytest.approx(10.0)
+    assert p.weight(100, 0.25 * math.log(2)) == pytest.approx(2.5) and p.weight(100, 0.0) == pytest.approx(0.01)
+    assert p.weight(100, None) == p.weight(100, float("nan")) == pytest.approx(10.0)  # nothing reported: examples
+    assert RoundPolicy(loss_weight=2.0, num_labels=4).loss_factor(math.log(4) / 2) == pytest.approx(0.25)
+    assert p.for_task("causal_lm", 2).weight(100, 0.0) == pytest.approx(10.0)
+    assert p.for_task("classification", 4).num_labels == 4 and RoundPolicy.plain().loss_weight == 0
+    for bad in (dict(loss_weight=-1), dict(loss_weight=float("inf")), dict(num_labels=1)):
+        with pytest.raises(ValueError):
+            RoundPolicy(**bad)
+    method = make_method(MethodConfig("fedavg", max_rank=R))
+    g = method.initial({"m" + A_SUFFIX: torch.randn(R, IN), "m" + B_SUFFIX: torch.zeros(OUT, R)})
+    ups = {"taught": torch.ones(OUT, R), "one_sided": torch.full((OUT, R), -1.0)}
+    e = RoundEngine(method, g, 1)  # the defaults weigh by loss
+    for dev, b in ups.items():
+        e.fold(dev, {"m" + A_SUFFIX: g.modules["m"].A.clone(), "m" + B_SUFFIX: b}, 100, "lora",
+               loss=0.69 if dev == "taught" else 0.0069)
+    B = e.close()[0].modules["m"].B
+    assert torch.allclose(B, torch.full((OUT, R), (1 - 0.01) / 1.01), atol=1e-3)  # the one-sided device: 1 %
+
+
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
     from edge_runtime.training.tiny import make_tiny_bert

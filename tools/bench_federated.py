@@ -188,7 +188,7 @@ def round_policy(args) -> RoundPolicy:
                                                   args.server_beta2, args.server_tau),
                        weight_temper=args.weight_temper, weight_cap=args.weight_cap, zo_progress=args.zo_progress,
                        prox_mu=args.prox_mu, logit_adjust=args.logit_adjust, lr_decay=args.lr_decay,
-                       freeze_head=bool(args.freeze_head))
+                       freeze_head=bool(args.freeze_head), loss_weight=args.loss_weight, num_labels=args.num_labels)
 
 
 def run_centralized(model: str, train: list[dict], evaluator: Evaluator, steps: int, args,
@@ -299,6 +299,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="local logit adjustment tau (0: off)")
     ap.add_argument("--lr-decay", type=float, default=RoundPolicy().lr_decay,
                     help="round r trains at lr * decay ** (r - 1)")
+    ap.add_argument("--loss-weight", type=float, default=RoundPolicy().loss_weight,
+                    help="device weight x min(1, mean training loss / ln K) ** this (0: off)")
     ap.add_argument("--freeze-head", type=int, default=int(RoundPolicy().freeze_head),
                     help="1: devices train only LoRA, the classifier head stays at its shared init (FedBABU)")
     ap.add_argument("--tag", default="", help="suffix of the output files (bench_federated<tag>.json/png)")
@@ -318,7 +320,7 @@ def run_seed(args, seed: int, model: str) -> tuple[dict[str, dict[str, Any]], li
     args.seed = seed
     torch.manual_seed(seed)
     train, dev = load_data(args)
-    num_labels = args.num_labels or num_labels_of(train, dev)
+    num_labels = args.num_labels = args.num_labels or num_labels_of(train, dev)  # the round policy's K too
     devices = fleet_plans(model, args.local_steps, args.zo_devices, args.max_batch)
     lora_devs = [d for d in devices if d["plan"].mode == "lora"]
     shards = partition(train, len(devices), scheme="dirichlet", alpha=args.dirichlet, seed=seed)
@@ -472,7 +474,8 @@ def write_md(path: Path, summary: dict[str, Any], checks: dict[str, Any], args, 
     lines += ["", f"Seeds {args.seeds}; {args.eval_examples} dev rows; Dirichlet {args.dirichlet}; {args.rounds} rounds x "
               f"{args.local_steps} local steps (ZO: {args.zo_steps}); lr {args.lr} (centralized {args.central_lr}); "
               f"round policy: logit adjustment {args.logit_adjust}, weights examples^{args.weight_temper}, "
-              f"lr decay {args.lr_decay} per round, server optimizer {args.server_opt}, ZO weighted by progress: "
+              f"loss weight {args.loss_weight}, lr decay {args.lr_decay} per round, server optimizer {args.server_opt}, "
+              f"ZO weighted by progress: "
               f"{bool(args.zo_progress)}.", ""]
     if "best" in checks:
         lines.append(f"- best heterogeneous-rank method: **{checks['best']}** {100 * checks['best_final']:.1f} % vs "

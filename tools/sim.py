@@ -103,7 +103,8 @@ def run_round(engine: RoundEngine, devices: Sequence[SimDevice], trainer_for: Ca
             data = wire.encode_tensors(up, {"rank": d.rank}, d.upload_precision)
             traffic.bytes_up += len(data)
             final, _ = wire.decode_tensors(data)
-        engine.accept(d.name, final, float(len(d.records)), sent, d.mode, progress=loss_progress(res.losses))
+        engine.accept(d.name, final, float(len(d.records)), sent, d.mode, progress=loss_progress(res.losses),
+                      loss=float(res.mean_loss))
         d.server_kept = engine.kept_from(final, d.mode)
     return traffic
 
