@@ -60,9 +60,10 @@ class RoundPolicy:
 
     def recipe(self, round_id: int, lr_factor: float = 1.0) -> TrainingRecipe:
         """What every device is told to do in `round_id` (1-based); `lr_factor`: the method's
-        learning-rate multiplier (`Method.lr_factor`)."""
-        return TrainingRecipe(prox_mu=self.prox_mu, logit_adjust=self.logit_adjust,
-                              lr_scale=lr_factor * self.lr_decay ** max(0, round_id - 1), freeze_head=self.freeze_head)
+        learning-rate multiplier (`Method.lr_factor`) for its PEFT tensors; the head stays at the schedule."""
+        schedule = self.lr_decay ** max(0, round_id - 1)
+        return TrainingRecipe(prox_mu=self.prox_mu, logit_adjust=self.logit_adjust, lr_scale=lr_factor * schedule,
+                              freeze_head=self.freeze_head, head_lr_scale=schedule if lr_factor != 1.0 else 0.0)
 
     def weight(self, num_examples: float, loss: float | None = None) -> float:
         """A device's aggregation weight from the examples and the mean training loss it reports."""

@@ -164,7 +164,10 @@ class TrainingRecipe:
     logit_adjust: tau of local logit adjustment (FedLC-style): classification logits + tau * log(prior)
         of the device's own labels during training only, so a one-sided shard does not drag the shared
         head to its majority class (0: off).
-    lr_scale: the round's learning-rate factor (the coordinator's round-wise schedule).
+    lr_scale: the round's learning-rate factor (the coordinator's round-wise schedule x the method's
+        lr factor).
+    head_lr_scale: the task head's factor (0: lr_scale); a method's lr factor moves its PEFT tensors,
+        the head that every PEFT type shares trains at the round's schedule.
     freeze_head: train only the LoRA factors; the task head (a classifier's `modules_to_save`) stays
         at what was downloaded (FedBABU-style: every device fits its features to the same head).
     """
@@ -173,6 +176,7 @@ class TrainingRecipe:
     logit_adjust: float = 0.0
     lr_scale: float = 1.0
     freeze_head: bool = False
+    head_lr_scale: float = 0.0
 
     def __post_init__(self) -> None:
         import math
@@ -183,10 +187,18 @@ class TrainingRecipe:
                 raise ValueError(f"training recipe {name}={v!r}: expected a finite number >= 0 (0 = off)")
         if not (math.isfinite(self.lr_scale) and self.lr_scale > 0):
             raise ValueError(f"training recipe lr_scale={self.lr_scale!r}: expected a positive number")
+        if not (math.isfinite(self.head_lr_scale) and self.head_lr_scale >= 0):
+            raise ValueError(f"training recipe head_lr_scale={self.head_lr_scale!r}: expected a number >= 0 "
+                             "(0: as lr_scale)")
+
+    @property
+    def head_ratio(self) -> float:
+        """The head's learning rate / the other tensors'."""
+        return self.head_lr_scale / self.lr_scale if self.head_lr_scale else 1.0
 
     def to_meta(self) -> str:
         return json.dumps({"prox_mu": self.prox_mu, "logit_adjust": self.logit_adjust, "lr_scale": self.lr_scale,
-                           "freeze_head": self.freeze_head})
+                           "freeze_head": self.freeze_head, "head_lr_scale": self.head_lr_scale})
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, str]) -> TrainingRecipe:
@@ -196,7 +208,7 @@ class TrainingRecipe:
             return cls()
         try:
             d = json.loads(raw)
-            floats = {k: float(d[k]) for k in ("prox_mu", "logit_adjust", "lr_scale") if k in d}
+            floats = {k: float(d[k]) for k in ("prox_mu", "logit_adjust", "lr_scale", "head_lr_scale") if k in d}
             return cls(**floats, freeze_head=bool(d.get("freeze_head", False)))
         except (ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"download metadata {RECIPE_META!r} is not a valid training recipe: {raw!r} ({e})") from e

@@ -102,7 +102,9 @@ def test_method_lr_factor_reaches_the_recipe():
         g = method.initial({"m" + A_SUFFIX: torch.randn(R, IN), "m" + B_SUFFIX: torch.zeros(OUT, R)})
         e = RoundEngine(method, g, 3, policy=RoundPolicy(lr_decay=0.5))
         _, meta = decode_tensors(e.blob(e.download(R, "lora", 0), R, "lora"))
-        assert TrainingRecipe.from_meta(meta).lr_scale == pytest.approx(factor * 0.25)
+        recipe = TrainingRecipe.from_meta(meta)
+        assert recipe.lr_scale == pytest.approx(factor * 0.25)
+        assert recipe.lr_scale * recipe.head_ratio == pytest.approx(0.25)  # the head: the schedule only
 
 
 def test_zo_device_weighted_by_its_progress():
@@ -190,3 +192,11 @@ def test_trainer_obeys_frozen_and_recipe(bert):
     t.load_adapter_state(start)
     t.train(recs, 2, seed=0, progress=False)
     assert sum(float((t.adapter_state()[k] - start[k]).norm()) for k in start) < 1e-3 * plain
+    t.recipe = TrainingRecipe(lr_scale=1.0, head_lr_scale=1e-6)  # a method's factor: not the head's
+    t.load_adapter_state(start)
+    t.train(recs, 2, seed=0, progress=False)
+    s = t.adapter_state()
+    head = sum(float((s[k] - start[k]).norm()) for k in start if k not in lora)
+    assert head < 1e-3 * plain and any(not torch.equal(s[k], start[k]) for k in lora)
+    with pytest.raises(ValueError, match="head_lr_scale"):
+        TrainingRecipe(head_lr_scale=-1.0)

@@ -106,7 +106,7 @@ class Method:
     secagg_refusal: ClassVar[str | None] = None  # why secure aggregation cannot run it (None: it can)
     prunes_rank: ClassVar[bool] = False  # devices may upload below their served rank (rank self-pruning)
     serves_base: ClassVar[bool] = True  # `serve` sends GlobalState.base and `deltas` includes it (FeDeRA's residual)
-    lr_factor: ClassVar[float] = 1.0  # x the round's learning rate (the recipe's lr_scale) for this method's devices
+    lr_factor: ClassVar[float] = 1.0  # x the round's learning rate for this method's PEFT tensors (recipe lr_scale; the head: 1x)
     peft: ClassVar[str] = "lora"  # the PEFT type devices train (protos.peft_names.PEFT_TYPES; the contract carries it)
     virtual_tokens: ClassVar[int] = 0  # prompt tuning's prompt length (peft "prompt")
     bottleneck: ClassVar[int] = 0  # the bottleneck adapters' width (peft "adapter")

@@ -362,11 +362,21 @@ class LocalTrainer:
             return False
         return not self.recipe.freeze_head or not peft_types.is_head_key(key)
 
+    def _optimizer(self, lr: float) -> torch.optim.Optimizer:
+        """The plan's optimizer over the tensors that train this round; the task head at the recipe's
+        head rate (a method's lr factor moves its PEFT tensors, not the head every type shares)."""
+        head_lr = lr * self.recipe.head_ratio
+        trains = [(k, p) for k, p in self._params.items() if self._trains(k)]
+        groups = [{"params": ps, "lr": r} for ps, r in
+                  (([p for k, p in trains if not peft_types.is_head_key(k)], lr),
+                   ([p for k, p in trains if peft_types.is_head_key(k)], head_lr)) if ps]
+        if self.plan.optimizer == "adamw":
+            return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+        return torch.optim.SGD(groups, lr=lr)
+
     def _train_lora(self, batches, steps: int, lr: float, guard: MemoryGuard, reporter: "_Reporter",
                     snap: _Snapshot, losses_: list[float]) -> int:
-        params = [p for k, p in self._params.items() if self._trains(k)]
-        opt = (torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if self.plan.optimizer == "adamw"
-               else torch.optim.SGD(params, lr=lr))
+        opt = self._optimizer(lr)
         self.model.train()
         seen = 0
         for step in range(steps):
