@@ -163,7 +163,8 @@ def _device_uploads(strat):
         progress = res.metrics.get("loss_progress")
         devices.append({"cid": cid, "mode": mode, "state": state, "start": start,
                         "examples": float(max(int(res.num_examples), 1)),
-                        "progress": None if progress is None else float(progress)})
+                        "progress": None if progress is None else float(progress),
+                        "loss": res.metrics.get("train_loss")})
     return devices
 
 
@@ -175,10 +176,12 @@ def _zo_factor(progress: float, lora_progress: list[float]) -> float:
 
 
 def _weights(devices, policy) -> dict[str, float]:
-    """Client -> aggregation weight: its examples through the policy (examples ** temper, capped), a ZO
-    client's times `_zo_factor` when the policy weights ZO devices by their progress."""
+    """Client -> aggregation weight: its examples and reported training loss through the policy
+    (examples ** temper, capped, x the loss factor), a ZO client's times `_zo_factor` when the policy
+    weights ZO devices by their progress."""
     lora = [d["progress"] for d in devices if d["mode"] != "zo" and d["progress"] is not None]
-    return {d["cid"]: policy.weight(d["examples"]) * (
+    assert all(d["loss"] is not None for d in devices)  # every client reports its training loss
+    return {d["cid"]: policy.weight(d["examples"], d["loss"]) * (
         _zo_factor(d["progress"], lora) if policy.zo_progress and d["mode"] == "zo" and d["progress"] is not None
         else 1.0) for d in devices}
 
@@ -270,10 +273,11 @@ def test_zero_pad_federation_matches_coordinator_and_replays_zo_exactly(fleet):
     zo_cid = next(c for c, i in strat.clients.items() if i.mode == "zo")
     examples = {c: float(max(int(r.num_examples), 1)) for c, r in rec.results.items()}
     lora = [float(r.metrics["loss_progress"]) for c, r in rec.results.items() if c != zo_cid]
-    weight = strat.policy.weight  # the default policy: examples ** 0.5
-    assert all(w[c] == pytest.approx(weight(examples[c])) for c in w if c != zo_cid)  # LoRA devices
+    loss = {c: float(r.metrics["train_loss"]) for c, r in rec.results.items()}
+    weight = strat.policy.weight  # the default policy: examples ** 0.5 x min(1, loss / ln 2)
+    assert all(w[c] == pytest.approx(weight(examples[c], loss[c])) for c in w if c != zo_cid)  # LoRA devices
     factor = _zo_factor(float(rec.results[zo_cid].metrics["loss_progress"]), lora)
-    assert 0.01 <= factor < 1 and w[zo_cid] == pytest.approx(weight(examples[zo_cid]) * factor)  # it learned less
+    assert 0.01 <= factor < 1 and w[zo_cid] == pytest.approx(weight(examples[zo_cid], loss[zo_cid]) * factor)
     assert strat.global_state.total_weight < sum(weight(n) for n in examples.values())  # not plain weights
     for cid, sent in rec.sent.items():  # what each device got is our per-rank slice of the global
         want = {k: v for k, v in rec.before.extra.items()}
