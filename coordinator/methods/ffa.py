@@ -21,7 +21,8 @@ class FFALoRA(Method):
     summary = "FFA-LoRA: A frozen at its shared init, only B trained and averaged (exact for any ranks)"
     common_rank = False
     # Half the trainable tensors and A fixed at its small random init: B's gradient is scaled by A,
-    # so B moves slowly at LoRA's rate. Measured on SST-2 (docs/federated.md): 2x the round's rate.
+    # so B moves slowly at LoRA's rate. Measured on SST-2 (docs/federated.md): 2x the round's rate
+    # (for B; the head trains at the round's rate).
     lr_factor = 2.0
 
     def serve(self, g: GlobalState, rank: int, seed: int) -> Served:

@@ -5,7 +5,9 @@ them by examples, like FedAvg. Classification models only (`protos.peft_types`).
 
 Devices train at 6x the round's learning rate (`lr_factor`, as (IA)3): the prompts and the head over a
 checkpoint's unit-norm sentence vector (protos.pooling) barely move at the LoRA rate (SST-2 train/dev,
-seed 1, 5 rounds: 50.9 -> 51.3 % at 1x, 50.9 -> 71.3 % rising every round at 6x; docs/methods.md)."""
+seed 1, 5 rounds: 50.9 -> 51.3 % at 1x, 50.9 -> 71.3 % rising every round at 6x; docs/methods.md).
+Since 2026-12-02 the factor moves the prompts only; the head trains at the round's rate over the
+scaled sentence vector (`TrainingRecipe.head_lr_scale`, `protos.pooling.NORMALIZED_SCALE`)."""
 from __future__ import annotations
 
 from .peft_avg import TensorAverage
