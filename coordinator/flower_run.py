@@ -140,7 +140,7 @@ class RoundJournal:
             tensors.update({f"sent/{cid}/{k}": v.contiguous() for k, v in sent.tensors.items()})
             arrays = parameters_to_ndarrays(res.parameters)
             info = {"rank": sent.rank, "mode": sent.mode, "examples": int(res.num_examples),
-                    "progress": m.get("loss_progress"), "keys": m.get(P.KEYS)}
+                    "progress": m.get("loss_progress"), "train_loss": m.get("train_loss"), "keys": m.get(P.KEYS)}
             if sent.mode == "zo":
                 info["zo"] = [list(p) for p in P.arrays_to_zo(arrays, str(m[P.KEYS]))]
                 info["zo_lr"] = float(m[P.ZO_LR])

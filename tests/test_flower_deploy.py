@@ -115,7 +115,8 @@ def _refold(fleet, journal: Path) -> list[float]:  # noqa: F811
                 state = RoundEngine.replay_zo(sent, [(int(s), float(v)) for s, v in info["zo"]], info["zo_lr"])
             else:
                 state = {k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"upload/{cid}/")}
-            engine.accept(cid, state, float(max(info["examples"], 1)), sent, info["mode"], progress=info["progress"])
+            engine.accept(cid, state, float(max(info["examples"], 1)), sent, info["mode"], progress=info["progress"],
+                          loss=info["train_loss"])
         g, _ = engine.close()
         ours = export_state(g, method)
         flower = {k[len("global/"):]: v for k, v in tensors.items() if k.startswith("global/")}
