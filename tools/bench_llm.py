@@ -229,6 +229,7 @@ def run_federated(fleet: Fleet, strategy: str, devices: list[DeviceSpec], data: 
                   held: list[dict]) -> dict:
     """`cfg.rounds` rounds of `strategy` through the coordinator's RoundEngine (tools/sim.py)."""
     from coordinator.engine import RoundEngine
+    from coordinator.round_policy import RoundPolicy
     from coordinator.methods import MethodConfig, make_method
     from sim import SimDevice, run_round
     cfg = fleet.cfg
@@ -244,7 +245,7 @@ def run_federated(fleet: Fleet, strategy: str, devices: list[DeviceSpec], data: 
     t_run = time.perf_counter()
     for rnd in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
-        engine = RoundEngine(method, g, rnd)
+        engine = RoundEngine(method, g, rnd, policy=RoundPolicy().for_task("causal_lm", 0))  # no loss weight
         traffic = run_round(engine, sims, lambda sd: fleet.trainer(sd.plan), fleet.tracker, cfg.seed + rnd)
         g, _ = engine.close()
         train_wall = time.perf_counter() - t0
