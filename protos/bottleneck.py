@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .peft_names import bottleneck_target
+from .peft_types import restore_frozen
 
 CHILD = "bottleneck_adapter"  # the attribute each target module holds its adapter under
 
@@ -96,12 +97,7 @@ class Bottleneck(nn.Module):
         for _, module in list(self.base_model.named_modules()):
             if CHILD in module._modules:
                 delattr(module, CHILD)
-        params = dict(self.base_model.named_parameters())
-        with torch.no_grad():
-            for n, v in self._head.items():
-                params[n].copy_(v)
-                params[n].requires_grad_(False)
-        return self.base_model
+        return restore_frozen(self.base_model, self._head)
 
     def save_pretrained(self, out_dir) -> None:
         from pathlib import Path

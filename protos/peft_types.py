@@ -44,6 +44,16 @@ def state_key(param_name: str) -> str:
     return key[: -len(ADAPTER) - 1] if key.endswith("." + ADAPTER) else key
 
 
+def restore_frozen(base: nn.Module, originals: Mapping[str, torch.Tensor]) -> nn.Module:
+    """`base` with the named parameters put back to `originals` and frozen (a wrapper's unload)."""
+    params = dict(base.named_parameters())
+    with torch.no_grad():
+        for n, v in originals.items():
+            params[n].copy_(v)
+            params[n].requires_grad_(False)
+    return base
+
+
 class BitFit(nn.Module):
     """`base` with only its biases (and the task head) trainable; `unload()` puts the original
     values back and returns the base with everything frozen."""
@@ -71,12 +81,7 @@ class BitFit(nn.Module):
         return self.base_model
 
     def unload(self) -> nn.Module:
-        params = dict(self.base_model.named_parameters())
-        with torch.no_grad():
-            for n, v in self._orig.items():
-                params[n].copy_(v)
-                params[n].requires_grad_(False)
-        return self.base_model
+        return restore_frozen(self.base_model, self._orig)
 
     def save_pretrained(self, out_dir) -> None:
         from pathlib import Path
