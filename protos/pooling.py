@@ -99,7 +99,10 @@ def use_checkpoint_pooling(model: nn.Module, directory: str | Path) -> str | Non
     encoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
     if found is None or encoder is None or not isinstance(getattr(encoder, "pooler", None), nn.Module):
         return None
+    description = found[0] + (f"+normalize*{NORMALIZED_SCALE:g}" if found[1] else "")
+    if isinstance(encoder.pooler, SentencePooler):  # a second call: its pre-hook is already there
+        return description
     pooler = SentencePooler(*found, scale=NORMALIZED_SCALE if found[1] else 1.0)
     encoder.pooler = pooler
     encoder.register_forward_pre_hook(pooler.remember_mask, with_kwargs=True)
-    return found[0] + (f"+normalize*{NORMALIZED_SCALE:g}" if found[1] else "")
+    return description

@@ -94,3 +94,14 @@ def test_a_plain_checkpoint_keeps_its_pooler_and_prompt_tuning_reads_the_mean(tm
     assert out.shape == (2, 2) and torch.isfinite(out).all()
     pooler = coord.bert.pooler
     assert pooler.mask is not None and pooler.mask.shape[1] == batch["input_ids"].shape[1] + 4  # prompt + text
+
+
+def test_a_second_call_keeps_the_one_pooler_and_its_hook():
+    _, coord, tok = _both_sides()
+    pooler = coord.bert.pooler
+    hooks = len(coord.bert._forward_pre_hooks)
+    assert use_checkpoint_pooling(coord, minilm_dir()) == f"mean+normalize*{NORMALIZED_SCALE:g}"
+    assert coord.bert.pooler is pooler and len(coord.bert._forward_pre_hooks) == hooks
+    with torch.no_grad():
+        coord(**tok(["fine"], return_tensors="pt"))
+    assert pooler.mask is not None
