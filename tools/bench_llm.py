@@ -86,6 +86,7 @@ class Config:
     threads: int = 2
     seed: int = 0
     dirichlet: float = 0.0  # label skew of the devices' shards: Dirichlet alpha (0 = iid)
+    logit_adjust: float = 1.0  # tau of the devices' logit adjustment of the label words (0: off)
     nf4: bool = True
     zo: bool = True
 
@@ -141,13 +142,14 @@ class Fleet:
         self.plan = Plan(rank=max_rank, target_modules=["q_proj", "v_proj"], batch_size=cfg.batch_size,
                          seq_len=cfg.seq_len, learning_rate=cfg.lr, lora_alpha=2.0 * max_rank)
         self.zo_plan = replace(self.plan, mode="zo", optimizer="sgd", learning_rate=cfg.zo_lr)
+        task = {"kind": "causal_lm", "label_words": list(cfg.label_words)}  # logit adjustment of the words
         t0 = time.perf_counter()
-        self.fp32 = LocalTrainer(cfg.model, self.plan, "causal_lm", seed=cfg.seed, threads=cfg.threads)
+        self.fp32 = LocalTrainer(cfg.model, self.plan, task, seed=cfg.seed, threads=cfg.threads)
         self.load_seconds = {"fp32": time.perf_counter() - t0}
         self.nf4 = None
         if cfg.nf4:
             t0 = time.perf_counter()
-            self.nf4 = LocalTrainer(cfg.model, replace(self.plan, base_precision="nf4", rank=8), "causal_lm",
+            self.nf4 = LocalTrainer(cfg.model, replace(self.plan, base_precision="nf4", rank=8), task,
                                     seed=cfg.seed, threads=cfg.threads)
             self.load_seconds["nf4"] = time.perf_counter() - t0
         self._qv = self._target_weights()
@@ -245,7 +247,8 @@ def run_federated(fleet: Fleet, strategy: str, devices: list[DeviceSpec], data: 
     t_run = time.perf_counter()
     for rnd in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
-        engine = RoundEngine(method, g, rnd, policy=RoundPolicy().for_task("causal_lm", 0))  # no loss weight
+        policy = replace(RoundPolicy(), logit_adjust=cfg.logit_adjust).for_task("causal_lm", 0)  # no loss weight
+        engine = RoundEngine(method, g, rnd, policy=policy)
         traffic = run_round(engine, sims, lambda sd: fleet.trainer(sd.plan), fleet.tracker, cfg.seed + rnd)
         g, _ = engine.close()
         train_wall = time.perf_counter() - t0
@@ -285,7 +288,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--label-words", nargs="+", default=["negative", "positive"])
     for name, typ in (("train-rows", int), ("eval-rows", int), ("seq-len", int), ("batch-size", int),
                       ("local-steps", int), ("rounds", int), ("lr", float), ("zo-lr", float), ("threads", int),
-                      ("seed", int), ("dirichlet", float)):
+                      ("seed", int), ("dirichlet", float), ("logit-adjust", float)):
         ap.add_argument(f"--{name}", type=typ, default=getattr(Config, name.replace("-", "_")))
     ap.add_argument("--strategies", nargs="*", default=list(Config.strategies), choices=method_names())
     ap.add_argument("--no-nf4", action="store_true", help="all LoRA devices on the fp32 base")
@@ -309,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                  label_words=tuple(a.label_words), train_rows=a.train_rows, eval_rows=a.eval_rows, seq_len=a.seq_len,
                  batch_size=a.batch_size, local_steps=a.local_steps, rounds=a.rounds, lr=a.lr, zo_lr=a.zo_lr,
                  strategies=tuple(a.strategies), threads=a.threads, seed=a.seed, nf4=not a.no_nf4, zo=not a.no_zo,
-                 dirichlet=a.dirichlet)
+                 dirichlet=a.dirichlet, logit_adjust=a.logit_adjust)
     devices = [d for d in DEFAULT_DEVICES if (cfg.zo or d.mode != "zo")]
     if not cfg.nf4:
         devices = [replace(d, base_precision="fp32") for d in devices]

@@ -43,36 +43,68 @@ def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
     return out.last_hidden_state, head
 
 
-def _chunk_ce_sum(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(h).float(), y, reduction="sum")
+def _chunk_ce_sum(head: nn.Module, h: torch.Tensor, y: torch.Tensor, first: torch.Tensor | None = None,
+                  ids: torch.Tensor | None = None, vals: torch.Tensor | None = None) -> torch.Tensor:
+    z = head(h).float()                         # (n, V)
+    total = F.cross_entropy(z, y, reduction="sum")
+    if first is not None and bool(first.any()):
+        total = total + bias_adjustment(z[first], y[first], ids, vals)
+    return total
 
 
-def chunked_ce(head: nn.Module, h: torch.Tensor, y: torch.Tensor, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
-    """Mean cross-entropy of head(h) (N, V) vs targets y (N,), `chunk_tokens` rows at a time."""
+def bias_adjustment(z: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+    """sum over rows of (logit-adjusted loss - CE(z, y)) for target tokens among the label words `ids` (K,).
+
+    -log p(y) = -log P(label words) - log p(y | label words): the second term becomes the cross-entropy of
+    the words' logits + `vals` (K,), a K-way softmax as a classifier's logit adjustment; z (m, V), y (m,).
+    """
+    zc = z[:, ids]                                                     # (m, K)
+    hit = (y[:, None] == ids[None, :]).to(z.dtype)                     # (m, K) one-hot, or 0 if y is no word
+    adj = torch.logsumexp(zc + vals, -1) - torch.logsumexp(zc, -1) - (hit * vals).sum(-1)  # (m,)
+    return (adj * hit.sum(-1)).sum()
+
+
+def chunked_ce(head: nn.Module, h: torch.Tensor, y: torch.Tensor, chunk_tokens: int = CHUNK_TOKENS,
+               first: torch.Tensor | None = None, bias: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Mean cross-entropy of head(h) (N, V) vs targets y (N,), `chunk_tokens` rows at a time; rows where
+    `first` (N,) holds get `bias` (ids, values) on their logits."""
+    ids, vals = bias if bias is not None else (None, None)
     total = h.new_zeros((), dtype=torch.float32)
     for s in range(0, h.shape[0], chunk_tokens):
         hc, yc = h[s:s + chunk_tokens], y[s:s + chunk_tokens]
+        fc = None if first is None else first[s:s + chunk_tokens]
         if torch.is_grad_enabled() and h.requires_grad:
-            total = total + checkpoint(_chunk_ce_sum, head, hc, yc, use_reentrant=False)
+            total = total + checkpoint(_chunk_ce_sum, head, hc, yc, fc, ids, vals, use_reentrant=False)
         else:
-            total = total + _chunk_ce_sum(head, hc, yc)
+            total = total + _chunk_ce_sum(head, hc, yc, fc, ids, vals)
     return total / max(1, h.shape[0])
 
 
-def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
-    """Mean next-token cross-entropy over response tokens only (labels != -100)."""
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = CHUNK_TOKENS,
+                   first_bias: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over response tokens only (labels != -100).
+
+    first_bias: (token ids (K,), values (K,)) added to those tokens' logits at each example's first
+    response position (logit adjustment of label words; `edge_runtime.training.label_prior`).
+    """
     hs, head = hidden_states(model, batch)
-    return _masked_ce(hs, head, batch["labels"], chunk_tokens)
+    first = None
+    if first_bias is not None:
+        first = torch.zeros(batch["labels"].shape[0], batch["labels"].shape[1] - 1, dtype=torch.bool,
+                            device=hs.device)  # (B, T-1): the position that predicts the first response token
+        first[torch.arange(first.shape[0], device=hs.device), batch["prompt_len"].to(hs.device) - 1] = True
+    return _masked_ce(hs, head, batch["labels"], chunk_tokens, first, first_bias)
 
 
-def _masked_ce(hs: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+def _masked_ce(hs: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_tokens: int,
+               first: torch.Tensor | None = None, bias: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     target = labels[:, 1:]                      # (B, T-1)
     keep = target != IGNORE
     if not bool(keep.any()):
         raise ValueError("batch has no response tokens to learn from (all labels are -100); "
                          "increase seq_len or shorten prompts")
     h = hs[:, :-1][keep]                        # (N, H)
-    return chunked_ce(head, h, target[keep], chunk_tokens)
+    return chunked_ce(head, h, target[keep], chunk_tokens, None if first is None else first[keep], bias)
 
 
 def causal_eval(model: nn.Module, batch: dict[str, torch.Tensor], candidates: dict[int, int] | None,

@@ -43,16 +43,25 @@ class ModelLoadError(RuntimeError):
 
 @dataclass(frozen=True)
 class TrainTask:
-    """What is trained: 'classification' (new head with `num_labels`) or 'causal_lm'."""
+    """What is trained: 'classification' (new head with `num_labels`) or 'causal_lm'.
+
+    label_words: a causal LM's response word per class (label k -> label_words[k]) when its records are
+    labelled classification data cast as instructions; empty: `edge_runtime.data.DEFAULT_LABEL_WORDS`.
+    """
 
     kind: str = "classification"
     num_labels: int = 2
+    label_words: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in TASK_KINDS:
             raise ValueError(f"task kind {self.kind!r} unknown; use one of {TASK_KINDS}")
         if self.num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {self.num_labels}")
+        words = tuple(self.label_words)
+        if any(not isinstance(w, str) or not w.strip() for w in words) or len(set(words)) < len(words):
+            raise ValueError(f"label_words {list(words)!r}: expected distinct non-empty words, one per class")
+        object.__setattr__(self, "label_words", words)
 
 
 def resolve_task(task: Any) -> TrainTask:
@@ -64,7 +73,8 @@ def resolve_task(task: Any) -> TrainTask:
     if isinstance(task, str):
         return TrainTask(kind=_kind_alias(task))
     if isinstance(task, dict):
-        return TrainTask(kind=_kind_alias(task.get("kind", "classification")), num_labels=int(task.get("num_labels", 2)))
+        return TrainTask(kind=_kind_alias(task.get("kind", "classification")), num_labels=int(task.get("num_labels", 2)),
+                         label_words=tuple(task.get("label_words", ())))
     kind = getattr(task, "kind", None) or getattr(task, "task", None) or getattr(task, "name", None)
     if kind is None:
         raise ValueError(f"cannot read a task kind from {task!r}; pass 'classification' or 'causal_lm'")

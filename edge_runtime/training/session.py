@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from edge_runtime.data import classification_to_instructions, record_kind
+from edge_runtime.data import DEFAULT_LABEL_WORDS, classification_to_instructions, record_kind
 from edge_runtime.plan import Plan
-from edge_runtime.training import batching, losses
+from edge_runtime.training import batching, label_prior, losses
 from edge_runtime.training.guard import (LoadOutOfMemory, MemoryBudgetExceeded, MemoryGuard, load_limit_bytes,
                                          max_rss_bytes)
 from edge_runtime.training.model_loading import apply_lora, load_base, resolve_task
@@ -105,6 +105,7 @@ class LocalTrainer:
         self.frozen: tuple[str, ...] = ()  # key suffixes not to train this round (the download's contract)
         self.recipe = TrainingRecipe()  # this round's FedProx / logit adjustment / lr factor (the download says)
         self._log_prior: torch.Tensor | None = None  # (num_labels,) log label prior of the records being trained
+        self._word_prior: tuple[torch.Tensor, torch.Tensor] | None = None  # causal LM: label-word ids, log prior
         self._prox_ref: dict[str, torch.Tensor] | None = None  # trainable tensors as downloaded (FedProx)
         self.last_events: list[dict[str, Any]] = []  # no step-downs here (edge_runtime.stepdown.AdaptiveTrainer)
         self.model_src = str(model_src)
@@ -275,32 +276,36 @@ class LocalTrainer:
             records = classification_to_instructions(records)
         return batching.encode_instructions(self.tokenizer, records, L)
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _loss(self, batch: dict[str, torch.Tensor], first_bias: Any = None) -> torch.Tensor:
         if self.task.kind == "classification":
             return losses.classification_loss(self.model, batch)
-        return losses.causal_lm_loss(self.model, batch)
+        return losses.causal_lm_loss(self.model, batch, first_bias=first_bias)
 
     def _train_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The training objective: the task loss under the round's recipe (logit adjustment, FedProx)."""
+        tau = self.recipe.logit_adjust
         if self._log_prior is not None:
             logits = losses.classification_logits(self.model, batch)
-            loss = torch.nn.functional.cross_entropy(logits + self.recipe.logit_adjust * self._log_prior,
-                                                     batch["labels"])
+            loss = torch.nn.functional.cross_entropy(logits + tau * self._log_prior, batch["labels"])
         else:
-            loss = self._loss(batch)
+            wp = self._word_prior
+            loss = self._loss(batch, None if wp is None else (wp[0], tau * wp[1]))
         if self._prox_ref is not None:
             loss = loss + losses.proximal_term(self._params, self._prox_ref, self.recipe.prox_mu)
         return loss
 
     def _start_recipe(self, examples: Sequence[batching.Example]) -> None:
-        """Label prior (logit adjustment) and the proximal reference for this call of `train`."""
+        """Label prior (logit adjustment: a classifier's logits, a causal LM's label words at the first
+        response token) and the proximal reference for this call of `train`."""
         r = self.recipe
-        self._log_prior = None
+        self._log_prior = self._word_prior = None
         if r.logit_adjust > 0 and self.task.kind == "classification":
-            counts = torch.ones(self.task.num_labels)  # add-one: a label the shard lacks is rare, not impossible
-            for e in examples:
-                counts[int(e.label)] += 1
-            self._log_prior = (counts / counts.sum()).log().to(self.device)
+            self._log_prior = label_prior.log_prior([int(e.label) for e in examples], self.task.num_labels)
+            self._log_prior = self._log_prior.to(self.device)
+        elif r.logit_adjust > 0:
+            words = self.task.label_words or DEFAULT_LABEL_WORDS
+            wp = label_prior.response_prior(examples, self.tokenizer, words, self.plan.seq_len)
+            self._word_prior = None if wp is None else (wp[0].to(self.device), wp[1].to(self.device))
         self._prox_ref = ({k: p.detach().clone() for k, p in self._params.items()} if r.prox_mu > 0 else None)
 
     def _collate(self, examples: Sequence[batching.Example], idx: Sequence[int]) -> dict[str, torch.Tensor]:
@@ -425,7 +430,7 @@ class LocalTrainer:
         was_training = self.model.training
         self.model.eval()
         loss_sum, correct, n = 0.0, 0, 0
-        cands = self._label_candidates(examples)
+        cands = label_prior.label_candidates(examples)
         for idx in batching.eval_batches([len(e.input_ids) for e in examples], batch_size):
             batch = self._collate(examples, idx)
             if self.task.kind == "classification":
@@ -442,16 +447,6 @@ class LocalTrainer:
         self.model.train(was_training)
         acc = correct / n if (self.task.kind == "classification" or cands) else float("nan")
         return {"loss": loss_sum / n, "accuracy": acc, "n": n}
-
-    @staticmethod
-    def _label_candidates(examples: Sequence[batching.Example]) -> dict[int, int] | None:
-        """{label: first response token id} when every example carries a label, else None."""
-        if not examples or examples[0].labels is None or any(e.label is None for e in examples):
-            return None
-        cands: dict[int, int] = {}
-        for e in examples:
-            cands.setdefault(int(e.label), e.input_ids[e.prompt_len])
-        return cands if len(cands) > 1 else None
 
     def report(self) -> dict[str, Any]:
         """Nothing beyond TrainStats to tell the coordinator (a step-down wrapper reports its plan)."""
