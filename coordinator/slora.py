@@ -76,15 +76,15 @@ def dense_delta(cfg: MethodConfig, g: GlobalState, module: str) -> torch.Tensor 
 
 
 def sparse_deltas(cfg: MethodConfig, g: GlobalState) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Module -> (D (out, in), I (in, in)): the sparse delta as factors of what the global adds to W
-    (evaluation and export only; never sent)."""
+    """Module -> (B (out, r), A (r, in)) with B A = D exactly, r = min(out, in): the sparse delta as factors of
+    what the global adds to W (evaluation and export only; never sent)."""
     if not active(cfg):
         return {}
     out = {}
     for n in g.modules:
         D = dense_delta(cfg, g, n)
         if D is not None:
-            out[n] = (D, torch.eye(D.shape[1]))
+            out[n] = (torch.eye(D.shape[0]), D) if D.shape[0] <= D.shape[1] else (D, torch.eye(D.shape[1]))
     return out
 
 

@@ -11,7 +11,7 @@ import torch
 from coordinator.engine import RoundEngine, global_from_bytes
 from coordinator.init_global import initial_global
 from coordinator.methods import MethodConfig, make_method
-from coordinator.slora import switch
+from coordinator.slora import sparse_deltas, switch
 from protos import wire
 from protos.adapter import A_SUFFIX, B_SUFFIX, DeviceContract
 from protos.sparse import SPARSE_SUFFIX, densify, mask_indices, mask_size, module_of_sparse
@@ -90,6 +90,8 @@ def test_the_switch_leaves_the_model_unchanged(minilm):
         D = densify(g.extra[n + SPARSE_SUFFIX], mask_indices(0, n, u.shape, 0.02), u.shape).double()
         U, S, Vh = torch.linalg.svd(D)
         assert torch.allclose(u.scale * u.B.double() @ u.A.double(), (U[:, :4] * S[:4]) @ Vh[:4], atol=1e-5)
+        Bd, Ad = sparse_deltas(method.cfg, g)[n]  # evaluation / export: D as exact factors of rank min(out, in)
+        assert Bd.shape[1] == min(D.shape) and torch.allclose((Bd.double() @ Ad.double()), D, atol=1e-6)
     rows = load_sst2("dev", limit=24)
     ev = Evaluator(model, tok, rows, task="classification")
     before, after = ev.evaluate(method.deltas(g), g.extra), ev.evaluate(method.deltas(g2), g2.extra)

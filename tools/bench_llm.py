@@ -214,6 +214,8 @@ def tensor_bytes(state: dict) -> int:
 def run_centralized(fleet: Fleet, train: list[dict], held: list[dict], steps: int) -> dict:
     fleet.reset()
     t = fleet.trainer(DeviceSpec("central", 8))
+    from protos.adapter import TrainingRecipe
+    t.recipe = TrainingRecipe()  # not the last federated round's (its lr decay, its shard's label prior)
     t.configure(rank=8, lora_alpha=16.0, seed=fleet.cfg.seed)
     t0 = time.perf_counter()
     res = t.train(train, steps=steps, seed=fleet.cfg.seed, progress=False)

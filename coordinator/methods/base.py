@@ -152,8 +152,8 @@ class Method:
             if b is not None:  # a residual folded into every base (FeDeRA's -B0 A0)
                 B, A = torch.cat([B, b.B * b.scale], dim=1), torch.cat([A, b.A])
             out[n] = (B, A)
-        for n, (D, eye) in slora.sparse_deltas(self.cfg, g).items():  # SLoRA's sparse delta (dense, I)
-            out[n] = (torch.cat([out[n][0], D], dim=1), torch.cat([out[n][1], eye]))
+        for n, (Bd, Ad) in slora.sparse_deltas(self.cfg, g).items():  # SLoRA's sparse delta as exact factors
+            out[n] = (torch.cat([out[n][0], Bd], dim=1), torch.cat([out[n][1], Ad]))
         return out
 
     @staticmethod
