@@ -1,5 +1,6 @@
 """Logit adjustment of a causal LM's label words (classification data cast as instructions)."""
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from edge_runtime.data import DEFAULT_LABEL_WORDS, load_sst2
 from edge_runtime.plan import Plan
 from edge_runtime.training import batching, label_prior, losses
+from edge_runtime.training.model_loading import resolve_task
 from edge_runtime.training.session import LocalTrainer
 from edge_runtime.training.tiny import make_tiny_llama
 from protos.adapter import TrainingRecipe
@@ -89,6 +91,8 @@ def test_words_that_do_not_start_the_responses_turn_the_adjustment_off(llama, ca
     t = LocalTrainer(llama, Plan(rank=2, target_modules=QV, seq_len=64), {"kind": "causal_lm",
                                                                           "label_words": ["bad", "good"]})
     assert t.task.label_words == ("bad", "good")
+    spec = SimpleNamespace(kind="causal_lm", num_labels=2, label_words=["bad", "good"])  # a TaskSpec-like object
+    assert resolve_task(spec).label_words == ("bad", "good")
     ex = t.encode(load_sst2("train", limit=8))  # cast with the default words
     with caplog.at_level(logging.WARNING):
         assert label_prior.response_prior(ex, t.tokenizer, t.task.label_words, 64) is None

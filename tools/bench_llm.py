@@ -247,9 +247,9 @@ def run_federated(fleet: Fleet, strategy: str, devices: list[DeviceSpec], data: 
                       plan=d) for i, d in enumerate(devices)]
     rounds = []
     t_run = time.perf_counter()
+    policy = replace(RoundPolicy(), logit_adjust=cfg.logit_adjust).for_task("causal_lm", 0)  # no loss weight
     for rnd in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
-        policy = replace(RoundPolicy(), logit_adjust=cfg.logit_adjust).for_task("causal_lm", 0)  # no loss weight
         engine = RoundEngine(method, g, rnd, policy=policy)
         traffic = run_round(engine, sims, lambda sd: fleet.trainer(sd.plan), fleet.tracker, cfg.seed + rnd)
         g, _ = engine.close()

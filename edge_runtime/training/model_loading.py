@@ -65,7 +65,8 @@ class TrainTask:
 
 
 def resolve_task(task: Any) -> TrainTask:
-    """Accept a TrainTask, a TaskSpec-like object (`.kind`, optional `.num_labels`), a dict or a str."""
+    """Accept a TrainTask, a TaskSpec-like object (`.kind`, optional `.num_labels`, `.label_words`), a dict or a
+    str."""
     if isinstance(task, TrainTask):
         return task
     if task is None:
@@ -78,7 +79,8 @@ def resolve_task(task: Any) -> TrainTask:
     kind = getattr(task, "kind", None) or getattr(task, "task", None) or getattr(task, "name", None)
     if kind is None:
         raise ValueError(f"cannot read a task kind from {task!r}; pass 'classification' or 'causal_lm'")
-    return TrainTask(kind=_kind_alias(str(kind)), num_labels=int(getattr(task, "num_labels", 2) or 2))
+    return TrainTask(kind=_kind_alias(str(kind)), num_labels=int(getattr(task, "num_labels", 2) or 2),
+                     label_words=tuple(getattr(task, "label_words", ()) or ()))
 
 
 def _kind_alias(kind: str) -> str:

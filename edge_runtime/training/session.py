@@ -276,7 +276,8 @@ class LocalTrainer:
             records = classification_to_instructions(records)
         return batching.encode_instructions(self.tokenizer, records, L)
 
-    def _loss(self, batch: dict[str, torch.Tensor], first_bias: Any = None) -> torch.Tensor:
+    def _loss(self, batch: dict[str, torch.Tensor],
+              first_bias: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if self.task.kind == "classification":
             return losses.classification_loss(self.model, batch)
         return losses.causal_lm_loss(self.model, batch, first_bias=first_bias)
@@ -300,8 +301,8 @@ class LocalTrainer:
         r = self.recipe
         self._log_prior = self._word_prior = None
         if r.logit_adjust > 0 and self.task.kind == "classification":
-            self._log_prior = label_prior.log_prior([int(e.label) for e in examples], self.task.num_labels)
-            self._log_prior = self._log_prior.to(self.device)
+            prior = label_prior.log_prior([int(e.label) for e in examples], self.task.num_labels)
+            self._log_prior = prior.to(self.device)
         elif r.logit_adjust > 0:
             words = self.task.label_words or DEFAULT_LABEL_WORDS
             wp = label_prior.response_prior(examples, self.tokenizer, words, self.plan.seq_len)
