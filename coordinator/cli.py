@@ -54,6 +54,8 @@ def _serve_parser(sub) -> None:
     _method_args(p)  # --max-rank, --cap-rank, --prune-threshold, --init, --slora-*, --lora-alpha, --rslora
     p.add_argument("--task", choices=("classification", "causal_lm"), default="classification")
     p.add_argument("--num-labels", type=int, default=2)
+    p.add_argument("--label-words", default="", help="causal_lm: the response word per class, comma-separated "
+                   "(label k -> word k; sent to every device); default: the devices' negative,positive")
     p.add_argument("--target-modules", default="", help="comma-separated; default: the model's attention q/v")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-data", default=None, help="held-out data evaluated after every round")
@@ -108,7 +110,7 @@ def cmd_serve(args) -> int:
         max_rank=args.max_rank, cap_rank=args.cap_rank, prune_threshold=args.prune_threshold, init=args.init,
         slora_rounds=args.slora_rounds, slora_density=args.slora_density,
         lora_alpha=args.lora_alpha, use_rslora=args.rslora,
-        task=args.task, num_labels=args.num_labels,
+        task=args.task, num_labels=args.num_labels, label_words=[w for w in args.label_words.split(",") if w],
         target_modules=[t for t in args.target_modules.split(",") if t], seed=args.seed, eval_data=args.eval_data,
         eval_limit=args.eval_limit, enrolment_token=args.enrolment_token, norm_bound=args.norm_bound,
         replan=getattr(args, "replan", False), secagg=args.secagg, secagg_threshold=args.secagg_threshold,

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from protos import wire
+from protos.task import check_label_words
 
 from . import rounds as R
 from .defences import DefenceConfig
@@ -40,6 +41,7 @@ class CoordinatorConfig:
     use_rslora: bool = False
     task: str = "classification"
     num_labels: int = 2
+    label_words: list[str] = field(default_factory=list)  # causal_lm: response word per class (protos.task)
     target_modules: list[str] = field(default_factory=list)
     seed: int = 0
     eval_data: str | None = None
@@ -66,6 +68,7 @@ class CoordinatorConfig:
     policy: RoundPolicy = field(default_factory=RoundPolicy)  # weights, the devices' recipe, the server optimizer
 
     def __post_init__(self) -> None:
+        self.label_words = list(check_label_words(self.label_words, "--label-words"))
         if self.secagg_zo_pool < 0:
             raise ValueError(f"--secagg-zo-pool must be >= 0 (0: ZO devices send adapters), got {self.secagg_zo_pool}")
         if self.slora_rounds and self.slora_rounds >= self.rounds:

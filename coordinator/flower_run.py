@@ -27,6 +27,7 @@ from coordinator.methods import DEFAULT
 from coordinator.round_policy import RoundPolicy
 from coordinator.server_opt import ServerOptConfig
 from protos import flower_pack as P
+from protos.task import label_words_from_json
 
 _DEFAULTS = FlowerConfig()
 
@@ -84,6 +85,7 @@ def flower_config(rc: Mapping[str, Any]) -> FlowerConfig:
                         lr=_get(rc, "lr", float, d.lr), zo_lr=_get(rc, "zo-lr", float, d.zo_lr),
                         seed=_get(rc, "seed", int, d.seed), task=_get(rc, "task", str, d.task),
                         num_labels=_get(rc, "num-labels", int, d.num_labels),
+                        label_words=label_words_from_json(_get(rc, "label-words", str, ""), "run config label-words"),
                         min_fit_clients=min_clients, min_available_clients=min_clients,
                         fraction_fit=_get(rc, "fraction-fit", float, d.fraction_fit),
                         fraction_evaluate=_get(rc, "fraction-evaluate", float, d.fraction_evaluate),

@@ -45,6 +45,7 @@ from coordinator.rounds import EnrolmentRefused, RoundConfig, assign_rank
 from coordinator.server_opt import ServerOptState
 from protos import flower_pack as P
 from protos.adapter import A_SUFFIX, B_SUFFIX
+from protos.task import check_label_words
 
 log = logging.getLogger("coordinator.flower")
 State = dict[str, torch.Tensor]
@@ -66,6 +67,7 @@ class FlowerConfig:
     seed: int = 0
     task: str = "classification"
     num_labels: int = 2
+    label_words: tuple[str, ...] = ()  # causal_lm: the response word per class (protos.task)
     fraction_fit: float = 1.0
     min_fit_clients: int = 1
     min_available_clients: int = 1
@@ -88,6 +90,7 @@ class FlowerConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected an integer >= 1")
         if self.task not in ("classification", "causal_lm"):
             raise ValueError(f"task {self.task!r}: expected 'classification' or 'causal_lm'")
+        object.__setattr__(self, "label_words", check_label_words(self.label_words))
 
     def method_config(self) -> MethodConfig:
         return MethodConfig(name=self.strategy, max_rank=self.max_rank, lora_alpha=self.lora_alpha,
@@ -357,6 +360,7 @@ class HeteroLoraStrategy(Strategy):
                 P.CFG_TARGETS: json.dumps(self.target_modules), P.CFG_STEPS: int(steps),
                 P.CFG_LR: float(cfg.zo_lr if info.mode == "zo" else cfg.lr), P.CFG_SEED: int(cfg.seed + server_round),
                 P.CFG_ROUND: int(server_round), P.CFG_TASK: cfg.task, P.CFG_LABELS: int(cfg.num_labels),
+                P.CFG_LABEL_WORDS: json.dumps(list(cfg.label_words)),
                 P.CFG_CONTRACT: self.method.device_contract(info.mode, server_round).to_meta(),
                 P.CFG_RECIPE: self.policy.recipe(server_round, self.method.lr_factor).to_meta()}
 

@@ -74,7 +74,7 @@ class FederationServicer(pbg.FederationServicer):
         c = self.c.cfg
         cfg = pb.TrainingConfig(local_steps=c.local_steps, lr=c.lr, seed=c.seed, strategy=c.strategy,
                                 target_modules=self.c.target_modules, task=c.task, num_labels=c.num_labels,
-                                mode=r["mode"])
+                                mode=r["mode"], label_words=list(c.label_words))
         return pb.RegisterReply(device_id=r["device_id"], device_token=r["device_token"],
                                 assigned_rank=r["assigned_rank"], lora_alpha=c.lora_alpha, use_rslora=c.use_rslora,
                                 config=cfg, total_rounds=c.rounds)

@@ -300,6 +300,12 @@ def guard_budget(plan: Any, profile: Any) -> int:
     return int((plan.memory or {}).get("budget_bytes") or profile.memory_budget_bytes)
 
 
+def task_from_config(conf: pb.TrainingConfig) -> dict[str, Any]:
+    """The task the coordinator set (Register's TrainingConfig) as LocalTrainer's task dict."""
+    return {"kind": conf.task or "classification", "num_labels": int(conf.num_labels or 2),
+            "label_words": list(conf.label_words)}
+
+
 def run_join(cfg: JoinConfig, trainer_factory: Callable[..., Any] | None = None) -> dict[str, Any]:
     """Participate until the coordinator says DONE (or max_rounds). Returns a summary dict."""
     from dataclasses import replace
@@ -318,7 +324,7 @@ def run_join(cfg: JoinConfig, trainer_factory: Callable[..., Any] | None = None)
     plan = replace(cfg.plan, target_modules=list(conf.target_modules) or cfg.plan.target_modules,
                    mode=conf.mode or cfg.plan.mode, lora_alpha=float(reply.lora_alpha) or cfg.plan.lora_alpha,
                    use_rslora=bool(reply.use_rslora))
-    task = {"kind": conf.task or "classification", "num_labels": int(conf.num_labels or 2)}
+    task = task_from_config(conf)
     hb = _Heartbeat(client, cfg.heartbeat_s).__enter__()  # alive while the model loads
     try:
         return _participate(client, cfg, reply, conf, plan, task, name, trainer_factory, hb)

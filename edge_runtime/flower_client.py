@@ -42,6 +42,7 @@ from edge_runtime.modelspec import load_model_spec
 from edge_runtime.plan import Plan
 from edge_runtime.planner import plan as make_plan
 from edge_runtime.profile import DeviceProfile, load_profile
+from protos.task import label_words_from_json
 from protos import flower_pack as P
 from protos import federation_pb2 as pb
 from protos.adapter import CONTRACT_META, RECIPE_META, DeviceContract, loss_progress
@@ -147,7 +148,8 @@ class DeviceRuntime:
             from edge_runtime.training.session import LocalTrainer
 
             task = {"kind": str(config.get(P.CFG_TASK, self.settings.task)),
-                    "num_labels": int(config.get(P.CFG_LABELS, 2))}
+                    "num_labels": int(config.get(P.CFG_LABELS, 2)),
+                    "label_words": label_words_from_json(str(config.get(P.CFG_LABEL_WORDS, "")))}
             inner = LocalTrainer(self.settings.model, plan, task, memory_budget_bytes=self._budget(),
                                  seed=int(config.get(P.CFG_SEED, 0)), threads=self.settings.threads)
             t = adaptive_for_join(inner, self.settings, task, LocalTrainer)  # OOM step-down, as `join`

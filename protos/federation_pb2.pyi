@@ -42,7 +42,7 @@ class RegisterRequest(_message.Message):
     def __init__(self, profile_json: _Optional[str] = ..., plan_json: _Optional[str] = ..., enrolment_token: _Optional[str] = ..., device_name: _Optional[str] = ...) -> None: ...
 
 class TrainingConfig(_message.Message):
-    __slots__ = ("local_steps", "lr", "batch_size", "seed", "strategy", "target_modules", "task", "num_labels", "mode")
+    __slots__ = ("local_steps", "lr", "batch_size", "seed", "strategy", "target_modules", "task", "num_labels", "mode", "label_words")
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class TrainingConfig(_message.Message):
     TASK_FIELD_NUMBER: _ClassVar[int]
     NUM_LABELS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_WORDS_FIELD_NUMBER: _ClassVar[int]
     local_steps: int
     lr: float
     batch_size: int
@@ -61,7 +62,8 @@ class TrainingConfig(_message.Message):
     task: str
     num_labels: int
     mode: str
-    def __init__(self, local_steps: _Optional[int] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., seed: _Optional[int] = ..., strategy: _Optional[str] = ..., target_modules: _Optional[_Iterable[str]] = ..., task: _Optional[str] = ..., num_labels: _Optional[int] = ..., mode: _Optional[str] = ...) -> None: ...
+    label_words: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, local_steps: _Optional[int] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., seed: _Optional[int] = ..., strategy: _Optional[str] = ..., target_modules: _Optional[_Iterable[str]] = ..., task: _Optional[str] = ..., num_labels: _Optional[int] = ..., mode: _Optional[str] = ..., label_words: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("device_id", "device_token", "assigned_rank", "lora_alpha", "use_rslora", "config", "total_rounds")

@@ -26,8 +26,7 @@ ZO_SEEDS, ZO_GRADS, ZO_LR = "zo.seeds", "zo.grads", "zo_lr"
 CFG_STRATEGY, CFG_MODE, CFG_RANK, CFG_ALPHA, CFG_RSLORA = "strategy", "mode", "rank", "lora_alpha", "use_rslora"
 CFG_TARGETS, CFG_STEPS, CFG_LR, CFG_SEED, CFG_ROUND = "target_modules", "local_steps", "lr", "seed", "round"
 CFG_TASK, CFG_LABELS = "task", "num_labels"
-CFG_RECIPE = "recipe"  # protos.adapter.TrainingRecipe.to_meta(): FedProx / logit adjustment / lr factor
-CFG_CONTRACT = "device-contract"  # protos.adapter.DeviceContract.to_meta() (absent: the empty contract)
+CFG_LABEL_WORDS = "label_words"  # JSON list (protos.task); absent or "": the device's default words
 CFG_RECIPE = "recipe"  # protos.adapter.TrainingRecipe.to_meta(): FedProx / logit adjustment / lr factor
 CFG_CONTRACT = "device-contract"  # protos.adapter.DeviceContract.to_meta(): what the device keeps local / frozen
 # get_properties keys (device -> server)

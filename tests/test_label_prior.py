@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edge_runtime.data import DEFAULT_LABEL_WORDS, load_sst2
+from edge_runtime.data import DEFAULT_LABEL_WORDS, classification_to_instructions, load_sst2
 from edge_runtime.plan import Plan
 from edge_runtime.training import batching, label_prior, losses
 from edge_runtime.training.model_loading import resolve_task
@@ -93,9 +93,12 @@ def test_words_that_do_not_start_the_responses_turn_the_adjustment_off(llama, ca
     assert t.task.label_words == ("bad", "good")
     spec = SimpleNamespace(kind="causal_lm", num_labels=2, label_words=["bad", "good"])  # a TaskSpec-like object
     assert resolve_task(spec).label_words == ("bad", "good")
-    ex = t.encode(load_sst2("train", limit=8))  # cast with the default words
+    rows = load_sst2("train", limit=8)
+    ex = t.encode(classification_to_instructions(rows))  # cast elsewhere with the default words
     with caplog.at_level(logging.WARNING):
         assert label_prior.response_prior(ex, t.tokenizer, t.task.label_words, 64) is None
     assert "does not start with its label word" in caplog.text
+    ex = t.encode(rows)  # cast by the trainer: with the task's words, so the adjustment applies
+    assert label_prior.response_prior(ex, t.tokenizer, t.task.label_words, 64) is not None
     with pytest.raises(ValueError, match="label_words"):
         LocalTrainer(llama, Plan(rank=2, target_modules=QV), {"kind": "causal_lm", "label_words": ["a", "a"]})

@@ -28,6 +28,7 @@ from edge_runtime.training.imports import (bitsandbytes_installed, needs_bitsand
                                            use_bitsandbytes)
 from protos.model_load import LOAD_LOCK, ensure_output_head
 from protos.pooling import use_checkpoint_pooling
+from protos.task import check_label_words
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +59,7 @@ class TrainTask:
             raise ValueError(f"task kind {self.kind!r} unknown; use one of {TASK_KINDS}")
         if self.num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {self.num_labels}")
-        words = tuple(self.label_words)
-        if any(not isinstance(w, str) or not w.strip() for w in words) or len(set(words)) < len(words):
-            raise ValueError(f"label_words {list(words)!r}: expected distinct non-empty words, one per class")
-        object.__setattr__(self, "label_words", words)
+        object.__setattr__(self, "label_words", check_label_words(self.label_words))
 
 
 def resolve_task(task: Any) -> TrainTask:

@@ -273,7 +273,7 @@ class LocalTrainer:
                 raise ValueError(f"label {bad[0]} out of range for num_labels={self.task.num_labels}")
             return batching.encode_classification(self.tokenizer, records, L)
         if kind == "classification":
-            records = classification_to_instructions(records)
+            records = classification_to_instructions(records, label_words=self.task.label_words or DEFAULT_LABEL_WORDS)
         return batching.encode_instructions(self.tokenizer, records, L)
 
     def _loss(self, batch: dict[str, torch.Tensor],
