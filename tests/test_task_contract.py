@@ -43,3 +43,15 @@ def test_devices_receive_the_coordinators_label_words_over_grpc(tmp_path):
     finally:
         client.close()
         server.stop(0)
+
+
+def test_flower_fit_config_carries_the_label_words():
+    from coordinator.flower_strategy import ClientInfo, HeteroLoraStrategy
+    from protos import flower_pack as P
+
+    init = {"m.lora_A.weight": torch.zeros(2, 4), "m.lora_B.weight": torch.zeros(4, 2)}
+    s = HeteroLoraStrategy(init, task="causal_lm", label_words=("no", "yes"), max_rank=2, strategy="zero_pad")
+    sent = s._fit_config(ClientInfo(plan_rank=2, mode="lora", rank=2), 1, {})[P.CFG_LABEL_WORDS]
+    assert label_words_from_json(sent) == ("no", "yes")  # what edge_runtime.flower_client reads back
+    with pytest.raises(ValueError, match="label_words"):
+        HeteroLoraStrategy(init, task="causal_lm", label_words=("no", "no"), max_rank=2, strategy="zero_pad")
