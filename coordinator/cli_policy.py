@@ -27,7 +27,11 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prox-mu", type=float, default=_P.prox_mu, help="FedProx proximal term mu (0: off)")
     g.add_argument("--logit-adjust", type=float, default=_P.logit_adjust,
                    help="local logit adjustment tau by each device's label prior, classification (0: off)")
-    g.add_argument("--lr-decay", type=float, default=_P.lr_decay, help="round r trains at lr * decay ** (r - 1)")
+    g.add_argument("--lr-decay", type=float, default=_P.lr_decay,
+                   help="pass p (1-based; a pass is --cohorts rounds) trains at lr * decay ** (p - 1)")
+    g.add_argument("--cohorts", type=int, default=_P.cohorts,
+                   help="sequential cohorts: each round trains one of this many disjoint device groups, a pass "
+                        "of this many rounds trains every device once (1: every device every round)")
     g.add_argument("--loss-weight", type=float, default=_P.loss_weight,
                    help="device weight x min(1, its mean training loss / ln K) ** this (q-FFL; 0: off); "
                         "classification only")
@@ -39,4 +43,5 @@ def policy_from_args(args: argparse.Namespace) -> RoundPolicy:
     opt = ServerOptConfig(args.server_opt, args.server_lr, args.server_momentum, args.server_beta2, args.server_tau)
     return RoundPolicy(server_opt=opt, weight_temper=args.weight_temper, weight_cap=args.weight_cap,
                        zo_progress=not args.no_zo_progress, prox_mu=args.prox_mu, logit_adjust=args.logit_adjust,
-                       lr_decay=args.lr_decay, freeze_head=args.freeze_head, loss_weight=args.loss_weight)
+                       lr_decay=args.lr_decay, freeze_head=args.freeze_head, loss_weight=args.loss_weight,
+                       cohorts=args.cohorts)

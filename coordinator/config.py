@@ -91,7 +91,7 @@ class CoordinatorConfig:
                              quorum=self.quorum, round_timeout_s=self.round_timeout_s,
                              heartbeat_timeout_s=self.heartbeat_timeout_s, max_rank=self.max_rank,
                              strategy=self.strategy, common_rank=method_class(self.strategy).common_rank,
-                             seed=self.seed)
+                             seed=self.seed, cohorts=self.round_policy().cohorts)
 
     def round_policy(self) -> RoundPolicy:
         """The policy (a dict when read back from a store's saved config)."""

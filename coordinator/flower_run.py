@@ -70,7 +70,8 @@ def _round_policy(rc: Mapping[str, Any], p: RoundPolicy, s: ServerOptConfig) -> 
                        logit_adjust=_get(rc, "logit-adjust", float, p.logit_adjust),
                        lr_decay=_get(rc, "lr-decay", float, p.lr_decay),
                        loss_weight=_get(rc, "loss-weight", float, p.loss_weight),
-                       freeze_head=_get(rc, "freeze-head", bool, p.freeze_head))
+                       freeze_head=_get(rc, "freeze-head", bool, p.freeze_head),
+                       cohorts=_get(rc, "cohorts", int, p.cohorts))
 
 
 def flower_config(rc: Mapping[str, Any]) -> FlowerConfig:

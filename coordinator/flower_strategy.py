@@ -41,7 +41,7 @@ from coordinator.engine import RoundEngine
 from coordinator.init_global import initial_global
 from coordinator.methods import DEFAULT, Method, MethodConfig, make_method, method_class
 from coordinator.round_policy import RoundPolicy
-from coordinator.rounds import EnrolmentRefused, RoundConfig, assign_rank
+from coordinator.rounds import EnrolmentRefused, RoundConfig, assign_rank, cohort
 from coordinator.server_opt import ServerOptState
 from protos import flower_pack as P
 from protos.adapter import A_SUFFIX, B_SUFFIX
@@ -183,8 +183,13 @@ class HeteroLoraStrategy(Strategy):
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
         cfg = self.config
-        n = max(int(client_manager.num_available() * cfg.fraction_fit), cfg.min_fit_clients)
+        cohorts = self.policy.cohorts
+        n = (client_manager.num_available() if cohorts > 1 else
+             max(int(client_manager.num_available() * cfg.fraction_fit), cfg.min_fit_clients))
         proxies = client_manager.sample(num_clients=n, min_num_clients=cfg.min_available_clients)
+        if cohorts > 1:  # this round's cohort of the sampled clients (the gRPC coordinator's rule)
+            chosen = set(cohort([p.cid for p in proxies], cohorts, cfg.seed, server_round))
+            proxies = [p for p in proxies if p.cid in chosen]
         self.sent = {}
         self._first_contact(proxies, server_round)
         out = []

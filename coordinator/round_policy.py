@@ -14,7 +14,12 @@ survey's standard ones, each a user option:
 - the recipe (protos.adapter.TrainingRecipe): FedProx `prox_mu`, local logit adjustment
   `logit_adjust` (FedLC), the round-wise learning-rate schedule lr * `lr_decay` ** (round - 1), and
   `freeze_head` (FedBABU: the classifier head stays at its shared initialisation, only LoRA trains);
-- the server optimizer (FedAvgM / FedAdam / FedYogi with a server learning rate).
+- the server optimizer (FedAvgM / FedAdam / FedYogi with a server learning rate);
+- sequential cohorts (`cohorts`; Zaccone et al. 2022's FedSeq, the sequential FL of Li et al. 2023):
+  a pass over the fleet is `cohorts` rounds, each round one disjoint group of the devices trains
+  from the previous group's result. At the same compute per pass, an aggregate of M/cohorts devices
+  is taken `cohorts` times as often: the global model takes `cohorts` x more sequential steps, the
+  pass takes `cohorts` x longer. The learning-rate schedule decays per pass.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ class RoundPolicy:
     freeze_head: bool = False
     loss_weight: float = 1.0  # q: weight x min(1, device loss / ln K) ** q (0: off)
     num_labels: int = 2  # K of a classification task (chance-level loss ln K); 0: not classification (no loss weight)
+    cohorts: int = 1  # rounds per pass: each round trains one of `cohorts` disjoint groups (coordinator.rounds.cohort)
 
     def __post_init__(self) -> None:
         if not 0 <= self.weight_temper <= 1:
@@ -49,6 +55,8 @@ class RoundPolicy:
             raise ValueError(f"--lr-decay {self.lr_decay!r}: expected a factor in (0, 1] per round")
         if not (math.isfinite(self.loss_weight) and self.loss_weight >= 0):
             raise ValueError(f"--loss-weight {self.loss_weight!r}: expected an exponent >= 0 (0: off, 1: by loss)")
+        if isinstance(self.cohorts, bool) or not isinstance(self.cohorts, int) or self.cohorts < 1:
+            raise ValueError(f"--cohorts {self.cohorts!r}: expected an integer >= 1 (1: every device every round)")
         if self.num_labels == 1 or self.num_labels < 0:
             raise ValueError(f"num_labels {self.num_labels!r}: expected >= 2 classes, or 0 (not classification)")
         self.recipe(1)  # validates prox_mu / logit_adjust
@@ -61,9 +69,13 @@ class RoundPolicy:
     def recipe(self, round_id: int, lr_factor: float = 1.0) -> TrainingRecipe:
         """What every device is told to do in `round_id` (1-based); `lr_factor`: the method's
         learning-rate multiplier (`Method.lr_factor`) for its PEFT tensors; the head stays at the schedule."""
-        schedule = self.lr_decay ** max(0, round_id - 1)
+        schedule = self.lr_decay ** self.pass_of(round_id)
         return TrainingRecipe(prox_mu=self.prox_mu, logit_adjust=self.logit_adjust, lr_scale=lr_factor * schedule,
                               freeze_head=self.freeze_head, head_lr_scale=schedule if lr_factor != 1.0 else 0.0)
+
+    def pass_of(self, round_id: int) -> int:
+        """0-based pass of `round_id` (1-based): a pass is `cohorts` rounds, every device training once."""
+        return max(0, round_id - 1) // self.cohorts
 
     def weight(self, num_examples: float, loss: float | None = None) -> float:
         """A device's aggregation weight from the examples and the mean training loss it reports."""

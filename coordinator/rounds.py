@@ -79,9 +79,13 @@ class RoundConfig:
     strategy: str = ""  # the method's name (messages only)
     common_rank: bool = False  # the method trains one rank on every device (`Method.common_rank`)
     seed: int = 0
+    cohorts: int = 1  # > 1: each round selects one cohort (`cohort`; RoundPolicy.cohorts), not a fraction
 
     def __post_init__(self) -> None:
-        for name in ("total_rounds", "min_devices", "max_rank"):
+        if self.cohorts > 1 and self.fraction < 1.0:
+            raise ValueError(f"round config cohorts={self.cohorts} with fraction={self.fraction}: choose one "
+                             "(cohorts already train a 1/cohorts share each round)")
+        for name in ("total_rounds", "min_devices", "max_rank", "cohorts"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"round config {name}={v!r}: expected an integer >= 1")
@@ -151,10 +155,22 @@ def available(devices: dict[str, Device], cfg: RoundConfig, now: float) -> list[
     return sorted(d.device_id for d in devices.values() if now - d.last_seen <= cfg.heartbeat_timeout_s)
 
 
+def cohort(candidates: list[str], cohorts: int, seed: int, round_id: int) -> tuple[str, ...]:
+    """Round `round_id`'s (1-based) group: slice (round_id - 1) % cohorts of the candidates shuffled once per
+    pass of `cohorts` rounds (deterministic in seed and pass): over a pass every device trains once."""
+    p, i = divmod(max(0, round_id - 1), cohorts)
+    order = sorted(candidates)
+    random.Random(seed * 1_000_003 + 7919 * p + 1).shuffle(order)
+    return tuple(sorted(order[i::cohorts]))
+
+
 def select(candidates: list[str], cfg: RoundConfig, round_id: int) -> tuple[str, ...]:
-    """ceil(fraction * n) of the candidates (at least min_devices), deterministic in (seed, round)."""
+    """ceil(fraction * n) of the candidates (at least min_devices), deterministic in (seed, round); with
+    `cohorts` > 1 the round's cohort instead (`cohort`)."""
     if len(candidates) < cfg.min_devices:
         return ()
+    if cfg.cohorts > 1:
+        return cohort(candidates, cfg.cohorts, cfg.seed, round_id)
     k = min(len(candidates), max(cfg.min_devices, math.ceil(cfg.fraction * len(candidates))))
     rng = random.Random(cfg.seed * 1_000_003 + round_id)
     return tuple(sorted(rng.sample(sorted(candidates), k)))

@@ -123,3 +123,34 @@ def test_late_upload_report_replans_the_straggler(tmp_path):
     late = [e for e in c.store.events("replan") if e.get("late")]
     assert late and late[0]["device_id"] == slow and late[0]["assignments"][slow] == [8, 4]
     c.close()
+
+
+def test_coordinator_trains_one_cohort_per_round(tmp_path):
+    """A real coordinator with --cohorts 2 and two devices: each round one of them trains, the other
+    waits; over a pass (two rounds) each trained once."""
+    from edge_runtime.training.tiny import make_tiny_bert
+    from coordinator.round_policy import RoundPolicy
+    from coordinator.service import Coordinator, CoordinatorConfig
+    from protos import wire
+
+    model = make_tiny_bert(tmp_path / "bert", hidden=32, vocab_size=300)
+    c = Coordinator(CoordinatorConfig(model=str(model), store=str(tmp_path / "s"), strategy="zero_pad", rounds=2,
+                                      local_steps=2, max_rank=4, min_devices=2, policy=RoundPolicy(cohorts=2)))
+    assert c.cfg.round_config().cohorts == 2
+    plan = json.dumps({"rank": 4, "mode": "lora"})
+    devs = [c.register("{}", plan, "", f"dev{i}")["device_id"] for i in range(2)]
+    trained = []
+    for rnd in (1, 2):
+        tasks = {d: c.get_task(d) for d in devs}
+        train = [d for d, t in tasks.items() if t["state"] == "TRAIN"]
+        assert len(train) == 1 and tasks[train[0]]["round_id"] == rnd, tasks
+        d, t = train[0], tasks[train[0]]
+        state = wire.decode_tensors(c.download(d, t["round_id"], t["download_id"]))[0]
+        data = wire.encode_tensors(state, {"rank": 4})
+        c.upload_append(d, f"u{rnd}", 0, data, len(data))
+        stats = {"num_examples": 10, "steps": 2, "train_time_s": 1.0, "upload_time_s": 0.0, "download_time_s": 0.0}
+        c.finish_upload(d, {"round_id": rnd, "nonce": t["nonce"], "upload_id": f"u{rnd}", "total_size": len(data),
+                            "sha256": wire.sha256_hex(data), "stats": stats}, len(data))
+        trained.append(d)
+    assert sorted(trained) == sorted(devs)
+    c.close()

@@ -94,6 +94,14 @@ def test_policy_weights_and_recipe():
     assert loss_progress([1.0]) == 0.0 and loss_progress([1.0, 2.0, 3.0]) == 0.0
 
 
+def test_cohorts_decay_the_learning_rate_per_pass():
+    p = RoundPolicy(lr_decay=0.5, cohorts=3)  # rounds 1-3 are pass 1, 4-6 pass 2
+    assert [p.recipe(r).lr_scale for r in (1, 3, 4, 6, 7)] == [1.0, 1.0, 0.5, 0.5, 0.25]
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="--cohorts"):
+            RoundPolicy(cohorts=bad)
+
+
 def test_method_lr_factor_reaches_the_recipe():
     """A method's learning-rate factor multiplies the round's schedule in what devices download."""
     from protos.wire import decode_tensors

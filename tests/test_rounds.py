@@ -104,3 +104,20 @@ def test_config_validation_names_the_field():
         R.RoundConfig(quorum=0.0)
     with pytest.raises(ValueError, match="min_devices"):
         R.RoundConfig(min_devices=0)
+
+
+def test_cohorts_train_every_device_once_per_pass():
+    cfg, devices = fed(7, cohorts=3, min_devices=2)
+    names = sorted(devices)
+    for p in range(3):  # passes
+        groups = [R.open_round(devices, cfg, 3 * p + i + 1, now=1.0, nonce_of=nonces(devices)).selected
+                  for i in range(3)]
+        assert sorted(x for g in groups for x in g) == names  # each device exactly once per pass
+        assert sorted(len(g) for g in groups) == [2, 2, 3]
+    assert R.cohort(names, 3, 0, 1) == R.cohort(names, 3, 0, 1) != R.cohort(names, 3, 1, 1)  # seeded
+    assert {R.cohort(names, 3, 0, 1), R.cohort(names, 3, 0, 4)} != {R.cohort(names, 3, 0, 1)}  # reshuffled per pass
+    assert R.cohort(names, 1, 0, 5) == tuple(names)
+    with pytest.raises(ValueError, match="cohorts=2 with fraction=0.5: choose one"):
+        R.RoundConfig(cohorts=2, fraction=0.5)
+    with pytest.raises(ValueError, match="cohorts=0"):
+        R.RoundConfig(cohorts=0)

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from fleet import load_train_dev  # noqa: E402  (tools/fleet.py)
 
 from sim import (SimDevice, device_view_deltas, global_accuracy, personal_holdouts,  # noqa: E402  (tools/sim.py)
-                 run_round)
+                 run_pass)
 
 from coordinator.aggregation import split_state  # noqa: E402
 from coordinator.engine import RoundEngine  # noqa: E402
@@ -160,13 +160,11 @@ def run_federated(method_name: str, devices: list[dict[str, Any]], shards: list[
              "bytes_up": 0, "bytes_down": 0,
              "wall_s": 0.0}]
     for rnd in range(1, args.rounds + 1):
-        t0 = time.perf_counter()
-        engine = RoundEngine(method, g, rnd, policy=policy, opt_state=opt_state)
-        traffic = run_round(engine, sims, fleet.trainer_for, lambda t: fleet.trackers[id(t)], args.seed + rnd,
-                            holdouts=holdouts)
-        g, _ = engine.close()
+        t0 = time.perf_counter()  # a pass: every device trains once (policy.cohorts engine rounds)
+        g, traffic = run_pass(method, g, rnd, sims, fleet.trainer_for, lambda t: fleet.trackers[id(t)], args.seed,
+                              policy, opt_state, holdouts=holdouts)
         if holdouts and rnd == args.rounds:  # personalized vs global on the devices' own held-out rows
-            nxt = RoundEngine(method, g, rnd + 1)
+            nxt = RoundEngine(method, g, rnd * policy.cohorts + 1)
             pers = {d.name: (traffic.personal_acc[d.name], global_accuracy(nxt, d, fleet.trainer_for(d),
                                                                            holdouts[d.name])) for d in sims}
             mp, mg = (statistics.mean(x[k] for x in pers.values()) for k in (0, 1))
@@ -188,7 +186,8 @@ def round_policy(args) -> RoundPolicy:
                                                   args.server_beta2, args.server_tau),
                        weight_temper=args.weight_temper, weight_cap=args.weight_cap, zo_progress=args.zo_progress,
                        prox_mu=args.prox_mu, logit_adjust=args.logit_adjust, lr_decay=args.lr_decay,
-                       freeze_head=bool(args.freeze_head), loss_weight=args.loss_weight, num_labels=args.num_labels)
+                       freeze_head=bool(args.freeze_head), loss_weight=args.loss_weight, num_labels=args.num_labels,
+                       cohorts=args.cohorts)
 
 
 def run_centralized(model: str, train: list[dict], evaluator: Evaluator, steps: int, args,
@@ -298,7 +297,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--logit-adjust", type=float, default=RoundPolicy().logit_adjust,
                     help="local logit adjustment tau (0: off)")
     ap.add_argument("--lr-decay", type=float, default=RoundPolicy().lr_decay,
-                    help="round r trains at lr * decay ** (r - 1)")
+                    help="pass r trains at lr * decay ** (r - 1)")
+    ap.add_argument("--cohorts", type=int, default=RoundPolicy().cohorts,
+                    help="sequential cohorts: a round (a pass over the fleet) is this many engine rounds, each "
+                         "training one disjoint group of the devices from the previous group's result")
     ap.add_argument("--loss-weight", type=float, default=RoundPolicy().loss_weight,
                     help="device weight x min(1, mean training loss / ln K) ** this (0: off)")
     ap.add_argument("--freeze-head", type=int, default=int(RoundPolicy().freeze_head),

@@ -16,6 +16,9 @@ from typing import Any
 import torch
 
 from coordinator.engine import RoundEngine
+from coordinator.round_policy import RoundPolicy
+from coordinator.rounds import cohort
+from coordinator.server_opt import ServerOptState
 from edge_runtime.client import DeltaTracker
 from edge_runtime.device_round import obey_peft
 from edge_runtime.training.prune import prune_trainer
@@ -48,6 +51,31 @@ class RoundTraffic:
     train_losses: list[float] = field(default_factory=list)
     pruned: dict[str, int] = field(default_factory=dict)  # device -> rank it pruned to (rank self-pruning)
     personal_acc: dict[str, float] = field(default_factory=dict)  # device -> its own model's held-out accuracy
+
+    def add(self, other: RoundTraffic) -> None:
+        """Fold another round's traffic into this one (a pass of several cohort rounds)."""
+        self.bytes_up += other.bytes_up
+        self.bytes_down += other.bytes_down
+        self.train_losses += other.train_losses
+        self.pruned.update(other.pruned)
+        self.personal_acc.update(other.personal_acc)
+
+
+def run_pass(method: Any, g: Any, pass_id: int, devices: Sequence[SimDevice], trainer_for: Callable[[SimDevice], Any],
+             tracker_for: Callable[[Any], DeltaTracker], seed: int, policy: RoundPolicy, opt_state: ServerOptState,
+             holdouts: Mapping[str, list[dict[str, Any]]] | None = None) -> tuple[Any, RoundTraffic]:
+    """Pass `pass_id` (1-based) over `devices`: `policy.cohorts` rounds, each training its cohort
+    (`coordinator.rounds.cohort`, as the coordinator selects) from the previous round's global. Returns
+    (the global after the pass, the pass's traffic)."""
+    total, k = RoundTraffic(), policy.cohorts
+    for i in range(k):
+        rid = (pass_id - 1) * k + i + 1
+        names = set(cohort([d.name for d in devices], k, seed, rid)) if k > 1 else {d.name for d in devices}
+        engine = RoundEngine(method, g, rid, policy=policy, opt_state=opt_state)
+        total.add(run_round(engine, [d for d in devices if d.name in names], trainer_for, tracker_for, seed + rid,
+                            holdouts=holdouts))
+        g, _ = engine.close()
+    return g, total
 
 
 def run_round(engine: RoundEngine, devices: Sequence[SimDevice], trainer_for: Callable[[SimDevice], Any],
