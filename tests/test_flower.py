@@ -298,6 +298,16 @@ def test_zero_pad_federation_matches_coordinator_and_replays_zo_exactly(fleet):
 
 
 @needs_flwr
+def test_cohorts_train_one_group_of_clients_per_round(fleet):
+    from coordinator.round_policy import RoundPolicy
+    from coordinator.rounds import cohort
+
+    strat, _ = _run(fleet, "zero_pad", rounds=2, policy=RoundPolicy(cohorts=2))
+    assert [r["uploads"] for r in strat.rounds] == [2, 2]  # half of the 4 clients each round
+    assert sorted(strat.last.results) == sorted(cohort(sorted(strat.clients), 2, 0, 2))  # the coordinator's rule
+
+
+@needs_flwr
 @pytest.mark.parametrize("name,rounds", [("stack", 2), ("fedsa", 2), ("svd", 2)])
 def test_heterogeneous_strategies_match_coordinator(fleet, name, rounds):
     strat, _ = _run(fleet, name, rounds=rounds, policy=RoundPolicy.plain())  # weights = examples

@@ -87,6 +87,7 @@ class Config:
     seed: int = 0
     dirichlet: float = 0.0  # label skew of the devices' shards: Dirichlet alpha (0 = iid)
     logit_adjust: float = 1.0  # tau of the devices' logit adjustment of the label words (0: off)
+    cohorts: int = 1  # sequential cohorts: a round (pass) = this many engine rounds (coordinator.round_policy)
     nf4: bool = True
     zo: bool = True
 
@@ -232,10 +233,10 @@ def _ev(ev: dict) -> dict:
 def run_federated(fleet: Fleet, strategy: str, devices: list[DeviceSpec], data: list[list[dict]],
                   held: list[dict]) -> dict:
     """`cfg.rounds` rounds of `strategy` through the coordinator's RoundEngine (tools/sim.py)."""
-    from coordinator.engine import RoundEngine
     from coordinator.round_policy import RoundPolicy
     from coordinator.methods import MethodConfig, make_method
-    from sim import SimDevice, run_round
+    from coordinator.server_opt import ServerOptState
+    from sim import SimDevice, run_pass
     cfg = fleet.cfg
     fleet.reset()
     max_rank = max(d.rank for d in devices)
@@ -247,12 +248,12 @@ def run_federated(fleet: Fleet, strategy: str, devices: list[DeviceSpec], data: 
                       plan=d) for i, d in enumerate(devices)]
     rounds = []
     t_run = time.perf_counter()
-    policy = replace(RoundPolicy(), logit_adjust=cfg.logit_adjust).for_task("causal_lm", 0)  # no loss weight
-    for rnd in range(1, cfg.rounds + 1):
+    policy = replace(RoundPolicy(), logit_adjust=cfg.logit_adjust, cohorts=cfg.cohorts).for_task("causal_lm", 0)
+    opt_state = ServerOptState()  # (no loss weight: not a classifier)
+    for rnd in range(1, cfg.rounds + 1):  # a pass: every device trains once (policy.cohorts engine rounds)
         t0 = time.perf_counter()
-        engine = RoundEngine(method, g, rnd, policy=policy)
-        traffic = run_round(engine, sims, lambda sd: fleet.trainer(sd.plan), fleet.tracker, cfg.seed + rnd)
-        g, _ = engine.close()
+        g, traffic = run_pass(method, g, rnd, sims, lambda sd: fleet.trainer(sd.plan), fleet.tracker, cfg.seed,
+                              policy, opt_state)
         train_wall = time.perf_counter() - t0
         ev = _evaluate_global(fleet, method, g, held)
         rounds.append({"round": rnd, "bytes_down": traffic.bytes_down, "bytes_up": traffic.bytes_up,
@@ -290,7 +291,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--label-words", nargs="+", default=["negative", "positive"])
     for name, typ in (("train-rows", int), ("eval-rows", int), ("seq-len", int), ("batch-size", int),
                       ("local-steps", int), ("rounds", int), ("lr", float), ("zo-lr", float), ("threads", int),
-                      ("seed", int), ("dirichlet", float), ("logit-adjust", float)):
+                      ("seed", int), ("dirichlet", float), ("logit-adjust", float),
+                      ("cohorts", int)):
         ap.add_argument(f"--{name}", type=typ, default=getattr(Config, name.replace("-", "_")))
     ap.add_argument("--strategies", nargs="*", default=list(Config.strategies), choices=method_names())
     ap.add_argument("--no-nf4", action="store_true", help="all LoRA devices on the fp32 base")
@@ -314,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                  label_words=tuple(a.label_words), train_rows=a.train_rows, eval_rows=a.eval_rows, seq_len=a.seq_len,
                  batch_size=a.batch_size, local_steps=a.local_steps, rounds=a.rounds, lr=a.lr, zo_lr=a.zo_lr,
                  strategies=tuple(a.strategies), threads=a.threads, seed=a.seed, nf4=not a.no_nf4, zo=not a.no_zo,
-                 dirichlet=a.dirichlet, logit_adjust=a.logit_adjust)
+                 dirichlet=a.dirichlet, logit_adjust=a.logit_adjust, cohorts=a.cohorts)
     devices = [d for d in DEFAULT_DEVICES if (cfg.zo or d.mode != "zo")]
     if not cfg.nf4:
         devices = [replace(d, base_precision="fp32") for d in devices]
