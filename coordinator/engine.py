@@ -30,7 +30,7 @@ from . import slora
 from .aggregation import GlobalState, LoraUpdate, split_state, zo_replay_update
 from .methods import Method
 from .round_policy import RoundPolicy
-from .server_opt import ServerOptState, apply_server_opt
+from .server_opt import ServerOptState, apply_server_opt, interpolate
 from .validation import UpdateInvalid, validate_update
 
 
@@ -45,6 +45,7 @@ class RoundEngine:
         self.devices: set[str] = set()
         self._zo_held: list[tuple] = []  # (id, state, weight, progress, what it downloaded)
         self._progress: list[float] = []  # loss progress of the folded LoRA devices
+        self._trust: list[float] = []  # each folded device's trust (RoundPolicy.trust; ZO: x its progress factor)
         self._modules = {name: method.aggregator() for name in g.modules}
         self._extra: dict[str, torch.Tensor] = {}  # key -> sum_k w_k extra_k (float64)
         self.total_weight = 0.0
@@ -124,11 +125,13 @@ class RoundEngine:
         if not examples > 0:
             raise UpdateInvalid("malformed", f"device {device_id}: example count must be positive, got {examples}")
         weight = self.policy.weight(examples, loss)
+        trust = self.policy.trust(loss)
         if mode == "zo" and progress is not None and self.policy.zo_progress:
-            self._zo_held.append((device_id, dict(state), weight, float(progress), sent))
+            self._zo_held.append((device_id, dict(state), weight, float(progress), sent, trust))
             self.devices.add(device_id)
             return
         self._fold(device_id, state, weight, sent)
+        self._trust.append(trust)
         if progress is not None and mode != "zo":
             self._progress.append(float(progress))
 
@@ -162,12 +165,14 @@ class RoundEngine:
 
     def _fold_held_zo(self) -> dict[str, float]:
         """Fold the held ZO uploads, each weighted by its progress relative to the LoRA devices'."""
-        ref = sum(self._progress) / len(self._progress) if self._progress else None
+        if self._progress:  # a round of ZO devices only uses the last round's reference
+            self.opt_state.progress_ref = sum(self._progress) / len(self._progress)
         factors = {}
-        for device_id, state, weight, progress, sent in self._zo_held:
-            factors[device_id] = self.policy.zo_factor(progress, ref)
+        for device_id, state, weight, progress, sent, trust in self._zo_held:
+            factors[device_id] = self.policy.zo_factor(progress, self.opt_state.progress_ref)
             self.devices.discard(device_id)
             self._fold(device_id, state, weight * factors[device_id], sent)
+            self._trust.append(trust * factors[device_id])
         self._zo_held = []
         return factors
 
@@ -190,6 +195,9 @@ class RoundEngine:
         agg, metrics["recompress_rel_error"] = self.method.next_global(self.g, steps, extra, W, self.round_id)
         if zo_factors:
             metrics["zo_weight_factor"] = min(zo_factors.values())
+        metrics["round_step"] = step = self.policy.round_step(self._trust)
+        if step < 1.0:  # every device here had little to teach: move part of the way
+            agg = interpolate(self.g, agg, step, self.method.factor_space, self.method.cfg.cap_rank)
         cfg = self.policy.server_opt
         nxt = apply_server_opt(cfg, self.opt_state, self.g, agg, self.method.factor_space, self.method.cfg.cap_rank)
         return slora.after_round(self.method, self.round_id, self.g, nxt), metrics  # SLoRA's switch, if due

@@ -24,11 +24,15 @@ survey's standard ones, each a user option:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from protos.adapter import TrainingRecipe, loss_factor
 
 from .server_opt import ServerOptConfig
+
+
+FULL_TRUST = 0.25  # loss factor from which a device's update counts fully on its own (RoundPolicy.trust)
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,20 @@ class RoundPolicy:
     def for_task(self, task: str, num_labels: int) -> RoundPolicy:
         """This policy for a federation's task (the loss weight needs a classifier's K)."""
         return replace(self, num_labels=int(num_labels) if task == "classification" else 0)
+
+    def trust(self, loss: float | None) -> float:
+        """How much a device's update is worth on its own: its loss factor / FULL_TRUST, at most 1 (a shard
+        whose mean training loss is at least a quarter of chance level counts fully; a one-sided shard,
+        ~0.001 of it, barely). 1 without the loss weight."""
+        return min(1.0, self.loss_factor(loss) / FULL_TRUST)
+
+    @staticmethod
+    def round_step(trusts: Sequence[float]) -> float:
+        """The round's step towards its aggregate: the largest trust of its devices (a ZO device's x its
+        progress factor). 1 as soon as one device is fully trusted, so a full fleet's round is the weighted
+        mean as before; a round (a cohort) whose every device is a one-sided shard or a barely-moving ZO
+        device moves the global only that far, instead of the weights' normalisation handing it the step."""
+        return min(1.0, max(trusts, default=1.0))
 
     @staticmethod
     def zo_factor(progress: float, reference: float | None) -> float:

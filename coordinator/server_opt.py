@@ -65,6 +65,7 @@ class ServerOptState:
     v: dict[str, torch.Tensor] = field(default_factory=dict)
     mf: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     vf: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    progress_ref: float | None = None  # the LoRA devices' mean loss progress of the last round that had them
 
     def nbytes(self) -> int:
         ts = list(self.m.values()) + list(self.v.values())
@@ -166,6 +167,17 @@ def apply_server_opt(cfg: ServerOptConfig, st: ServerOptState, old: GlobalState,
     return replace(new, modules=mods, extra=extra)
 
 
+def interpolate(old: GlobalState, new: GlobalState, t: float, factor_space: bool, cap: int) -> GlobalState:
+    """old + t (new - old), 0 < t <= 1: a momentum-free server step of rate t (element or factor space;
+    a module whose element-space shape changed takes `new` as is)."""
+    cfg, st = ServerOptConfig("avgm", lr=t, beta1=0.0), ServerOptState()
+    if factor_space:
+        return apply_server_opt(cfg, st, old, new, True, cap)
+    same = all(old.modules[n].A.shape == u.A.shape and old.modules[n].B.shape == u.B.shape
+               for n, u in new.modules.items() if n in old.modules)
+    return apply_server_opt(cfg, st, old, new, False, cap) if same and set(new.modules) <= set(old.modules) else new
+
+
 def state_nbytes(shapes: dict[str, tuple[int, int]], cfg: ServerOptConfig, factor_space: bool, rank: int,
                  cap: int) -> int:
     """Extra coordinator bytes (float32 moments) for modules of (out, in) shapes at global `rank`."""
@@ -187,6 +199,8 @@ def state_to_tensors(st: ServerOptState) -> dict[str, torch.Tensor]:
         out[f"mfB/{k}"], out[f"mfA/{k}"] = b, a
     for k, (r, c) in st.vf.items():
         out[f"vfr/{k}"], out[f"vfc/{k}"] = r, c
+    if st.progress_ref is not None:
+        out["ref/progress"] = torch.tensor([st.progress_ref], dtype=torch.float64)
     return out
 
 
@@ -196,6 +210,8 @@ def state_from_tensors(ts: dict[str, torch.Tensor]) -> ServerOptState:
         kind, key = name.split("/", 1)
         if kind in ("m", "v"):
             getattr(st, kind)[key] = t
+        elif kind == "ref":
+            st.progress_ref = float(t.reshape(-1)[0])
         elif kind in ("mfB", "vfr"):
             other = ts[name.replace("mfB/", "mfA/", 1) if kind == "mfB" else name.replace("vfr/", "vfc/", 1)]
             (st.mf if kind == "mfB" else st.vf)[key] = (t, other)

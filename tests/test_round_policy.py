@@ -156,6 +156,34 @@ def test_device_weighted_by_its_training_loss():
     assert torch.allclose(B, torch.full((OUT, R), (1 - 0.01) / 1.01), atol=1e-3)  # the one-sided device: 1 %
 
 
+def test_a_round_of_untrusted_devices_moves_the_global_only_as_far_as_their_trust():
+    """A cohort's weights are normalised over its few devices: a round holding only a one-sided shard
+    (or ZO devices that barely moved) would otherwise take the whole step; the round's step is the
+    largest trust of its devices (1 once one device is fully trusted)."""
+    from coordinator.server_opt import ServerOptState
+    method = make_method(MethodConfig("fedavg", max_rank=R))
+    g = method.initial({"m" + A_SUFFIX: torch.randn(R, IN), "m" + B_SUFFIX: torch.zeros(OUT, R)})
+    same_a = {"m" + A_SUFFIX: g.modules["m"].A.clone()}
+    policy, st = RoundPolicy(cohorts=2, num_labels=2), ServerOptState()
+    assert policy.trust(0.69) == 1.0 and policy.trust(0.0069) == pytest.approx(0.04, rel=0.01)
+    assert RoundPolicy.plain().trust(0.0) == 1.0 and RoundPolicy.round_step([]) == 1.0
+    e = RoundEngine(method, g, 1, policy=policy, opt_state=st)
+    e.fold("one_sided", {**same_a, "m" + B_SUFFIX: torch.full((OUT, R), -1.0)}, 100, "lora", progress=0.5,
+           loss=0.0069)
+    g1, m = e.close()
+    assert m["round_step"] == pytest.approx(0.04, rel=0.01)
+    assert torch.allclose(g1.modules["m"].B, torch.full((OUT, R), -m["round_step"]), atol=1e-5)
+    assert st.progress_ref == 0.5  # kept for a later round of ZO devices only (and across a restart)
+    from coordinator.server_opt import state_from_tensors, state_to_tensors
+    assert state_from_tensors(state_to_tensors(st)).progress_ref == 0.5
+    e2 = RoundEngine(method, g1, 2, policy=policy, opt_state=st)
+    e2.fold("zo", {**same_a, "m" + B_SUFFIX: torch.ones(OUT, R)}, 100, "zo", progress=0.05, loss=0.69)
+    g2, m2 = e2.close()  # its progress 0.05 against the reference 0.5: a tenth of a step
+    assert m2["zo_weight_factor"] == pytest.approx(0.1) and m2["round_step"] == pytest.approx(0.1)
+    want = g1.modules["m"].B + 0.1 * (1 - g1.modules["m"].B)
+    assert torch.allclose(g2.modules["m"].B, want, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
     from edge_runtime.training.tiny import make_tiny_bert
