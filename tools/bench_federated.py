@@ -409,8 +409,9 @@ def write_outputs(args, results: dict[str, dict[int, dict[str, Any]]], fleets: d
     doc = {"args": vars(args), "seeds": seeds, "fleets": fleets, "summary": summary, "checks": checks,
            "results": {**results, "_dev": dev}}
     (out / f"bench_federated{args.tag}.json").write_text(json.dumps(doc, indent=2, default=str))
-    title = (f"{args.data}, Dirichlet {args.dirichlet}, {args.rounds} rounds x {args.local_steps} steps, "
-             f"seeds {args.seeds}, {args.eval_examples} dev rows")
+    passes = f" ({args.cohorts} cohorts each)" if args.cohorts > 1 else ""
+    title = (f"{args.data}, Dirichlet {args.dirichlet}, {args.rounds} rounds{passes} x {args.local_steps} steps, "
+             f"lr {args.lr}, seeds {args.seeds}, {args.eval_examples} dev rows")
     plot(results, out / f"bench_federated{args.tag}.png", title)
     console.print(f"wrote {out / f'bench_federated{args.tag}.json'} and the PNG")
     return 0
@@ -476,7 +477,8 @@ def write_md(path: Path, summary: dict[str, Any], checks: dict[str, Any], args, 
     lines += ["", f"Seeds {args.seeds}; {args.eval_examples} dev rows; Dirichlet {args.dirichlet}; {args.rounds} rounds x "
               f"{args.local_steps} local steps (ZO: {args.zo_steps}); lr {args.lr} (centralized {args.central_lr}); "
               f"round policy: logit adjustment {args.logit_adjust}, weights examples^{args.weight_temper}, "
-              f"loss weight {args.loss_weight}, lr decay {args.lr_decay} per round, server optimizer {args.server_opt}, "
+              f"loss weight {args.loss_weight}, lr decay {args.lr_decay} per round, cohorts {args.cohorts}, "
+              f"server optimizer {args.server_opt}, "
               f"ZO weighted by progress: "
               f"{bool(args.zo_progress)}.", ""]
     if "best" in checks:
