@@ -157,11 +157,13 @@ def available(devices: dict[str, Device], cfg: RoundConfig, now: float) -> list[
 
 def cohort(candidates: list[str], cohorts: int, seed: int, round_id: int) -> tuple[str, ...]:
     """Round `round_id`'s (1-based) group: slice (round_id - 1) % cohorts of the candidates shuffled once per
-    pass of `cohorts` rounds (deterministic in seed and pass): over a pass every device trains once."""
+    pass of `cohorts` rounds (deterministic in seed and pass): over a pass every device trains once. Fewer
+    candidates than cohorts: one device a round, in turn (never an empty group)."""
     p, i = divmod(max(0, round_id - 1), cohorts)
     order = sorted(candidates)
     random.Random(seed * 1_000_003 + 7919 * p + 1).shuffle(order)
-    return tuple(sorted(order[i::cohorts]))
+    k = max(1, min(cohorts, len(order)))
+    return tuple(sorted(order[i % k::k]))
 
 
 def select(candidates: list[str], cfg: RoundConfig, round_id: int) -> tuple[str, ...]:

@@ -137,6 +137,8 @@ def test_coordinator_trains_one_cohort_per_round(tmp_path):
     c = Coordinator(CoordinatorConfig(model=str(model), store=str(tmp_path / "s"), strategy="zero_pad", rounds=2,
                                       local_steps=2, max_rank=4, min_devices=2, policy=RoundPolicy(cohorts=2)))
     assert c.cfg.round_config().cohorts == 2
+    with pytest.raises(ValueError, match="--secagg with --cohorts 2"):
+        CoordinatorConfig(model="m", store="s", secagg=True, min_devices=2, policy=RoundPolicy(cohorts=2))
     plan = json.dumps({"rank": 4, "mode": "lora"})
     devs = [c.register("{}", plan, "", f"dev{i}")["device_id"] for i in range(2)]
     trained = []

@@ -117,6 +117,7 @@ def test_cohorts_train_every_device_once_per_pass():
     assert R.cohort(names, 3, 0, 1) == R.cohort(names, 3, 0, 1) != R.cohort(names, 3, 1, 1)  # seeded
     assert {R.cohort(names, 3, 0, 1), R.cohort(names, 3, 0, 4)} != {R.cohort(names, 3, 0, 1)}  # reshuffled per pass
     assert R.cohort(names, 1, 0, 5) == tuple(names)
+    assert all(len(R.cohort(["a", "b"], 5, 0, r)) == 1 for r in range(1, 11))  # fewer devices than cohorts
     with pytest.raises(ValueError, match="cohorts=2 with fraction=0.5: choose one"):
         R.RoundConfig(cohorts=2, fraction=0.5)
     with pytest.raises(ValueError, match="cohorts=0"):
