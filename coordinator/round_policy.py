@@ -102,13 +102,13 @@ class RoundPolicy:
         ~0.001 of it, barely). 1 without the loss weight."""
         return min(1.0, self.loss_factor(loss) / FULL_TRUST)
 
-    @staticmethod
-    def round_step(trusts: Sequence[float]) -> float:
-        """The round's step towards its aggregate: the largest trust of its devices (a ZO device's x its
-        progress factor). 1 as soon as one device is fully trusted, so a full fleet's round is the weighted
-        mean as before; a round (a cohort) whose every device is a one-sided shard or a barely-moving ZO
-        device moves the global only that far, instead of the weights' normalisation handing it the step."""
-        return min(1.0, max(trusts, default=1.0))
+    def round_step(self, trusts: Sequence[float]) -> float:
+        """The round's step towards its aggregate under cohorts: the largest trust of its devices (a ZO
+        device's x its progress factor), so a cohort whose every device is a one-sided shard or a
+        barely-moving ZO device moves the global only that far instead of the weights' normalisation handing
+        it the step. Parallel rounds (cohorts 1: the whole fleet, as secure aggregation sees it) take the
+        normalised weighted mean, step 1."""
+        return min(1.0, max(trusts, default=1.0)) if self.cohorts > 1 else 1.0
 
     @staticmethod
     def zo_factor(progress: float, reference: float | None) -> float:

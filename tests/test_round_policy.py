@@ -166,7 +166,8 @@ def test_a_round_of_untrusted_devices_moves_the_global_only_as_far_as_their_trus
     same_a = {"m" + A_SUFFIX: g.modules["m"].A.clone()}
     policy, st = RoundPolicy(cohorts=2, num_labels=2), ServerOptState()
     assert policy.trust(0.69) == 1.0 and policy.trust(0.0069) == pytest.approx(0.04, rel=0.01)
-    assert RoundPolicy.plain().trust(0.0) == 1.0 and RoundPolicy.round_step([]) == 1.0
+    assert RoundPolicy.plain().trust(0.0) == 1.0 and policy.round_step([]) == 1.0
+    assert RoundPolicy().round_step([0.01]) == 1.0  # parallel rounds: the plain normalised mean
     e = RoundEngine(method, g, 1, policy=policy, opt_state=st)
     e.fold("one_sided", {**same_a, "m" + B_SUFFIX: torch.full((OUT, R), -1.0)}, 100, "lora", progress=0.5,
            loss=0.0069)
