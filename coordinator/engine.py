@@ -43,7 +43,7 @@ class RoundEngine:
         self.policy = policy or RoundPolicy()
         self.opt_state = opt_state if opt_state is not None else ServerOptState()
         self.devices: set[str] = set()
-        self._zo_held: list[tuple] = []  # (id, state, weight, progress, what it downloaded)
+        self._zo_held: list[tuple] = []  # (id, state, weight, progress, what it downloaded, trust)
         self._progress: list[float] = []  # loss progress of the folded LoRA devices
         self._trust: list[float] = []  # each folded device's trust (RoundPolicy.trust; ZO: x its progress factor)
         self._modules = {name: method.aggregator() for name in g.modules}
