@@ -74,8 +74,9 @@ class CoordinatorConfig:
         if self.slora_rounds and self.slora_rounds >= self.rounds:
             raise ValueError(f"--slora-rounds {self.slora_rounds}: the sparse stage must end before the last round "
                              f"(--rounds {self.rounds}); LoRA trains in the rounds after it")
-        if self.secagg and self.round_policy().cohorts > 1:
-            raise ValueError(f"--secagg with --cohorts {self.round_policy().cohorts}: each round's sum would cover "
+        cohorts = self.round_policy().cohorts
+        if self.secagg and cohorts > 1:
+            raise ValueError(f"--secagg with --cohorts {cohorts}: each round's sum would cover "
                              "one small group (and a group's sum minus the previous global is little hidden); run "
                              "secure aggregation with parallel rounds (--cohorts 1)")
         if self.secagg:

@@ -70,7 +70,7 @@ def run_pass(method: Any, g: Any, pass_id: int, devices: Sequence[SimDevice], tr
     total, k = RoundTraffic(), policy.cohorts
     for i in range(k):
         rid = (pass_id - 1) * k + i + 1
-        names = set(cohort([d.name for d in devices], k, seed, rid)) if k > 1 else {d.name for d in devices}
+        names = set(cohort([d.name for d in devices], k, seed, rid))  # k = 1: every device
         engine = RoundEngine(method, g, rid, policy=policy, opt_state=opt_state)
         total.add(run_round(engine, [d for d in devices if d.name in names], trainer_for, tracker_for, seed + rid,
                             holdouts=holdouts))
